@@ -1,0 +1,363 @@
+"""The cluster file: YAML in, frozen dataclasses out, every error at once.
+
+`load_cluster(path)` is the only way a daemon gets its configuration. It
+reports every problem it finds in one `ConfigError`, each as
+`<file>: <key path>: <what is wrong>`, so an operator fixes a file in one
+pass; daemons print them and exit 2 before binding anything.
+
+Relative paths in the file are relative to the file's own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from daemons.core.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PORTAL_SERVICES = ("admin", "client")
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    """Raft tuning; see README "Raft settings" for why each default was chosen."""
+
+    election_timeout_min: float = 0.4
+    election_timeout_max: float = 1.4
+    heartbeat_period: float = 0.05
+    leader_fallback_timeout: float = 2.0
+    connection_timeout: float = 1.5
+    connection_retry: float = 0.5
+    batched_append: bool = False
+    compaction_min_entries: int = 5000
+    compaction_min_seconds: float = 300.0
+    max_batch_commands: int = 512
+    max_inflight_batches: int = 2
+    apply_timeout: float = 5.0
+    dedupe_window: int = 100_000
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    id: str
+    host: str
+    raft_port: int
+    grpc_port: int
+    data_dir: str
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+@dataclass(frozen=True)
+class PortalSpec:
+    id: str
+    host: str
+    port: int
+    services: tuple[str, ...]
+    cache_entries: int = 10_000
+    cache_ttl: float = 30.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    id: str = "listener"
+    host: str = "127.0.0.1"
+    port: int = 7301
+    audit_log: str = "audit.jsonl"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    path: str
+    name: str
+    log_level: str
+    raft: RaftSettings
+    broker: Broker
+    replicas: tuple[ReplicaSpec, ...]
+    portals: tuple[PortalSpec, ...] = ()
+    listener: ListenerSpec | None = None
+    grace_seconds: float = 5.0
+
+    def replica(self, replica_id: str) -> ReplicaSpec:
+        for spec in self.replicas:
+            if spec.id == replica_id:
+                return spec
+        known = ", ".join(r.id for r in self.replicas)
+        raise ConfigError([f"{self.path}: no replica with id {replica_id!r} (known: {known})"])
+
+
+# ---- validation -------------------------------------------------------------
+
+
+@dataclass
+class _Checker:
+    """Collects problems while walking the raw YAML tree."""
+
+    source: str
+    base_dir: str
+    problems: list[str] = field(default_factory=list)
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def mapping(self, raw: Any, path: str, allowed: dict[str, Callable[[Any, str], Any]],
+                required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Check a mapping's keys and values; return the values that passed."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.fail(path, f"must be a mapping (got {_kind(raw)})")
+            return {}
+        out: dict[str, Any] = {}
+        for key in raw:
+            if key not in allowed:
+                self.fail(_join(path, str(key)), f"unknown key (allowed: {', '.join(allowed)})")
+        for key in required:
+            if key not in raw:
+                self.fail(_join(path, key), "required")
+        for key, check in allowed.items():
+            if key in raw:
+                before = len(self.problems)
+                value = check(raw[key], _join(path, key))
+                if len(self.problems) == before:
+                    out[key] = value
+        return out
+
+    # value checkers: each returns the converted value or records a problem
+
+    def string(self, value: Any, path: str) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(path, f"must be a non-empty string (got {_kind(value)})")
+            return None
+        return value
+
+    def optional_string(self, value: Any, path: str) -> str | None:
+        return None if value is None else self.string(value, path)
+
+    def port(self, value: Any, path: str) -> int | None:
+        if not _is_int(value) or not 1 <= value <= 65535:
+            self.fail(path, f"must be an integer 1..65535 (got {value!r})")
+            return None
+        return value
+
+    def positive_int(self, value: Any, path: str) -> int | None:
+        if not _is_int(value) or value < 1:
+            self.fail(path, f"must be an integer >= 1 (got {value!r})")
+            return None
+        return value
+
+    def seconds(self, value: Any, path: str) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            self.fail(path, f"must be a number of seconds > 0 (got {value!r})")
+            return None
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false (got {value!r})")
+            return None
+        return value
+
+    def path_value(self, value: Any, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(text)))
+
+    def choice(self, options: tuple[str, ...]) -> Callable[[Any, str], Any]:
+        def check(value: Any, path: str) -> str | None:
+            if value not in options:
+                self.fail(path, f"must be one of {', '.join(options)} (got {value!r})")
+                return None
+            return value
+        return check
+
+    def services(self, value: Any, path: str) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not value:
+            self.fail(path, f"must be a non-empty list of {', '.join(PORTAL_SERVICES)}")
+            return None
+        bad = [v for v in value if v not in PORTAL_SERVICES]
+        if bad or len(set(value)) != len(value):
+            self.fail(path, f"must list each of {', '.join(PORTAL_SERVICES)} at most once "
+                            f"(got {value!r})")
+            return None
+        return tuple(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _field_types(cls: type) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+def _raft_checks(c: _Checker) -> dict[str, Callable[[Any, str], Any]]:
+    checks: dict[str, Callable[[Any, str], Any]] = {}
+    for name, kind in _field_types(RaftSettings).items():
+        checks[name] = {"float": c.seconds, "int": c.positive_int, "bool": c.boolean}[str(kind)]
+    return checks
+
+
+def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    c = _Checker(source, base_dir)
+    top = c.mapping(raw, "", {
+        "cluster": lambda v, p: c.mapping(v, p, {"name": c.string}),
+        "log_level": c.choice(LOG_LEVELS),
+        "grace_seconds": c.seconds,
+        "raft": lambda v, p: c.mapping(v, p, _raft_checks(c)),
+        "broker": lambda v, p: c.mapping(v, p, {
+            "host": c.string, "port": c.port,
+            "username": c.optional_string, "password": c.optional_string}),
+        "replicas": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
+            "id": c.string, "host": c.string, "raft_port": c.port, "grpc_port": c.port,
+            "data_dir": c.path_value}, required=("id", "host", "raft_port", "grpc_port",
+                                                 "data_dir"))),
+        "portals": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
+            "id": c.string, "host": c.string, "port": c.port, "services": c.services,
+            "cache_entries": c.positive_int, "cache_ttl": c.seconds},
+            required=("id", "host", "port", "services"))),
+        "listener": lambda v, p: c.mapping(v, p, {
+            "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value}),
+    }, required=("replicas",))
+
+    raft_raw = top.get("raft", {})
+    raft = RaftSettings(**raft_raw)
+    _check_raft(c, raft, raft_raw)
+
+    replicas_raw = top.get("replicas")
+    if isinstance(raw, dict) and isinstance(raw.get("replicas"), list):
+        count = len(raw["replicas"])
+        if count < 3 or count % 2 == 0:
+            c.fail("replicas", f"need an odd number of replicas, at least 3 (got {count}): "
+                               "Raft needs a majority and an even count adds no fault tolerance")
+
+    replicas = tuple(ReplicaSpec(**r) for r in (replicas_raw or []) if _complete(r, ReplicaSpec))
+    portals = tuple(PortalSpec(**p) for p in (top.get("portals") or [])
+                    if _complete(p, PortalSpec))
+    listener = ListenerSpec(**top["listener"]) if "listener" in top else None
+    _check_unique(c, raw)
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Cluster(
+        path=source,
+        name=top.get("cluster", {}).get("name", "tarefa"),
+        log_level=top.get("log_level", "info"),
+        raft=raft,
+        broker=Broker(**top.get("broker", {})),
+        replicas=replicas,
+        portals=portals,
+        listener=listener,
+        grace_seconds=top.get("grace_seconds", 5.0),
+    )
+
+
+def _list(c: _Checker, value: Any, path: str,
+          item_check: Callable[[Any, str], dict]) -> list[dict] | None:
+    if not isinstance(value, list):
+        c.fail(path, f"must be a list (got {_kind(value)})")
+        return None
+    return [item_check(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _complete(values: dict, cls: type) -> bool:
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return all(name in values for name in required)
+
+
+def _check_raft(c: _Checker, raft: RaftSettings, given: dict) -> None:
+    if raft.election_timeout_min >= raft.election_timeout_max:
+        c.fail("raft.election_timeout_max",
+               f"must be greater than election_timeout_min ({raft.election_timeout_min})")
+    if raft.heartbeat_period * 3 >= raft.election_timeout_min:
+        c.fail("raft.heartbeat_period",
+               f"must be less than a third of election_timeout_min "
+               f"({raft.election_timeout_min}), or followers start elections under a live leader")
+    if raft.leader_fallback_timeout < raft.election_timeout_max:
+        c.fail("raft.leader_fallback_timeout",
+               f"must be at least election_timeout_max ({raft.election_timeout_max})")
+
+
+def _check_unique(c: _Checker, raw: Any) -> None:
+    """Daemon ids and host:port pairs must be unique across the whole file."""
+    if not isinstance(raw, dict):
+        return
+    ids: dict[str, str] = {}
+    ports: dict[tuple[str, int], str] = {}
+
+    def note(daemon: Any, path: str, port_keys: tuple[str, ...]) -> None:
+        if not isinstance(daemon, dict):
+            return
+        did = daemon.get("id")
+        if isinstance(did, str):
+            if did in ids:
+                c.fail(f"{path}.id", f"duplicate id {did!r} (also {ids[did]})")
+            else:
+                ids[did] = f"{path}.id"
+        host = daemon.get("host", "127.0.0.1")
+        for key in port_keys:
+            port = daemon.get(key)
+            if _is_int(port) and isinstance(host, str):
+                where = f"{path}.{key}"
+                if (host, port) in ports:
+                    c.fail(where, f"port {port} on {host} is already used by {ports[(host, port)]}")
+                else:
+                    ports[(host, port)] = where
+
+    broker = raw.get("broker")
+    if isinstance(broker, dict):
+        note({**broker, "host": broker.get("host", "127.0.0.1")}, "broker", ("port",))
+    for i, r in enumerate(raw.get("replicas") or [] if isinstance(raw.get("replicas"), list) else []):
+        note(r, f"replicas[{i}]", ("raft_port", "grpc_port"))
+    for i, p in enumerate(raw.get("portals") or [] if isinstance(raw.get("portals"), list) else []):
+        note(p, f"portals[{i}]", ("port",))
+    if isinstance(raw.get("listener"), dict):
+        note(raw["listener"], "listener", ("port",))
+
+
+def load_cluster(path: str) -> Cluster:
+    """Read and validate a cluster file; raise ConfigError with every problem."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_cluster(raw, path, os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,159 @@
+"""Domain rules shared by portal and replica: validation and the key layout.
+
+Validation messages name the field, because they reach users verbatim as
+INVALID_ARGUMENT. The replica validates every command again before applying
+it (it never trusts its caller), so these functions must be deterministic.
+
+LevelDB key layout (all keys are bytes):
+
+    c/<cidkey>                 client record (JSON)
+    t/<cidkey>/<title utf-8>   task record (JSON)
+    m/applied                  last applied Raft index (decimal)
+    m/revision                 global revision (decimal)
+    m/log/<index:020d>         request ids applied at that Raft index (JSON list)
+    m/req/<request id>         first result for that request id (JSON)
+
+<cidkey> is the CID's digit count as four digits followed by the digits, so
+keys sort clients numerically, a client's tasks are contiguous under
+`t/<cidkey>/`, and since <cidkey> decodes without a delimiter no title byte
+(`/` included) can make one key look like another.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from daemons.core.errors import InvalidArgument
+
+CID_MAX_DIGITS = 1000
+TITLE_MAX_CHARS = 256
+DATA_MAX_BYTES = 64 * 1024
+DESCRIPTION_MAX_BYTES = 64 * 1024
+REQUEST_ID_MAX_CHARS = 128
+STATUSES = ("pending", "done")
+
+_CID_RE = re.compile(r"[1-9][0-9]*")
+
+CLIENT_PREFIX = b"c/"
+TASK_PREFIX = b"t/"
+META_APPLIED = b"m/applied"
+META_REVISION = b"m/revision"
+META_LOG_PREFIX = b"m/log/"
+META_REQ_PREFIX = b"m/req/"
+
+
+def validate_cid(cid: object, field: str = "cid") -> str:
+    if not isinstance(cid, str) or not cid:
+        raise InvalidArgument(f"{field}: required (decimal digits of a positive integer)")
+    if len(cid) > CID_MAX_DIGITS:
+        raise InvalidArgument(f"{field}: at most {CID_MAX_DIGITS} digits (got {len(cid)})")
+    if not _CID_RE.fullmatch(cid):
+        raise InvalidArgument(
+            f"{field}: must be the decimal digits of a positive integer, "
+            f"no sign and no leading zeros (got {_shorten(cid)!r})"
+        )
+    return cid
+
+
+def _check_text(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field}: must be text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field}: must be valid UTF-8 (lone surrogate)") from None
+    return value
+
+
+def validate_title(title: object) -> str:
+    title = _check_text(title, "title")
+    if not title:
+        raise InvalidArgument("title: required (1 to 256 characters)")
+    if len(title) > TITLE_MAX_CHARS:
+        raise InvalidArgument(f"title: at most {TITLE_MAX_CHARS} characters (got {len(title)})")
+    if not title.isprintable():
+        raise InvalidArgument("title: only printable characters (no control characters)")
+    return title
+
+
+def validate_description(description: object) -> str:
+    description = _check_text(description, "description")
+    size = len(description.encode("utf-8"))
+    if size > DESCRIPTION_MAX_BYTES:
+        raise InvalidArgument(f"description: at most {DESCRIPTION_MAX_BYTES} bytes (got {size})")
+    return description
+
+
+def validate_status(status: object) -> str:
+    if status not in STATUSES:
+        raise InvalidArgument(f"status: must be one of {', '.join(STATUSES)} (got {status!r})")
+    return status  # type: ignore[return-value]
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_client_data(data: object) -> dict:
+    """Client data: the text of a JSON object, at most 64 KiB."""
+    data = _check_text(data, "data")
+    size = len(data.encode("utf-8"))
+    if size > DATA_MAX_BYTES:
+        raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"data: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"data: must be a JSON object (got {type(value).__name__})")
+    return value
+
+
+def validate_request_id(request_id: object) -> str:
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidArgument("request_id: required")
+    if len(request_id) > REQUEST_ID_MAX_CHARS or not request_id.isprintable():
+        raise InvalidArgument(
+            f"request_id: 1 to {REQUEST_ID_MAX_CHARS} printable characters"
+        )
+    return request_id
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ---- keys -----------------------------------------------------------------
+
+
+def cid_key(cid: str) -> bytes:
+    return f"{len(cid):04d}{cid}".encode("ascii")
+
+
+def client_key(cid: str) -> bytes:
+    return CLIENT_PREFIX + cid_key(cid)
+
+
+def task_prefix(cid: str) -> bytes:
+    return TASK_PREFIX + cid_key(cid) + b"/"
+
+
+def task_key(cid: str, title: str) -> bytes:
+    return task_prefix(cid) + title.encode("utf-8")
+
+
+def cid_from_client_key(key: bytes) -> str:
+    return key[len(CLIENT_PREFIX) + 4 :].decode("ascii")
+
+
+def title_from_task_key(cid: str, key: bytes) -> str:
+    return key[len(task_prefix(cid)) :].decode("utf-8")
+
+
+def log_key(index: int) -> bytes:
+    return META_LOG_PREFIX + b"%020d" % index
+
+
+def request_key(request_id: str) -> bytes:
+    return META_REQ_PREFIX + request_id.encode("utf-8")

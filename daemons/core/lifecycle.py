@@ -1,0 +1,127 @@
+"""What every daemon shares: argument parsing, signals, the run loop, readiness.
+
+A daemon subclasses `Daemon` and implements `start` (bind and serve) and
+`stop` (drain, close). Signal handlers only set flags; the run loop acts on
+them. Readiness is sent to systemd (`READY=1`) only after `start` returned,
+i.e. once the daemon really serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Sequence
+
+from daemons.core.config import Cluster, load_cluster
+from daemons.core.errors import ConfigError, TarefaError
+from daemons.core.log import setup_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd's notify socket, if there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
+        return False
+
+
+class Daemon:
+    """Lifecycle base: run() blocks until SIGTERM/SIGINT, then drains and stops."""
+
+    def __init__(self, daemon_id: str, cluster: Cluster) -> None:
+        self.daemon_id = daemon_id
+        self.cluster = cluster
+        self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+
+    # subclasses implement these
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, grace: float) -> None:
+        raise NotImplementedError
+
+    def reload(self) -> None:
+        log.info("%s: SIGHUP: nothing can be reloaded at run time yet", self.daemon_id)
+
+    def tick(self) -> None:
+        """Called from the run loop about twice a second."""
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop_requested.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        self.start()
+        sd_notify("READY=1\nSTATUS=serving")
+        log.info("%s: ready", self.daemon_id)
+        while not self._stop_requested.wait(0.5):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+            self.tick()
+        log.info("%s: stopping (grace %.1fs)", self.daemon_id, self.cluster.grace_seconds)
+        sd_notify("STOPPING=1")
+        self.stop(self.cluster.grace_seconds)
+        log.info("%s: stopped", self.daemon_id)
+        return EXIT_OK
+
+
+def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Daemon],
+                argv: Sequence[str] | None = None, needs_id: bool = True) -> int:
+    """The whole of a daemon's __main__: parse, validate, build, run, map exit codes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="cluster file (YAML)")
+    if needs_id:
+        parser.add_argument("--id", required=True, help="this daemon's id in the cluster file")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the cluster file (and the id) and exit")
+    args = parser.parse_args(argv)
+    daemon_id = getattr(args, "id", None) or prog
+    try:
+        cluster = load_cluster(args.config)
+        if args.check_config:
+            build_check = getattr(build, "check", None)
+            if build_check is not None:
+                build_check(cluster, daemon_id)
+            print(f"{args.config}: OK")
+            return EXIT_OK
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"Error: {problem}", file=sys.stderr)
+        print(f"Hint: fix the cluster file; `{prog} --config FILE --check-config` "
+              "validates it without starting", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(daemon_id, cluster.log_level)
+    try:
+        daemon = build(cluster, daemon_id)
+        return daemon.run()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"Error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TarefaError as exc:
+        log.critical("%s: fatal: %s", daemon_id, exc)
+        return EXIT_FAILURE

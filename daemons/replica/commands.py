@@ -1,0 +1,188 @@
+"""What each command does to the data: pure functions over a BatchView.
+
+`execute(view, command, revision)` validates one command (the replica never
+trusts its caller) and either stages its effects in `view` and returns an
+`Outcome` carrying the new revision, or stages nothing and returns the
+failure. Deterministic: no clock, no randomness, no I/O but the view.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from daemons.core import domain
+from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, TarefaError
+from daemons.replica.storage import BatchView
+
+OPS = ("create_client", "update_client", "delete_client", "create_task", "update_task",
+       "delete_task", "delete_all_tasks")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one command, as stored in the dedupe table."""
+
+    ok: bool
+    revision: int = 0
+    record: str = ""
+    deleted_tasks: int = 0
+    code: str = ""
+    message: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Outcome":
+        return cls(**json.loads(raw))
+
+    @classmethod
+    def failure(cls, exc: TarefaError) -> "Outcome":
+        return cls(ok=False, code=exc.code, message=exc.message)
+
+
+def _dump(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _load(raw: bytes) -> dict:
+    return json.loads(raw)
+
+
+def _require_client(view: BatchView, cid: str) -> dict:
+    raw = view.get(domain.client_key(cid))
+    if raw is None:
+        raise NotFound(f"client {cid} not found")
+    return _load(raw)
+
+
+def _require_at(cmd: dict) -> str:
+    at = cmd.get("at")
+    if not isinstance(at, str) or not at:
+        raise InvalidArgument("at: required (the change's timestamp)")
+    return at
+
+
+def create_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    data = domain.parse_client_data(cmd.get("data"))
+    at = _require_at(cmd)
+    key = domain.client_key(cid)
+    if view.get(key) is not None:
+        raise AlreadyExists(f"client {cid} already exists")
+    record = {"cid": cid, "data": data, "created_at": at, "updated_at": at, "revision": revision}
+    view.put(key, _dump(record))
+    return record, 0
+
+
+def update_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    data = domain.parse_client_data(cmd.get("data"))
+    at = _require_at(cmd)
+    record = _require_client(view, cid)
+    record.update(data=data, updated_at=at, revision=revision)
+    view.put(domain.client_key(cid), _dump(record))
+    return record, 0
+
+
+def _delete_tasks(view: BatchView, cid: str) -> int:
+    keys = view.keys_with_prefix(domain.task_prefix(cid))
+    for key in keys:
+        view.delete(key)
+    return len(keys)
+
+
+def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    _require_client(view, cid)
+    view.delete(domain.client_key(cid))
+    return None, _delete_tasks(view, cid)
+
+
+def create_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    title = domain.validate_title(cmd.get("title"))
+    description = domain.validate_description(cmd.get("description") or "")
+    status = domain.validate_status(cmd.get("status") or "pending")
+    at = _require_at(cmd)
+    _require_client(view, cid)
+    key = domain.task_key(cid, title)
+    if view.get(key) is not None:
+        raise AlreadyExists(f"task {title!r} already exists for client {cid}")
+    record = {"cid": cid, "title": title, "description": description, "status": status,
+              "created_at": at, "updated_at": at, "revision": revision}
+    view.put(key, _dump(record))
+    return record, 0
+
+
+def update_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    title = domain.validate_title(cmd.get("title"))
+    description = cmd.get("description")
+    status = cmd.get("status")
+    if description is None and status is None:
+        raise InvalidArgument("description, status: give at least one to update")
+    if description is not None:
+        domain.validate_description(description)
+    if status is not None:
+        domain.validate_status(status)
+    at = _require_at(cmd)
+    _require_client(view, cid)
+    key = domain.task_key(cid, title)
+    raw = view.get(key)
+    if raw is None:
+        raise NotFound(f"task {title!r} not found for client {cid}")
+    record = _load(raw)
+    if description is not None:
+        record["description"] = description
+    if status is not None:
+        record["status"] = status
+    record.update(updated_at=at, revision=revision)
+    view.put(key, _dump(record))
+    return record, 0
+
+
+def delete_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    title = domain.validate_title(cmd.get("title"))
+    _require_client(view, cid)
+    key = domain.task_key(cid, title)
+    if view.get(key) is None:
+        raise NotFound(f"task {title!r} not found for client {cid}")
+    view.delete(key)
+    return None, 0
+
+
+def delete_all_tasks(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+    cid = domain.validate_cid(cmd.get("cid"))
+    _require_client(view, cid)
+    return None, _delete_tasks(view, cid)
+
+
+HANDLERS: dict[str, Callable[[BatchView, dict, int], tuple[dict | None, int]]] = {
+    "create_client": create_client,
+    "update_client": update_client,
+    "delete_client": delete_client,
+    "create_task": create_task,
+    "update_task": update_task,
+    "delete_task": delete_task,
+    "delete_all_tasks": delete_all_tasks,
+}
+
+
+def execute(view: BatchView, cmd: Any, revision: int) -> Outcome:
+    """Stage one command's effects at `revision`; on failure stage nothing."""
+    if not isinstance(cmd, dict):
+        return Outcome.failure(InvalidArgument("command: must be a mapping"))
+    handler = HANDLERS.get(cmd.get("op"))  # type: ignore[arg-type]
+    if handler is None:
+        return Outcome.failure(InvalidArgument(f"op: unknown operation {cmd.get('op')!r}"))
+    try:
+        record, deleted = handler(view, cmd, revision)
+    except TarefaError as exc:
+        return Outcome.failure(exc)
+    return Outcome(ok=True, revision=revision,
+                   record=_dump(record).decode("utf-8") if record is not None else "",
+                   deleted_tasks=deleted)

@@ -1,0 +1,175 @@
+"""The Replica gRPC servicer: proto <-> domain, exceptions -> status codes.
+
+No business logic here: writes go to the Proposer (Raft), reads to Storage,
+behind a Raft barrier when the caller asks for LINEARIZABLE.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from daemons.core import domain
+from daemons.core.errors import InvalidArgument, NotFound, TarefaError, error_from_code
+from daemons.replica.proposer import Proposer
+from daemons.replica.state_machine import ReplicaStateMachine
+from daemons.replica.storage import Storage
+from proto import replica_pb2, replica_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCAN_DEFAULT_LIMIT = 100
+SCAN_MAX_LIMIT = 1000
+_OP_NAMES = {value: name.lower() for name, value in replica_pb2.Op.items()
+             if name != "OP_UNSPECIFIED"}
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def command_from_proto(msg: replica_pb2.Command) -> dict[str, Any]:
+    """The dict the state machine applies; `at` is filled here, outside Raft."""
+    op = _OP_NAMES.get(msg.op)
+    if op is None:
+        raise InvalidArgument(f"op: unknown operation {msg.op}")
+    command: dict[str, Any] = {"op": op, "request_id": domain.validate_request_id(msg.request_id),
+                               "cid": msg.cid, "at": msg.at or utc_now()}
+    if op in ("create_client", "update_client"):
+        command["data"] = msg.data
+    if op in ("create_task", "update_task", "delete_task"):
+        command["title"] = msg.title
+    if msg.HasField("description"):
+        command["description"] = msg.description
+    if msg.HasField("status"):
+        command["status"] = msg.status
+    return command
+
+
+def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+
+
+def _boundary(method: Callable) -> Callable:
+    """Map TarefaError to its status code; anything else is INTERNAL, logged."""
+    def wrapper(self: "ReplicaServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except TarefaError as exc:
+            context.abort(_grpc_code(exc), exc.message)
+        except Exception:
+            log.exception("%s: %s failed", self.replica_id, method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error (see the replica's log)")
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def _encode_token(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).decode("ascii")
+
+
+def _decode_token(token: str, prefix: bytes) -> bytes | None:
+    if not token:
+        return None
+    try:
+        key = base64.urlsafe_b64decode(token.encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise InvalidArgument("page_token: not a token this service issued") from None
+    if not key.startswith(prefix):
+        raise InvalidArgument("page_token: belongs to another listing")
+    return key
+
+
+class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
+    def __init__(self, replica_id: str, node: ReplicaStateMachine, storage: Storage,
+                 proposer: Proposer, default_timeout: float,
+                 counters: Callable[[], tuple[int, int]]) -> None:
+        self.replica_id = replica_id
+        self.node = node
+        self.storage = storage
+        self.proposer = proposer
+        self.default_timeout = default_timeout
+        self.counters = counters
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e6:
+            return self.default_timeout
+        return max(0.0, remaining - 0.005)
+
+    def _barrier(self, consistency: int, context: grpc.ServicerContext) -> None:
+        if consistency == replica_pb2.LINEARIZABLE:
+            self.proposer.propose(None, self._timeout(context))
+
+    @_boundary
+    def Apply(self, request: replica_pb2.Command, context: grpc.ServicerContext) -> Any:
+        command = command_from_proto(request)
+        outcome = self.proposer.propose(command, self._timeout(context))
+        assert outcome is not None
+        if not outcome.ok:
+            raise error_from_code(outcome.code, outcome.message)
+        return replica_pb2.ApplyResponse(revision=outcome.revision, record=outcome.record,
+                                         deleted_tasks=outcome.deleted_tasks)
+
+    @_boundary
+    def Get(self, request: replica_pb2.GetRequest, context: grpc.ServicerContext) -> Any:
+        cid = domain.validate_cid(request.cid)
+        if request.kind == replica_pb2.CLIENT:
+            key, what = domain.client_key(cid), f"client {cid}"
+        elif request.kind == replica_pb2.TASK:
+            title = domain.validate_title(request.title)
+            key, what = domain.task_key(cid, title), f"task {title!r} of client {cid}"
+        else:
+            raise InvalidArgument("kind: CLIENT or TASK")
+        self._barrier(request.consistency, context)
+        value, revision = self.storage.read(key)
+        if value is None:
+            raise NotFound(f"{what} not found")
+        return replica_pb2.GetResponse(record=value.decode("utf-8"), revision=revision)
+
+    @_boundary
+    def Scan(self, request: replica_pb2.ScanRequest, context: grpc.ServicerContext) -> Any:
+        limit = request.limit or SCAN_DEFAULT_LIMIT
+        if limit > SCAN_MAX_LIMIT:
+            raise InvalidArgument(f"limit: at most {SCAN_MAX_LIMIT}")
+        if request.kind == replica_pb2.CLIENT:
+            prefix = domain.CLIENT_PREFIX
+        elif request.kind == replica_pb2.TASK:
+            prefix = domain.task_prefix(domain.validate_cid(request.cid))
+        else:
+            raise InvalidArgument("kind: CLIENT or TASK")
+        if request.status:
+            domain.validate_status(request.status)
+        start_after = _decode_token(request.page_token, prefix)
+        self._barrier(request.consistency, context)
+        if request.kind == replica_pb2.TASK and start_after is None:
+            value, _ = self.storage.read(domain.client_key(request.cid))
+            if value is None:
+                raise NotFound(f"client {request.cid} not found")
+        pairs, more, revision = self.storage.page(
+            prefix, start_after, limit,
+            keep=(lambda raw: json.loads(raw)["status"] == request.status)
+            if request.status else None)
+        return replica_pb2.ScanResponse(
+            records=[value.decode("utf-8") for _, value in pairs],
+            next=_encode_token(pairs[-1][0]) if more and pairs else "",
+            revision=revision)
+
+    @_boundary
+    def Status(self, request: replica_pb2.StatusRequest, context: grpc.ServicerContext) -> Any:
+        status = self.node.status()
+        warnings, criticals = self.counters()
+        return replica_pb2.StatusResponse(
+            id=self.replica_id, role=status["role"], leader=status["leader"],
+            term=status["term"], commit_index=status["commit_index"],
+            applied_index=status["applied_index"], revision=self.storage.revision(),
+            journal_bytes=status["journal_bytes"], has_quorum=status["has_quorum"],
+            log_entries=status["log_entries"], raft_warnings=warnings,
+            raft_criticals=criticals,
+            peers=[replica_pb2.PeerStatus(**p) for p in status["peers"]])

@@ -1,0 +1,244 @@
+"""A replica's LevelDB: the only module that imports plyvel.
+
+Holds the records, the applied Raft index, the global revision and the
+dedupe table (key layout in daemons/core/domain.py). Every applied Raft
+entry becomes ONE WriteBatch, built through a `BatchView` so the commands of
+one entry see each other's effects before anything is written.
+
+Snapshots (for Raft log compaction) are a stream of the whole key space read
+from a LevelDB snapshot, with a checksum; restoring one rewrites the DB in
+place behind a `m/restoring` marker so a crash half-way is noticed and the
+restore is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import struct
+from typing import Any, Callable, Iterator
+
+import plyvel
+
+from daemons.core import domain
+from daemons.core.errors import StorageCorrupt
+
+SNAPSHOT_MAGIC = b"TAREFA-SNAPSHOT 1\n"
+META_RESTORING = b"m/restoring"
+_LEN = struct.Struct(">II")
+_RESTORE_BATCH = 10_000
+
+
+class BatchView:
+    """Reads through pending writes; collects them for one atomic WriteBatch."""
+
+    def __init__(self, db: "plyvel.DB") -> None:
+        self._db = db
+        self.pending: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.pending:
+            return self.pending[key]
+        return self._db.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        keys = set(self._db.iterator(prefix=prefix, include_value=False))
+        for key, value in self.pending.items():
+            if key.startswith(prefix):
+                if value is None:
+                    keys.discard(key)
+                else:
+                    keys.add(key)
+        return sorted(keys)
+
+
+class Storage:
+    """One replica's LevelDB."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        try:
+            self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True)
+        except (plyvel.Error, OSError) as exc:
+            raise StorageCorrupt(
+                f"cannot open LevelDB at {path}: {exc} (refusing to start; restore the "
+                "directory from a peer or remove it to resync from the cluster)") from None
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._db.get(key)
+
+    def _int(self, key: bytes) -> int:
+        value = self._db.get(key)
+        return int(value) if value is not None else 0
+
+    def applied_index(self) -> int:
+        """Last Raft index whose effects are stored; 0 while a restore is incomplete."""
+        if self._db.get(META_RESTORING) is not None:
+            return 0
+        return self._int(domain.META_APPLIED)
+
+    def revision(self) -> int:
+        return self._int(domain.META_REVISION)
+
+    def read(self, key: bytes) -> tuple[bytes | None, int]:
+        """A record and the revision of the store it was read from, consistently."""
+        with self._db.snapshot() as snap:
+            value = snap.get(key)
+            revision = snap.get(domain.META_REVISION)
+        return value, int(revision) if revision is not None else 0
+
+    def page(self, prefix: bytes, start_after: bytes | None, limit: int,
+             keep: Callable[[bytes], bool] | None = None,
+             ) -> tuple[list[tuple[bytes, bytes]], bool, int]:
+        """Up to `limit` pairs under `prefix` after `start_after` (that `keep` accepts).
+
+        Returns (pairs, more, revision): `more` says whether pairs remain past the
+        last one returned; `revision` is the store's, read from the same snapshot.
+        """
+        out: list[tuple[bytes, bytes]] = []
+        more = False
+        with self._db.snapshot() as snap:
+            raw_revision = snap.get(domain.META_REVISION)
+            if start_after is None:
+                it = snap.iterator(prefix=prefix)
+            else:
+                it = snap.iterator(start=start_after, include_start=False,
+                                   stop=_prefix_end(prefix))
+            with it:
+                for key, value in it:
+                    if keep is not None and not keep(value):
+                        continue
+                    if len(out) >= limit:
+                        more = True
+                        break
+                    out.append((key, value))
+        return out, more, int(raw_revision) if raw_revision is not None else 0
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        with self._db.snapshot() as snap, snap.iterator() as it:
+            yield from it
+
+    def digest(self) -> str:
+        """SHA-256 over every key and value: equal digests = identical replicas."""
+        h = hashlib.sha256()
+        for key, value in self.items():
+            h.update(_LEN.pack(len(key), len(value)))
+            h.update(key)
+            h.update(value)
+        return h.hexdigest()
+
+    # -- writes --------------------------------------------------------------
+
+    def view(self) -> BatchView:
+        return BatchView(self._db)
+
+    def commit(self, view: BatchView) -> None:
+        with self._db.write_batch() as batch:
+            for key, value in view.pending.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+
+    # -- snapshots -----------------------------------------------------------
+
+    def dump(self, filename: str, header: Any) -> int:
+        """Write header + every pair to `filename`; return the number of pairs."""
+        h = hashlib.sha256()
+        count = 0
+        with open(filename, "wb") as out:
+            head = pickle.dumps(header)
+            out.write(SNAPSHOT_MAGIC)
+            out.write(struct.pack(">I", len(head)))
+            out.write(head)
+            for key, value in self.items():
+                chunk = _LEN.pack(len(key), len(value)) + key + value
+                h.update(chunk)
+                out.write(chunk)
+                count += 1
+            out.write(_LEN.pack(0xFFFFFFFF, 0))
+            out.write(h.digest())
+            out.flush()
+            os.fsync(out.fileno())
+        return count
+
+    @staticmethod
+    def read_header(filename: str) -> Any:
+        with open(filename, "rb") as src:
+            if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+                raise StorageCorrupt(f"{filename}: not a Tarefa snapshot")
+            (size,) = struct.unpack(">I", _read_exact(src, 4, filename))
+            return pickle.loads(_read_exact(src, size, filename))
+
+    @staticmethod
+    def snapshot_pairs(filename: str) -> Iterator[tuple[bytes, bytes]]:
+        """Yield the pairs of a snapshot file, then check its checksum."""
+        h = hashlib.sha256()
+        with open(filename, "rb") as src:
+            src.read(len(SNAPSHOT_MAGIC))
+            (size,) = struct.unpack(">I", _read_exact(src, 4, filename))
+            src.seek(size, os.SEEK_CUR)
+            while True:
+                raw = _read_exact(src, _LEN.size, filename)
+                klen, vlen = _LEN.unpack(raw)
+                if klen == 0xFFFFFFFF:
+                    break
+                body = _read_exact(src, klen + vlen, filename)
+                h.update(raw)
+                h.update(body)
+                yield body[:klen], body[klen:]
+            if _read_exact(src, 32, filename) != h.digest():
+                raise StorageCorrupt(f"{filename}: snapshot checksum mismatch")
+
+    def restore(self, filename: str) -> None:
+        """Replace the whole DB with the snapshot's contents (crash-safe: redone on restart)."""
+        for _ in self.snapshot_pairs(filename):  # verify the checksum before touching the DB
+            pass
+        self._db.put(META_RESTORING, b"1", sync=True)
+        batch = self._db.write_batch()
+        n = 0
+        for key in self._db.iterator(include_value=False):
+            if key != META_RESTORING:
+                batch.delete(key)
+                n += 1
+                if n % _RESTORE_BATCH == 0:
+                    batch.write()
+                    batch = self._db.write_batch()
+        batch.write()
+        batch = self._db.write_batch()
+        for n, (key, value) in enumerate(self.snapshot_pairs(filename), 1):
+            batch.put(key, value)
+            if n % _RESTORE_BATCH == 0:
+                batch.write()
+                batch = self._db.write_batch()
+        batch.write()
+        self._db.delete(META_RESTORING, sync=True)
+
+    def close(self) -> None:
+        if not self._db.closed:
+            self._db.close()
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """Smallest key greater than every key starting with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _read_exact(src: Any, size: int, filename: str) -> bytes:
+    data = src.read(size)
+    if len(data) != size:
+        raise StorageCorrupt(f"{filename}: truncated snapshot")
+    return data

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what Tarefa needs on a Debian machine: Mosquitto from Debian's
+# packages and a .venv with the pinned Python dependencies. Safe to re-run:
+# every step checks whether it is already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+say() { printf 'install.sh: %s\n' "$*"; }
+die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+
+apt_updated=0
+apt_install() {
+    [ "$(id -u)" = 0 ] || die "need root to install Debian packages: $*"
+    if [ "$apt_updated" = 0 ]; then
+        say "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q || die "apt-get update failed"
+        apt_updated=1
+    fi
+    say "apt-get install -y $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" || die "apt-get install $* failed"
+}
+
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: Tarefa needs Python 3.11"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+    || die "$PYTHON is $("$PYTHON" --version 2>&1); Tarefa needs Python >= 3.11"
+"$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+else
+    say "Debian packages present (mosquitto, python venv)"
+fi
+# The Debian package enables a system-wide broker on :1883; Tarefa runs its own
+# under supervisord (and tests on free ports), so keep the packaged one off.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    "$PYTHON" -m venv .venv || die "python -m venv failed"
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing pinned dependencies into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt \
+        || die "pip install -r requirements.txt failed"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . \
+        || die "pip install -e . failed"
+    echo "$want" > "$stamp"
+else
+    say ".venv up to date"
+fi
+mkdir -p run/log
+say "done"

@@ -1,0 +1,194 @@
+"""Start real Tarefa daemons for tests and benchmarks, and always clean up.
+
+`ReplicaCluster` writes a temporary cluster file with free loopback ports,
+starts each replica as its own process (Popen, by PID), waits for readiness
+by polling Status with a deadline, and can kill -9, SIGSTOP/SIGCONT, restart
+and stop members. Logs go to files in the work directory and are printed
+when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Callable
+
+import grpc
+import yaml
+
+from proto import replica_pb2, replica_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (bound briefly, then released)."""
+    socks, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ReplicaProcess:
+    def __init__(self, cluster: "ReplicaCluster", spec: dict) -> None:
+        self.cluster = cluster
+        self.spec = spec
+        self.id = spec["id"]
+        self.grpc_address = f"127.0.0.1:{spec['grpc_port']}"
+        self.log_path = os.path.join(cluster.workdir, f"{self.id}.log")
+        self.proc: subprocess.Popen | None = None
+        self.channel = grpc.insecure_channel(self.grpc_address)
+        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemons.replica", "--config", self.cluster.config_path,
+             "--id", self.id],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self, timeout: float = 1.0) -> replica_pb2.StatusResponse:
+        return self.stub.Status(replica_pb2.StatusRequest(), timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()  # type: ignore[union-attr]
+            self.proc.wait(10)  # type: ignore[union-attr]
+
+    def terminate(self, timeout: float = 15) -> int:
+        if not self.alive:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+    def logs(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+
+class ReplicaCluster:
+    """Three (or more) real replica processes on loopback."""
+
+    def __init__(self, workdir: str, size: int = 3, raft: dict | None = None,
+                 extra: dict | None = None) -> None:
+        self.workdir = workdir
+        ports = free_ports(2 * size)
+        self.specs = [
+            {"id": f"replica-{i + 1}", "host": "127.0.0.1", "raft_port": ports[2 * i],
+             "grpc_port": ports[2 * i + 1], "data_dir": f"data/replica-{i + 1}"}
+            for i in range(size)
+        ]
+        doc: dict[str, Any] = {"cluster": {"name": "test"}, "log_level": "info",
+                               "raft": dict(raft or {}), "replicas": self.specs}
+        doc.update(extra or {})
+        self.config_path = os.path.join(workdir, "cluster.yaml")
+        with open(self.config_path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(doc, fh, sort_keys=False)
+        self.members = [ReplicaProcess(self, spec) for spec in self.specs]
+
+    def data_dir(self, member: ReplicaProcess) -> str:
+        return os.path.join(self.workdir, member.spec["data_dir"])
+
+    def start(self, timeout: float = 20) -> None:
+        for member in self.members:
+            member.start()
+        self.wait_leader(timeout)
+
+    def member(self, replica_id: str) -> ReplicaProcess:
+        return next(m for m in self.members if m.id == replica_id)
+
+    def wait_ready(self, member: ReplicaProcess, timeout: float = 20) -> None:
+        wait_for(lambda: member.status().id == member.id, timeout, f"{member.id} to serve")
+
+    def wait_leader(self, timeout: float = 20) -> ReplicaProcess:
+        """Wait until the live members agree on one leader that has a quorum."""
+        def agreed() -> ReplicaProcess | None:
+            leaders = set()
+            for m in self.members:
+                if not m.alive:
+                    continue
+                st = m.status(timeout=0.5)
+                leaders.add(st.leader)
+                if st.role == "leader" and not st.has_quorum:
+                    return None
+            if len(leaders) == 1 and "" not in leaders:
+                leader = self.member(leaders.pop())
+                return leader if leader.alive else None
+            return None
+        return wait_for(agreed, timeout, "an agreed Raft leader")
+
+    def followers(self) -> list[ReplicaProcess]:
+        leader = self.wait_leader()
+        return [m for m in self.members if m is not leader and m.alive]
+
+    def wait_converged(self, timeout: float = 30) -> int:
+        """Wait until every live member applied the same index; return it."""
+        def same() -> int | None:
+            applied = {m.status().applied_index for m in self.members if m.alive}
+            commits = {m.status().commit_index for m in self.members if m.alive}
+            if len(applied) == 1 and applied == commits:
+                return applied.pop() or None
+            return None
+        return wait_for(same, timeout, "replicas to converge", interval=0.1)
+
+    def stop(self) -> None:
+        for member in self.members:
+            try:
+                member.terminate()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                pass
+            member.channel.close()
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"===== {m.id} ({m.log_path}) =====\n{m.logs()[-20000:]}"
+                         for m in self.members)
