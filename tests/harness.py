@@ -122,6 +122,7 @@ class ReplicaCluster:
     def __init__(self, workdir: str, size: int = 3, raft: dict | None = None,
                  extra: dict | None = None) -> None:
         self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
         ports = free_ports(2 * size)
         self.specs = [
             {"id": f"replica-{i + 1}", "host": "127.0.0.1", "raft_port": ports[2 * i],
@@ -192,3 +193,110 @@ class ReplicaCluster:
     def dump_logs(self) -> str:
         return "\n".join(f"===== {m.id} ({m.log_path}) =====\n{m.logs()[-20000:]}"
                          for m in self.members)
+
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def apply_with_retry(cluster: ReplicaCluster, command: replica_pb2.Command,
+                     deadline: float, call_timeout: float = 2.0,
+                     start: int = 0) -> replica_pb2.ApplyResponse:
+    """Send `command` to live members in turn, retrying with the SAME request id.
+
+    Returns the first answer; raises the last RpcError once `deadline` (a
+    time.monotonic() value) passes, or at once for a non-retryable status.
+    """
+    attempt = start
+    last: grpc.RpcError | None = None
+    while time.monotonic() < deadline:
+        live = [m for m in cluster.members if m.alive]
+        member = live[attempt % len(live)] if live else None
+        attempt += 1
+        if member is None:
+            time.sleep(0.05)
+            continue
+        try:
+            return member.stub.Apply(command, timeout=call_timeout)
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            last = exc
+            time.sleep(0.02)
+    if last is not None:
+        raise last
+    raise TimeoutError("no live replica before the deadline")
+
+
+def scan_all(member: ReplicaProcess, kind: int, cid: str = "",
+             consistency: int = replica_pb2.LINEARIZABLE, timeout: float = 5.0) -> list[str]:
+    """Every record of a listing, following page tokens."""
+    records: list[str] = []
+    token = ""
+    for _ in range(100_000):
+        page = member.stub.Scan(replica_pb2.ScanRequest(
+            kind=kind, cid=cid, page_token=token, limit=1000, consistency=consistency),
+            timeout=timeout)
+        records.extend(page.records)
+        token = page.next
+        if not token:
+            return records
+    raise AssertionError("scan did not terminate")
+
+
+class WriterPool:
+    """`writers` threads each applying its own list of commands with retries.
+
+    Records every acknowledged command with its answer and every refusal, so
+    a test can check that nothing acknowledged was lost and nothing was
+    applied twice.
+    """
+
+    def __init__(self, cluster: ReplicaCluster, commands: list[list[replica_pb2.Command]],
+                 deadline_seconds: float = 120.0) -> None:
+        import threading
+
+        self.cluster = cluster
+        self.commands = commands
+        self.deadline = time.monotonic() + deadline_seconds
+        self.acked: dict[str, replica_pb2.ApplyResponse] = {}
+        self.refused: dict[str, grpc.RpcError] = {}
+        self.failed: dict[str, Exception] = {}
+        self.ack_times: list[float] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i, cmds), daemon=True)
+                         for i, cmds in enumerate(commands)]
+
+    def _run(self, index: int, commands: list[replica_pb2.Command]) -> None:
+        for n, command in enumerate(commands):
+            try:
+                answer = apply_with_retry(self.cluster, command, self.deadline,
+                                          start=index + n)
+            except grpc.RpcError as exc:
+                with self._lock:
+                    if exc.code() in RETRYABLE:
+                        self.failed[command.request_id] = exc
+                    else:
+                        self.refused[command.request_id] = exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - recorded, checked by the test
+                with self._lock:
+                    self.failed[command.request_id] = exc
+                continue
+            with self._lock:
+                self.acked[command.request_id] = answer
+                self.ack_times.append(time.monotonic())
+
+    def start(self) -> "WriterPool":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(max(0.0, self.deadline - time.monotonic()) + 5)
+        assert not any(t.is_alive() for t in self._threads), "writers did not finish"
+
+    @property
+    def done_count(self) -> int:
+        with self._lock:
+            return len(self.acked) + len(self.refused) + len(self.failed)

@@ -60,42 +60,15 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf
     )
 
 
-class ReplicaStateMachine(SyncObj):
-    """One Raft member applying Tarefa commands to its LevelDB."""
+class EntryApplier:
+    """Applies Raft entries to Storage exactly once; knows nothing of Raft itself."""
 
-    def __init__(self, cluster: Cluster, spec: ReplicaSpec, storage: Storage,
-                 on_fatal: Callable[[Exception], None]) -> None:
-        self.spec = spec
+    def __init__(self, storage: Storage, dedupe_window: int) -> None:
         self.storage = storage
-        self.dedupe_window = cluster.raft.dedupe_window
-        self.fatal: Exception | None = None
-        self._on_fatal = on_fatal
-        self.journal_path = os.path.join(spec.data_dir, "raft", "journal")
-        self.snapshots_written = 0
-        conf = syncobj_conf(cluster.raft, spec.data_dir,
-                            serializer=self._write_snapshot,
-                            deserializer=self._read_snapshot,
-                            onStateChanged=self._on_state_changed)
-        peers = [r.raft_address for r in cluster.replicas if r.id != spec.id]
-        self.peer_ids = {r.raft_address: r.id for r in cluster.replicas}
-        super().__init__(spec.raft_address, peers, conf)
+        self.dedupe_window = dedupe_window
 
-    # -- the replicated method ----------------------------------------------
-
-    @replicated
-    def apply_batch(self, commands: list) -> list[Outcome] | None:
-        """Apply one Raft entry. Never raises: a raise would make PySyncObj retry it."""
-        index = self.raftLastApplied + 1
-        try:
-            return self._apply(index, commands)
-        except Exception as exc:  # noqa: BLE001 - must not escape into PySyncObj
-            self._die(exc if isinstance(exc, StorageCorrupt)
-                      else StorageCorrupt(f"apply of Raft entry {index} failed: {exc!r}"))
-            return None
-
-    def _apply(self, index: int, commands: list) -> list[Outcome] | None:
-        if self.fatal is not None:
-            return None
+    def apply(self, index: int, commands: list) -> list[Outcome]:
+        """Apply the Raft entry at `index` (skipped if already applied); one WriteBatch."""
         ids = [c.get("request_id") if isinstance(c, dict) else None for c in commands]
         applied = self.storage.applied_index()
         if index <= applied:
@@ -149,6 +122,42 @@ class ReplicaStateMachine(SyncObj):
                 if isinstance(rid, str) and rid:
                     view.delete(domain.request_key(rid))
             view.delete(key)
+
+
+class ReplicaStateMachine(SyncObj):
+    """One Raft member applying Tarefa commands to its LevelDB."""
+
+    def __init__(self, cluster: Cluster, spec: ReplicaSpec, storage: Storage,
+                 on_fatal: Callable[[Exception], None]) -> None:
+        self.spec = spec
+        self.storage = storage
+        self.applier = EntryApplier(storage, cluster.raft.dedupe_window)
+        self.fatal: Exception | None = None
+        self._on_fatal = on_fatal
+        self.journal_path = os.path.join(spec.data_dir, "raft", "journal")
+        self.snapshots_written = 0
+        conf = syncobj_conf(cluster.raft, spec.data_dir,
+                            serializer=self._write_snapshot,
+                            deserializer=self._read_snapshot,
+                            onStateChanged=self._on_state_changed)
+        peers = [r.raft_address for r in cluster.replicas if r.id != spec.id]
+        self.peer_ids = {r.raft_address: r.id for r in cluster.replicas}
+        super().__init__(spec.raft_address, peers, conf)
+
+    # -- the replicated method ----------------------------------------------
+
+    @replicated
+    def apply_batch(self, commands: list) -> list[Outcome] | None:
+        """Apply one Raft entry. Never raises: a raise would make PySyncObj retry it."""
+        index = self.raftLastApplied + 1
+        if self.fatal is not None:
+            return None
+        try:
+            return self.applier.apply(index, commands)
+        except Exception as exc:  # noqa: BLE001 - must not escape into PySyncObj
+            self._die(exc if isinstance(exc, StorageCorrupt)
+                      else StorageCorrupt(f"apply of Raft entry {index} failed: {exc!r}"))
+            return None
 
     # -- snapshots (log compaction) ------------------------------------------
 
