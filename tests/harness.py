@@ -61,31 +61,26 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-class ReplicaProcess:
-    def __init__(self, cluster: "ReplicaCluster", spec: dict) -> None:
-        self.cluster = cluster
-        self.spec = spec
-        self.id = spec["id"]
-        self.grpc_address = f"127.0.0.1:{spec['grpc_port']}"
-        self.log_path = os.path.join(cluster.workdir, f"{self.id}.log")
+class DaemonProcess:
+    """One process started by a test: by PID, log to a file, always stoppable."""
+
+    def __init__(self, workdir: str, name: str) -> None:
+        self.id = name
+        self.log_path = os.path.join(workdir, f"{name}.log")
         self.proc: subprocess.Popen | None = None
-        self.channel = grpc.insecure_channel(self.grpc_address)
-        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemons.replica", "--config", self.cluster.config_path,
-             "--id", self.id],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.argv(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         log.close()
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def status(self, timeout: float = 1.0) -> replica_pb2.StatusResponse:
-        return self.stub.Status(replica_pb2.StatusRequest(), timeout=timeout)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -116,6 +111,23 @@ class ReplicaProcess:
             return ""
 
 
+class ReplicaProcess(DaemonProcess):
+    def __init__(self, cluster: "ReplicaCluster", spec: dict) -> None:
+        super().__init__(cluster.workdir, spec["id"])
+        self.cluster = cluster
+        self.spec = spec
+        self.grpc_address = f"127.0.0.1:{spec['grpc_port']}"
+        self.channel = grpc.insecure_channel(self.grpc_address)
+        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "daemons.replica", "--config", self.cluster.config_path,
+                "--id", self.id]
+
+    def status(self, timeout: float = 1.0) -> replica_pb2.StatusResponse:
+        return self.stub.Status(replica_pb2.StatusRequest(), timeout=timeout)
+
+
 class ReplicaCluster:
     """Three (or more) real replica processes on loopback."""
 
@@ -124,6 +136,7 @@ class ReplicaCluster:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         ports = free_ports(2 * size)
+        self.extra = extra or {}
         self.specs = [
             {"id": f"replica-{i + 1}", "host": "127.0.0.1", "raft_port": ports[2 * i],
              "grpc_port": ports[2 * i + 1], "data_dir": f"data/replica-{i + 1}"}
@@ -131,7 +144,7 @@ class ReplicaCluster:
         ]
         doc: dict[str, Any] = {"cluster": {"name": "test"}, "log_level": "info",
                                "raft": dict(raft or {}), "replicas": self.specs}
-        doc.update(extra or {})
+        doc.update(self.extra)
         self.config_path = os.path.join(workdir, "cluster.yaml")
         with open(self.config_path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(doc, fh, sort_keys=False)
@@ -300,3 +313,109 @@ class WriterPool:
     def done_count(self) -> int:
         with self._lock:
             return len(self.acked) + len(self.refused) + len(self.failed)
+
+
+def mosquitto_binary() -> str:
+    import shutil
+
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise RuntimeError("mosquitto not installed: run ./install.sh")
+
+
+class MosquittoProcess(DaemonProcess):
+    """A real Mosquitto broker on a free loopback port."""
+
+    def __init__(self, workdir: str, port: int) -> None:
+        super().__init__(workdir, "broker")
+        self.port = port
+        self.conf_path = os.path.join(workdir, "mosquitto.conf")
+        with open(self.conf_path, "w", encoding="utf-8") as fh:
+            fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                     "log_dest stdout\nuser root\n")
+
+    def argv(self) -> list[str]:
+        return [mosquitto_binary(), "-c", self.conf_path]
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        def accepting() -> bool:
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_for(accepting, timeout, f"mosquitto on port {self.port}")
+
+
+class PortalProcess(DaemonProcess):
+    def __init__(self, stack: "Stack", spec: dict) -> None:
+        super().__init__(stack.workdir, spec["id"])
+        self.stack = stack
+        self.spec = spec
+        self.address = f"127.0.0.1:{spec['port']}"
+        self.channel = grpc.insecure_channel(self.address)
+        from proto import portal_pb2_grpc
+
+        self.admin = portal_pb2_grpc.AdminPortalStub(self.channel)
+        self.client = portal_pb2_grpc.ClientPortalStub(self.channel)
+        self.status_stub = portal_pb2_grpc.PortalStatusStub(self.channel)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "daemons.portal", "--config", self.stack.config_path,
+                "--id", self.id]
+
+    def status(self, timeout: float = 1.0):  # type: ignore[no-untyped-def]
+        from proto import portal_pb2
+
+        return self.status_stub.Status(portal_pb2.PortalStatusRequest(), timeout=timeout)
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        wait_for(lambda: self.status().broker_connected, timeout,
+                 f"{self.id} to serve and reach the broker")
+
+
+class Stack(ReplicaCluster):
+    """Broker + three replicas + an admin portal + two client portals."""
+
+    def __init__(self, workdir: str, raft: dict | None = None, cache_ttl: float = 30.0) -> None:
+        broker_port, admin, client1, client2 = free_ports(4)
+        portals = [
+            {"id": "portal-admin", "host": "127.0.0.1", "port": admin, "services": ["admin"]},
+            {"id": "portal-client-1", "host": "127.0.0.1", "port": client1,
+             "services": ["client"], "cache_ttl": cache_ttl},
+            {"id": "portal-client-2", "host": "127.0.0.1", "port": client2,
+             "services": ["client"], "cache_ttl": cache_ttl},
+        ]
+        super().__init__(workdir, raft=raft, extra={
+            "broker": {"host": "127.0.0.1", "port": broker_port}, "portals": portals})
+        self.broker = MosquittoProcess(workdir, broker_port)
+        self.portals = [PortalProcess(self, spec) for spec in portals]
+
+    def portal(self, portal_id: str) -> PortalProcess:
+        return next(p for p in self.portals if p.id == portal_id)
+
+    def start(self, timeout: float = 30) -> None:
+        self.broker.start()
+        self.broker.wait_ready()
+        super().start(timeout)
+        for portal in self.portals:
+            portal.start()
+        for portal in self.portals:
+            portal.wait_ready(timeout)
+
+    def stop(self) -> None:
+        for portal in self.portals:
+            try:
+                portal.terminate()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                pass
+            portal.channel.close()
+        super().stop()
+        try:
+            self.broker.terminate()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def dump_logs(self) -> str:
+        extra = [self.broker, *self.portals]
+        return super().dump_logs() + "\n" + "\n".join(
+            f"===== {p.id} ({p.log_path}) =====\n{p.logs()[-20000:]}" for p in extra)

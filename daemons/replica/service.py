@@ -131,6 +131,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self._barrier(request.consistency, context)
         value, revision = self.storage.read(key)
         if value is None:
+            # The revision lets a portal tell a stale "not found" from a fresh one.
+            context.set_trailing_metadata((("tarefa-revision", str(revision)),))
             raise NotFound(f"{what} not found")
         return replica_pb2.GetResponse(record=value.decode("utf-8"), revision=revision)
 

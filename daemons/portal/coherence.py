@@ -1,0 +1,135 @@
+"""Coherence: change events <-> the portal's cache and its WatchTasks streams.
+
+Every committed change this portal makes, and every valid event another
+portal publishes, goes through `apply_event`: it updates the cache under the
+revision rules of cache.py and feeds the watchers of that client. Own writes
+are also published (QoS 1). While the broker connection is down the portal
+serves no cached reads; when it comes back the cache is emptied, since
+events may have been missed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import Any
+
+from daemons.core import events
+from daemons.core.errors import InvalidArgument
+from daemons.portal.cache import PortalCache, client_key, task_key
+
+log = logging.getLogger(__name__)
+
+WATCH_QUEUE = 1000
+_SEEN_REVISIONS = 50_000
+
+
+class Watcher:
+    """One WatchTasks stream's queue; `overflowed` once it fell too far behind."""
+
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(WATCH_QUEUE)
+        self.overflowed = False
+
+    def offer(self, event: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.overflowed = True
+
+
+class Coherence:
+    def __init__(self, portal_id: str, cluster_name: str, cache: PortalCache) -> None:
+        self.portal_id = portal_id
+        self.cluster_name = cluster_name
+        self.cache = cache
+        self.bus: Any = None  # an EventBus, attached by the daemon
+        self._connected = False
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[Watcher]] = collections.defaultdict(list)
+        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.received = 0
+        self.published = 0
+        self.rejected = 0
+
+    # -- connection state ----------------------------------------------------
+
+    @property
+    def serving_cache(self) -> bool:
+        return self._connected
+
+    def on_connection(self, up: bool) -> None:
+        # Either way the cache may miss events from now on (down) or from the
+        # time we were away (up): start from empty.
+        self.cache.clear()
+        self._connected = up
+
+    # -- events ----------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """A message from the broker (paho's thread)."""
+        try:
+            event = events.decode(payload, topic, self.cluster_name)
+        except InvalidArgument as exc:
+            self.rejected += 1
+            log.warning("%s: ignored a malformed event on %r: %s", self.portal_id, topic,
+                        exc.message)
+            return
+        if event["origin"] == self.portal_id:
+            return
+        self.received += 1
+        self.apply_event(event)
+
+    def local_change(self, event: dict[str, Any]) -> None:
+        """A change this portal committed: update the cache, feed watchers, publish."""
+        self.apply_event(event)
+        if self.bus is not None:
+            self.bus.publish(events.event_topic(self.cluster_name, event), events.encode(event))
+            self.published += 1
+
+    def apply_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if event["revision"] in self._seen:
+                return
+            self._seen[event["revision"]] = None
+            if len(self._seen) > _SEEN_REVISIONS:
+                self._seen.popitem(last=False)
+        kind, cid, revision = event["event"], event["cid"], event["revision"]
+        record = event.get("record")
+        if kind.startswith("client."):
+            self.cache.apply_change(client_key(cid), record, revision)
+            if kind == "client.deleted":
+                self.cache.drop_client(cid, revision)
+        elif kind == "task.cleared":
+            self.cache.drop_client(cid, revision)
+        else:
+            self.cache.apply_change(task_key(cid, event["title"]), record, revision)
+        if kind.startswith("task.") or kind == "client.deleted":
+            with self._lock:
+                watchers = list(self._watchers.get(cid, ()))
+            for watcher in watchers:
+                watcher.offer(event)
+
+    # -- watchers --------------------------------------------------------------
+
+    def watch(self, cid: str) -> Watcher:
+        watcher = Watcher(cid)
+        with self._lock:
+            self._watchers[cid].append(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        with self._lock:
+            group = self._watchers.get(watcher.cid, [])
+            if watcher in group:
+                group.remove(watcher)
+            if not group:
+                self._watchers.pop(watcher.cid, None)
+
+    @property
+    def watcher_count(self) -> int:
+        with self._lock:
+            return sum(len(g) for g in self._watchers.values())

@@ -1,0 +1,88 @@
+"""PortalDaemon: wires the replica client, cache, event bus and gRPC services."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from daemons.core import events
+from daemons.core.config import Cluster, PortalSpec
+from daemons.core.errors import ConfigError, TarefaError
+from daemons.core.lifecycle import Daemon
+from daemons.core.mqtt import EventBus
+from daemons.portal.cache import PortalCache
+from daemons.portal.coherence import Coherence
+from daemons.portal.operations import PortalOperations
+from daemons.portal.replicas import ReplicaClient
+from daemons.portal.service import AdminServicer, ClientServicer, StatusServicer
+from proto import portal_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_WORKERS = 128
+DEFAULT_TIMEOUT = 5.0
+
+
+def portal_spec(cluster: Cluster, portal_id: str) -> PortalSpec:
+    for spec in cluster.portals:
+        if spec.id == portal_id:
+            return spec
+    known = ", ".join(p.id for p in cluster.portals) or "none"
+    raise ConfigError([f"{cluster.path}: no portal with id {portal_id!r} (known: {known})"])
+
+
+class PortalDaemon(Daemon):
+    def __init__(self, cluster: Cluster, portal_id: str) -> None:
+        super().__init__(portal_id, cluster)
+        self.spec = portal_spec(cluster, portal_id)
+        self.cache = PortalCache(self.spec.cache_entries, self.spec.cache_ttl)
+        self.coherence = Coherence(portal_id, cluster.name, self.cache)
+        self.replicas = ReplicaClient(cluster, portal_id)
+        self.ops = PortalOperations(portal_id, self.replicas, self.coherence)
+        self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}",
+                            [events.subscription(cluster.name)],
+                            self.coherence.on_message, self.coherence.on_connection)
+        self.coherence.bus = self.bus
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+
+    check = staticmethod(portal_spec)
+
+    def start(self) -> None:
+        self.replicas.start()
+        self.bus.start()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
+                                                             thread_name_prefix="grpc"))
+        names = ["tarefa.portal.PortalStatus"]
+        if "admin" in self.spec.services:
+            portal_pb2_grpc.add_AdminPortalServicer_to_server(
+                AdminServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT), self.server)
+            names.append("tarefa.portal.AdminPortal")
+        if "client" in self.spec.services:
+            portal_pb2_grpc.add_ClientPortalServicer_to_server(
+                ClientServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT), self.server)
+            names.append("tarefa.portal.ClientPortal")
+        portal_pb2_grpc.add_PortalStatusServicer_to_server(
+            StatusServicer(self.daemon_id, self.spec.services, self.ops), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.server.add_insecure_port(self.spec.address) == 0:
+            raise TarefaError(f"cannot bind gRPC {self.spec.address}")
+        self.server.start()
+        for name in ["", *names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s: serving %s on %s", self.daemon_id, "+".join(self.spec.services),
+                 self.spec.address)
+
+    def reload(self) -> None:
+        log.info("%s: SIGHUP: nothing to reload (cache size and TTL are fixed at start)",
+                 self.daemon_id)
+
+    def stop(self, grace: float) -> None:
+        self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
+        self.bus.stop()
+        self.replicas.close()

@@ -1,0 +1,169 @@
+"""The portal's gRPC servicers: proto <-> PortalOperations, errors -> status codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from daemons.core.errors import TarefaError
+from daemons.portal.operations import PortalOperations
+from proto import portal_pb2 as pb
+from proto import portal_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+
+
+def boundary(method: Callable) -> Callable:
+    """Map TarefaError to its status code; anything else is INTERNAL and logged."""
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except TarefaError as exc:
+            context.abort(_grpc_code(exc), exc.message)
+        except Exception:
+            if context.code() is not None:  # context.abort() already chose the status
+                raise
+            log.exception("%s: %s failed", self.portal_id, method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error (see the portal's log)")
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def client_message(record: dict) -> pb.Client:
+    return pb.Client(cid=record["cid"], data=json.dumps(record["data"], ensure_ascii=False),
+                     created_at=record["created_at"], updated_at=record["updated_at"],
+                     revision=record["revision"])
+
+
+def task_message(record: dict) -> pb.Task:
+    return pb.Task(cid=record["cid"], title=record["title"], description=record["description"],
+                   status=record["status"], created_at=record["created_at"],
+                   updated_at=record["updated_at"], revision=record["revision"])
+
+
+class _Servicer:
+    def __init__(self, portal_id: str, ops: PortalOperations, default_timeout: float) -> None:
+        self.portal_id = portal_id
+        self.ops = ops
+        self.default_timeout = default_timeout
+
+    def timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e6:
+            return self.default_timeout
+        # Answer UNAVAILABLE a little before the caller gives up.
+        return max(0.0, remaining - max(0.02, 0.05 * remaining))
+
+
+class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
+    @boundary
+    def CreateClient(self, request: pb.CreateClientRequest, context: Any) -> pb.Client:
+        return client_message(self.ops.create_client(request.cid, request.data,
+                                                     request.request_id, self.timeout(context)))
+
+    @boundary
+    def GetClient(self, request: pb.ClientRef, context: Any) -> pb.Client:
+        return client_message(self.ops.get_client(
+            request.cid, request.consistency == pb.LINEARIZABLE, self.timeout(context)))
+
+    @boundary
+    def UpdateClient(self, request: pb.UpdateClientRequest, context: Any) -> pb.Client:
+        return client_message(self.ops.update_client(request.cid, request.data,
+                                                     request.request_id, self.timeout(context)))
+
+    @boundary
+    def DeleteClient(self, request: pb.DeleteClientRequest, context: Any) -> pb.DeleteResponse:
+        answer = self.ops.delete_client(request.cid, request.request_id, self.timeout(context))
+        return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
+
+    @boundary
+    def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
+        records, next_token = self.ops.list_clients(request.page_token, request.limit,
+                                                    self.timeout(context))
+        return pb.ListClientsResponse(clients=[client_message(r) for r in records],
+                                      next=next_token)
+
+
+class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
+    @boundary
+    def CreateTask(self, request: pb.CreateTaskRequest, context: Any) -> pb.Task:
+        return task_message(self.ops.create_task(request.cid, request.title, request.description,
+                                                 request.request_id, self.timeout(context)))
+
+    @boundary
+    def GetTask(self, request: pb.TaskRef, context: Any) -> pb.Task:
+        return task_message(self.ops.get_task(request.cid, request.title,
+                                              request.consistency == pb.LINEARIZABLE,
+                                              self.timeout(context)))
+
+    @boundary
+    def UpdateTask(self, request: pb.UpdateTaskRequest, context: Any) -> pb.Task:
+        return task_message(self.ops.update_task(
+            request.cid, request.title,
+            request.description if request.HasField("description") else None,
+            request.status if request.HasField("status") else None,
+            request.request_id, self.timeout(context)))
+
+    @boundary
+    def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
+        records, next_token = self.ops.list_tasks(request.cid, request.page_token, request.limit,
+                                                  request.status, self.timeout(context))
+        return pb.ListTasksResponse(tasks=[task_message(r) for r in records], next=next_token)
+
+    @boundary
+    def DeleteTask(self, request: pb.DeleteTaskRequest, context: Any) -> pb.DeleteResponse:
+        answer = self.ops.delete_task(request.cid, request.title, request.request_id,
+                                      self.timeout(context))
+        return pb.DeleteResponse(revision=answer.revision)
+
+    @boundary
+    def DeleteAllTasks(self, request: pb.DeleteAllTasksRequest,
+                       context: Any) -> pb.DeleteResponse:
+        answer = self.ops.delete_all_tasks(request.cid, request.request_id, self.timeout(context))
+        return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
+
+    def WatchTasks(self, request: pb.WatchTasksRequest, context: Any) -> Iterator[pb.TaskEvent]:
+        try:
+            self.ops.require_client(request.cid, self.default_timeout)
+        except TarefaError as exc:
+            context.abort(_grpc_code(exc), exc.message)
+        coherence = self.ops.coherence
+        watcher = coherence.watch(request.cid)
+        context.add_callback(lambda: watcher.offer({"event": "_end"}))
+        try:
+            while context.is_active():
+                try:
+                    event = watcher.queue.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if event.get("event") == "_end":
+                    return
+                if watcher.overflowed:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "watcher fell too far behind; watch again and re-list")
+                record = event.get("record")
+                yield pb.TaskEvent(
+                    event=event["event"], cid=event["cid"], title=event.get("title", ""),
+                    revision=event["revision"], origin=event["origin"], at=event["at"],
+                    task=task_message(record) if record and "title" in record else None)
+        finally:
+            coherence.unwatch(watcher)
+
+
+class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
+    def __init__(self, portal_id: str, services: tuple[str, ...], ops: PortalOperations) -> None:
+        self.portal_id = portal_id
+        self.services = services
+        self.ops = ops
+
+    def Status(self, request: pb.PortalStatusRequest, context: Any) -> pb.PortalStatusResponse:
+        return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
+                                       **self.ops.status())

@@ -1,0 +1,415 @@
+"""The cluster file (daemons/core/config.py): the shipped file loads; every problem is reported."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from daemons.core.config import Broker, RaftSettings, load_cluster, parse_cluster
+from daemons.core.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED = os.path.join(ROOT, "config", "cluster.yaml")
+SOURCE = "cluster.yaml"
+PROBLEM = re.compile(r"^(?P<source>[^:]+): (?P<path>[A-Za-z_][\w.\[\]]*): (?P<message>.+)$")
+
+
+@pytest.fixture
+def raw() -> dict:
+    with open(SHIPPED, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def problems(raw: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_cluster(copy.deepcopy(raw), SOURCE, "/etc/tarefa")
+    assert info.value.message == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def only_problem(raw: object) -> str:
+    found = problems(raw)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def add_replica(raw: dict, n: int) -> None:
+    raw["replicas"].append({"id": f"replica-{n}", "host": "127.0.0.1", "raft_port": 7000 + n,
+                            "grpc_port": 7100 + n, "data_dir": f"data/replica-{n}"})
+
+
+# ---- the good file --------------------------------------------------------------------------
+
+
+def test_shipped_cluster_file_loads():
+    cluster = load_cluster(SHIPPED)
+    assert cluster.path == SHIPPED
+    assert cluster.name == "tarefa" and cluster.log_level == "info"
+    assert cluster.grace_seconds == 5.0
+    assert [r.id for r in cluster.replicas] == ["replica-1", "replica-2", "replica-3"]
+    r1 = cluster.replica("replica-1")
+    assert (r1.host, r1.raft_port, r1.grpc_port) == ("127.0.0.1", 7001, 7101)
+    assert r1.raft_address == "127.0.0.1:7001" and r1.grpc_address == "127.0.0.1:7101"
+    # relative paths are relative to the file's directory
+    assert r1.data_dir == os.path.join(ROOT, "run", "data", "replica-1")
+    assert [(p.id, p.port, p.services) for p in cluster.portals] == [
+        ("portal-admin", 7201, ("admin",)), ("portal-client-1", 7211, ("client",)),
+        ("portal-client-2", 7212, ("client",))]
+    assert cluster.portals[0].cache_entries == 10000 and cluster.portals[0].cache_ttl == 30.0
+    assert cluster.listener is not None
+    assert cluster.listener.audit_log == os.path.join(ROOT, "run", "audit", "audit.jsonl")
+    assert cluster.broker == Broker("127.0.0.1", 1883, None, None)
+    assert cluster.raft == RaftSettings()  # the file spells out the defaults
+    assert isinstance(cluster.raft.compaction_min_seconds, float)
+
+
+def test_minimal_file_gets_defaults():
+    raw = {"replicas": [{"id": f"r{i}", "host": "h", "raft_port": 1000 + i, "grpc_port": 2000 + i,
+                         "data_dir": f"d{i}"} for i in range(3)]}
+    cluster = parse_cluster(raw, SOURCE, "/srv/tarefa")
+    assert cluster.raft == RaftSettings() and cluster.broker == Broker()
+    assert cluster.portals == () and cluster.listener is None
+    assert cluster.name == "tarefa" and cluster.log_level == "info"
+    assert cluster.replicas[2].data_dir == "/srv/tarefa/d2"
+
+
+def test_unknown_replica_id():
+    with pytest.raises(ConfigError, match="no replica with id 'replica-9'"):
+        load_cluster(SHIPPED).replica("replica-9")
+
+
+# ---- one test per kind of problem ---------------------------------------------------------
+
+
+def test_unknown_top_level_key(raw):
+    raw["colour"] = "blue"
+    problem = only_problem(raw)
+    assert problem.startswith("cluster.yaml: colour: unknown key (allowed: cluster, log_level")
+
+
+def test_unknown_nested_keys(raw):
+    raw["raft"]["election_timeout"] = 1.0
+    found = problems(raw)
+    assert len(found) == 1
+    assert found[0].startswith("cluster.yaml: raft.election_timeout: unknown key (allowed: ")
+    assert "election_timeout_min" in found[0]
+
+    del raw["raft"]["election_timeout"]
+    raw["replicas"][1]["datadir"] = "x"
+    assert only_problem(raw).startswith("cluster.yaml: replicas[1].datadir: unknown key")
+    del raw["replicas"][1]["datadir"]
+    raw["broker"]["tls"] = True
+    assert only_problem(raw).startswith("cluster.yaml: broker.tls: unknown key")
+
+
+@pytest.mark.parametrize("value", ["7001", 0, 65536, -1, 7001.0, None])
+def test_port_must_be_an_integer_in_range(raw, value):
+    raw["replicas"][1]["raft_port"] = value
+    assert only_problem(raw) == (
+        f"cluster.yaml: replicas[1].raft_port: must be an integer 1..65535 (got {value!r})")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("heartbeat_period", -0.05), ("connection_timeout", 0), ("apply_timeout", "5"),
+    ("connection_retry", float("nan")), ("compaction_min_seconds", float("inf")),
+])
+def test_seconds_must_be_a_positive_number(raw, key, value):
+    raw["raft"][key] = value
+    assert only_problem(raw) == (
+        f"cluster.yaml: raft.{key}: must be a number of seconds > 0 (got {value!r})")
+
+
+def test_negative_grace_seconds(raw):
+    raw["grace_seconds"] = -5
+    assert only_problem(raw) == "cluster.yaml: grace_seconds: must be a number of seconds > 0 (got -5)"
+
+
+def test_huge_integer_seconds_is_a_problem_not_a_crash(raw):
+    # YAML reads 1 followed by 400 zeros as an int; float() of it overflows.
+    raw["grace_seconds"] = 10 ** 400
+    found = problems(raw)
+    assert len(found) == 1 and found[0].startswith("cluster.yaml: grace_seconds: "), found
+
+
+def test_bool_is_not_an_int_and_int_is_not_a_bool(raw):
+    raw["raft"]["batched_append"] = 1
+    raw["raft"]["max_batch_commands"] = True
+    raw["portals"][0]["port"] = True
+    raw["grace_seconds"] = True
+    assert sorted(problems(raw)) == sorted([
+        "cluster.yaml: raft.batched_append: must be true or false (got 1)",
+        "cluster.yaml: raft.max_batch_commands: must be an integer >= 1 (got True)",
+        "cluster.yaml: portals[0].port: must be an integer 1..65535 (got True)",
+        "cluster.yaml: grace_seconds: must be a number of seconds > 0 (got True)",
+    ])
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "10"])
+def test_positive_int(raw, value):
+    raw["raft"]["dedupe_window"] = value
+    assert only_problem(raw) == (
+        f"cluster.yaml: raft.dedupe_window: must be an integer >= 1 (got {value!r})")
+
+
+@pytest.mark.parametrize("value", ["admin", [], {"admin": True}, None])
+def test_services_must_be_a_list(raw, value):
+    raw["portals"][0]["services"] = value
+    assert only_problem(raw) == (
+        "cluster.yaml: portals[0].services: must be a non-empty list of admin, client")
+
+
+@pytest.mark.parametrize("value", [["admin", "root"], ["client", "client"], [["admin"]]])
+def test_services_unknown_or_repeated(raw, value):
+    raw["portals"][1]["services"] = value
+    assert only_problem(raw) == (
+        "cluster.yaml: portals[1].services: must list each of admin, client at most once "
+        f"(got {value!r})")
+
+
+@pytest.mark.parametrize("value", ["verbose", "INFO", 3])
+def test_log_level_choice(raw, value):
+    raw["log_level"] = value
+    assert only_problem(raw) == (
+        f"cluster.yaml: log_level: must be one of debug, info, warning, error (got {value!r})")
+
+
+@pytest.mark.parametrize("value", ["", "   ", 5, None])
+def test_strings_must_be_non_empty_text(raw, value):
+    raw["replicas"][0]["host"] = value
+    problem = only_problem(raw)
+    assert problem.startswith("cluster.yaml: replicas[0].host: must be a non-empty string (got ")
+
+
+@pytest.mark.parametrize("key", ["id", "host", "raft_port", "grpc_port", "data_dir"])
+def test_missing_required_replica_key(raw, key):
+    del raw["replicas"][2][key]
+    assert only_problem(raw) == f"cluster.yaml: replicas[2].{key}: required"
+
+
+def test_missing_required_portal_key(raw):
+    del raw["portals"][0]["services"]
+    assert only_problem(raw) == "cluster.yaml: portals[0].services: required"
+
+
+def test_missing_replicas(raw):
+    del raw["replicas"]
+    assert only_problem(raw) == "cluster.yaml: replicas: required"
+
+
+def test_replicas_not_a_list(raw):
+    raw["replicas"] = {"replica-1": {}}
+    assert only_problem(raw).startswith("cluster.yaml: replicas: must be a list (got dict")
+
+
+def test_section_not_a_mapping(raw):
+    raw["raft"] = [1, 2]
+    assert only_problem(raw) == "cluster.yaml: raft: must be a mapping (got list [1, 2])"
+
+
+def test_duplicate_daemon_id(raw):
+    raw["replicas"][2]["id"] = "replica-1"
+    raw["portals"][1]["id"] = "replica-2"
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: portals[1].id: duplicate id 'replica-2' (also replicas[1].id)",
+        "cluster.yaml: replicas[2].id: duplicate id 'replica-1' (also replicas[0].id)",
+    ]
+
+
+def test_duplicate_host_port(raw):
+    raw["portals"][1]["port"] = 7001
+    assert only_problem(raw) == (
+        "cluster.yaml: portals[1].port: port 7001 on 127.0.0.1 is already used by "
+        "replicas[0].raft_port")
+
+
+def test_same_port_twice_in_one_replica_and_broker_clash(raw):
+    raw["replicas"][1]["grpc_port"] = 7002
+    raw["listener"]["port"] = 1883
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: listener.port: port 1883 on 127.0.0.1 is already used by broker.port",
+        "cluster.yaml: replicas[1].grpc_port: port 7002 on 127.0.0.1 is already used by "
+        "replicas[1].raft_port",
+    ]
+
+
+def test_same_port_on_different_hosts_is_fine(raw):
+    raw["replicas"][1]["host"] = "10.0.0.2"
+    raw["replicas"][1]["raft_port"] = 7001
+    assert parse_cluster(raw, SOURCE, "/x").replicas[1].raft_address == "10.0.0.2:7001"
+
+
+def test_even_replica_count(raw):
+    add_replica(raw, 4)
+    assert only_problem(raw).startswith(
+        "cluster.yaml: replicas: need an odd number of replicas, at least 3 (got 4)")
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_fewer_than_three_replicas(raw, count):
+    raw["replicas"] = raw["replicas"][:count]
+    assert only_problem(raw).startswith(
+        f"cluster.yaml: replicas: need an odd number of replicas, at least 3 (got {count})")
+
+
+def test_five_replicas_are_fine(raw):
+    add_replica(raw, 4)
+    add_replica(raw, 5)
+    assert len(parse_cluster(raw, SOURCE, "/x").replicas) == 5
+
+
+@pytest.mark.parametrize("low,high", [(1.4, 1.4), (1.5, 1.4)])
+def test_election_timeout_min_must_be_below_max(raw, low, high):
+    raw["raft"]["election_timeout_min"] = low
+    raw["raft"]["election_timeout_max"] = high
+    assert only_problem(raw) == (
+        f"cluster.yaml: raft.election_timeout_max: must be greater than election_timeout_min "
+        f"({low})")
+
+
+def test_heartbeat_too_large(raw):
+    raw["raft"]["heartbeat_period"] = 0.2  # 3 x 0.2 >= 0.4
+    assert only_problem(raw).startswith(
+        "cluster.yaml: raft.heartbeat_period: must be less than a third of "
+        "election_timeout_min (0.4)")
+
+
+def test_leader_fallback_timeout_too_small(raw):
+    raw["raft"]["leader_fallback_timeout"] = 1.0
+    assert only_problem(raw) == (
+        "cluster.yaml: raft.leader_fallback_timeout: must be at least election_timeout_max (1.4)")
+
+
+def test_unreadable_file(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(missing)
+    assert info.value.problems == [f"{missing}: cannot read: No such file or directory"]
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(tmp_path))
+    assert info.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+
+
+@pytest.mark.parametrize("text", ["replicas: [1, 2\n", "a: b: c\n", "\tfoo: 1\n", "key: 'open\n"])
+def test_invalid_yaml(tmp_path, text):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{path}: not valid YAML: ")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "replicas: required"),
+    ("- a\n- b\n", "must be a mapping (got list ['a', 'b'])"),
+    ("just text\n", "must be a mapping (got str 'just text')"),
+])
+def test_document_that_is_not_a_mapping(tmp_path, text, expected):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert info.value.problems == [f"{path}: {expected}"]
+
+
+# ---- all at once ------------------------------------------------------------------------
+
+
+BAD = {
+    ("colour", "unknown key"),
+    ("raft.heartbeat_period", "must be a number of seconds > 0 (got -1)"),
+    ("replicas[1].raft_port", "must be an integer 1..65535 (got 'abc')"),
+    ("replicas[2].grpc_port", "required"),
+    ("replicas[2].id", "duplicate id 'replica-1' (also replicas[0].id)"),
+    ("portals[0].services", "must list each of admin, client at most once (got ['admin', 'x'])"),
+    ("portals[2].port", "port 7211 on 127.0.0.1 is already used by portals[1].port"),
+    ("broker.port", "must be an integer 1..65535 (got 70000)"),
+}
+
+
+def break_everything(raw: dict) -> dict:
+    raw["colour"] = "blue"
+    raw["raft"]["heartbeat_period"] = -1
+    raw["replicas"][1]["raft_port"] = "abc"
+    del raw["replicas"][2]["grpc_port"]
+    raw["replicas"][2]["id"] = "replica-1"
+    raw["portals"][0]["services"] = ["admin", "x"]
+    raw["portals"][2]["port"] = 7211
+    raw["broker"]["port"] = 70000
+    return raw
+
+
+def test_every_problem_is_reported_at_once(tmp_path, raw):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(break_everything(raw)))
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    found = info.value.problems
+    assert len(found) == len(BAD), "\n".join(found)
+    parsed = set()
+    for line in found:
+        match = PROBLEM.match(line)
+        assert match, f"not `<source>: <key path>: <message>`: {line!r}"
+        assert match["source"] == str(path)
+        parsed.add((match["path"], match["message"]))
+    for key, message in BAD:
+        assert any(p == key and m.startswith(message) for p, m in parsed), (key, found)
+    assert str(info.value) == "\n".join(found)
+
+
+def test_raft_relations_are_checked_even_when_another_raft_key_is_bad(raw):
+    # Each problem on its own is reported; together, both must be.
+    raw["raft"]["leader_fallback_timeout"] = 1.0
+    assert only_problem(raw).startswith("cluster.yaml: raft.leader_fallback_timeout: ")
+    raw["raft"]["heartbeat_period"] = -1
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: raft.heartbeat_period: must be a number of seconds > 0 (got -1)",
+        "cluster.yaml: raft.leader_fallback_timeout: must be at least election_timeout_max (1.4)",
+    ]
+
+
+def test_problem_lines_name_the_source_as_given(raw):
+    raw["replicas"][1]["raft_port"] = 0
+    assert only_problem(raw) == "cluster.yaml: replicas[1].raft_port: must be an integer " \
+                                "1..65535 (got 0)"
+
+
+# ---- the daemon's command line ------------------------------------------------------
+
+
+def run_replica(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemons.replica", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_replica_with_a_bad_file_exits_2_and_prints_every_problem(tmp_path, raw):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(break_everything(raw)))
+    done = run_replica("--config", str(path), "--id", "replica-1")
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == len(BAD), done.stderr
+    assert f"Error: {path}: replicas[1].raft_port: must be an integer 1..65535 (got 'abc')" \
+        in errors
+    assert "--check-config" in done.stderr  # the hint
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_replica_check_config_on_the_shipped_file_exits_0(tmp_path):
+    done = run_replica("--config", SHIPPED, "--id", "replica-2", "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{SHIPPED}: OK"
+    assert done.stderr == ""
+
+
+def test_replica_check_config_refuses_an_unknown_id():
+    done = run_replica("--config", SHIPPED, "--id", "replica-7", "--check-config")
+    assert done.returncode == 2
+    assert "no replica with id 'replica-7'" in done.stderr

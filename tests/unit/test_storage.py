@@ -1,0 +1,346 @@
+"""Storage (daemons/replica/storage.py): reads, paging, snapshots and corruption handling."""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+
+import pytest
+
+from daemons.core import domain
+from daemons.core.errors import StorageCorrupt
+from daemons.replica.storage import META_RESTORING, SNAPSHOT_MAGIC, Storage
+
+HEADER = (("raft", 41), ["cluster", "config"], {"term": 7})
+
+
+def open_storage(tmp_path, name: str) -> Storage:
+    return Storage(str(tmp_path / name))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_storage(tmp_path, "a")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def other(tmp_path):
+    s = open_storage(tmp_path, "b")
+    yield s
+    s.close()
+
+
+def write(store: Storage, pairs: dict[bytes, bytes | None]) -> None:
+    view = store.view()
+    for key, value in pairs.items():
+        if value is None:
+            view.delete(key)
+        else:
+            view.put(key, value)
+    store.commit(view)
+
+
+def fill(store: Storage) -> dict[bytes, bytes]:
+    pairs = {domain.META_APPLIED: b"41", domain.META_REVISION: b"17",
+             domain.log_key(41): b'["r"]', domain.request_key("r"): b'{"ok":true}'}
+    for cid in ("1", "12", "100"):
+        pairs[domain.client_key(cid)] = b'{"cid":"%s"}' % cid.encode()
+        for i in range(5):
+            pairs[domain.task_key(cid, f"task/{i}")] = b"v" * i + b"\x00\xff"
+    pairs[domain.task_key("1", "🚀")] = "é".encode() * 3
+    write(store, pairs)
+    return pairs
+
+
+def everything(store: Storage) -> dict[bytes, bytes]:
+    return dict(store.items())
+
+
+# ---- basic reads and writes --------------------------------------------------------
+
+
+def test_empty_store(store):
+    assert store.applied_index() == 0 and store.revision() == 0
+    assert store.read(b"c/00011") == (None, 0)
+    assert everything(store) == {}
+
+
+def test_read_returns_value_and_revision(store):
+    write(store, {b"c/00011": b"one", domain.META_REVISION: b"9", domain.META_APPLIED: b"12"})
+    assert store.read(b"c/00011") == (b"one", 9)
+    assert store.read(b"c/00012") == (None, 9)
+    assert store.applied_index() == 12 and store.revision() == 9
+    write(store, {b"c/00011": None, domain.META_REVISION: b"10"})
+    assert store.read(b"c/00011") == (None, 10)
+
+
+def test_batch_view_reads_its_own_pending_writes(store):
+    write(store, {b"t/00011/a": b"1", b"t/00011/b": b"2", b"t/000212/a": b"x"})
+    view = store.view()
+    view.delete(b"t/00011/a")
+    view.put(b"t/00011/c", b"3")
+    assert view.get(b"t/00011/a") is None and view.get(b"t/00011/c") == b"3"
+    assert view.keys_with_prefix(b"t/00011/") == [b"t/00011/b", b"t/00011/c"]
+    assert store.get(b"t/00011/a") == b"1"  # nothing written until commit
+    store.commit(view)
+    assert everything(store) == {b"t/00011/b": b"2", b"t/00011/c": b"3", b"t/000212/a": b"x"}
+
+
+# ---- paging -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tasks(store):
+    # client 1 has 7 tasks; clients 12 and 2 surround it in key order.
+    pairs = {domain.META_REVISION: b"30"}
+    for cid in ("2", "12"):
+        pairs[domain.task_key(cid, "x")] = b"pending"
+    titles = ["a", "a/b", "b", "c", "d", "e", "🚀"]
+    for i, title in enumerate(titles):
+        pairs[domain.task_key("1", title)] = b"done" if i % 2 else b"pending"
+    write(store, pairs)
+    return [domain.task_key("1", t) for t in titles]
+
+
+def test_page_walks_a_prefix_with_start_after_and_limit(store, tasks):
+    prefix = domain.task_prefix("1")
+    seen, start, pages = [], None, 0
+    while True:
+        pairs, more, revision = store.page(prefix, start, 3)
+        assert revision == 30
+        assert len(pairs) <= 3
+        pages += 1
+        seen.extend(key for key, _ in pairs)
+        if not more:
+            break
+        start = pairs[-1][0]
+    assert seen == tasks
+    assert pages == 3
+
+
+def test_page_more_is_exact(store, tasks):
+    prefix = domain.task_prefix("1")
+    pairs, more, _ = store.page(prefix, None, 7)
+    assert [k for k, _ in pairs] == tasks and more is False
+    pairs, more, _ = store.page(prefix, None, 6)
+    assert [k for k, _ in pairs] == tasks[:6] and more is True
+    pairs, more, _ = store.page(prefix, tasks[5], 1)
+    assert [k for k, _ in pairs] == tasks[6:] and more is False
+    pairs, more, _ = store.page(prefix, tasks[-1], 5)
+    assert pairs == [] and more is False
+
+
+def test_page_does_not_leak_into_neighbouring_prefixes(store, tasks):
+    prefix = domain.task_prefix("1")
+    pairs, more, _ = store.page(prefix, tasks[-1], 10)
+    assert pairs == [] and not more
+    for _, value in store.page(prefix, None, 100)[0]:
+        assert value in (b"done", b"pending")
+    assert len(store.page(prefix, None, 100)[0]) == len(tasks)
+    assert store.page(domain.task_prefix("12"), None, 10)[0] == [
+        (domain.task_key("12", "x"), b"pending")]
+
+
+def test_page_keep_filter(store, tasks):
+    prefix = domain.task_prefix("1")
+    done = [k for i, k in enumerate(tasks) if i % 2]
+    keep = lambda value: value == b"done"  # noqa: E731
+    pairs, more, _ = store.page(prefix, None, 2, keep)
+    assert [k for k, _ in pairs] == done[:2] and more is True
+    pairs, more, _ = store.page(prefix, pairs[-1][0], 2, keep)
+    # one "done" task left; `more` must not count the rejected pending ones after it
+    assert [k for k, _ in pairs] == done[2:] and more is False
+    assert all(v == b"done" for _, v in pairs)
+
+
+def test_page_revision_and_records_come_from_one_snapshot(store, tasks):
+    pairs, _, revision = store.page(domain.task_prefix("1"), None, 100)
+    assert revision == 30 and len(pairs) == 7
+
+
+# ---- snapshots ---------------------------------------------------------------------
+
+
+def test_dump_then_restore_gives_identical_digest(tmp_path, store, other):
+    pairs = fill(store)
+    filename = str(tmp_path / "snap")
+    assert store.dump(filename, HEADER) == len(pairs)
+    assert Storage.read_header(filename) == HEADER
+    assert other.digest() != store.digest()
+    other.restore(filename)
+    assert other.digest() == store.digest()
+    assert everything(other) == pairs
+    assert other.applied_index() == 41 and other.revision() == 17
+    assert other.get(META_RESTORING) is None
+
+
+def test_digest_differs_when_any_value_differs(store, other):
+    fill(store)
+    fill(other)
+    assert store.digest() == other.digest()
+    write(other, {domain.task_key("1", "task/1"): b"changed"})
+    assert store.digest() != other.digest()
+
+
+def test_restore_removes_keys_the_snapshot_does_not_have(tmp_path, store, other):
+    fill(store)
+    filename = str(tmp_path / "snap")
+    store.dump(filename, HEADER)
+    write(other, {domain.client_key("999"): b"stale", domain.task_key("999", "x"): b"stale",
+                  domain.META_APPLIED: b"3", b"m/req/old": b"{}", b"zzz": b"1", b"\x00": b"0"})
+    other.restore(filename)
+    assert other.digest() == store.digest()
+    assert other.get(domain.client_key("999")) is None
+    assert other.get(b"zzz") is None and other.get(b"\x00") is None
+
+
+def test_restore_of_an_empty_snapshot_empties_the_db(tmp_path, store, other):
+    filename = str(tmp_path / "snap")
+    assert store.dump(filename, HEADER) == 0
+    fill(other)
+    other.restore(filename)
+    assert everything(other) == {}
+
+
+def test_restore_many_keys_across_write_batches(tmp_path, store, other):
+    write(store, {b"k%06d" % i: b"%d" % i for i in range(25_000)})
+    write(other, {b"j%06d" % i: b"x" for i in range(12_000)})
+    filename = str(tmp_path / "snap")
+    store.dump(filename, HEADER)
+    other.restore(filename)
+    assert other.digest() == store.digest()
+
+
+def _snapshot(tmp_path, store) -> tuple[str, bytes]:
+    fill(store)
+    filename = str(tmp_path / "snap")
+    store.dump(filename, HEADER)
+    with open(filename, "rb") as f:
+        return filename, f.read()
+
+
+def _header_end(data: bytes) -> int:
+    (size,) = struct.unpack(">I", data[len(SNAPSHOT_MAGIC):len(SNAPSHOT_MAGIC) + 4])
+    return len(SNAPSHOT_MAGIC) + 4 + size
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.9, -1, -32, -33])
+def test_truncated_snapshot_is_refused_before_the_db_is_touched(tmp_path, store, other, keep):
+    filename, data = _snapshot(tmp_path, store)
+    cut = int(len(data) * keep) if keep > 0 else len(data) + keep
+    bad = str(tmp_path / "bad")
+    with open(bad, "wb") as f:
+        f.write(data[:cut])
+    write(other, {b"mine": b"1", domain.META_APPLIED: b"5"})
+    digest = other.digest()
+    with pytest.raises(StorageCorrupt, match="bad"):
+        other.restore(bad)
+    assert other.digest() == digest
+    assert other.get(META_RESTORING) is None and other.applied_index() == 5
+
+
+def test_flipped_byte_in_the_records_or_checksum_is_refused_before_the_db_is_touched(
+        tmp_path, store, other):
+    filename, data = _snapshot(tmp_path, store)
+    write(other, {b"mine": b"1", domain.META_APPLIED: b"5"})
+    digest = other.digest()
+    body = _header_end(data)
+    # every byte of the records and the checksum, except the end marker's unused length
+    marker = len(data) - 32 - 8
+    positions = [i for i in range(body, len(data)) if not marker + 4 <= i < marker + 8]
+    bad = str(tmp_path / "bad")
+    for i in positions:
+        corrupted = bytearray(data)
+        corrupted[i] ^= 0x01
+        with open(bad, "wb") as f:
+            f.write(corrupted)
+        with pytest.raises(StorageCorrupt):
+            other.restore(bad)
+        assert other.digest() == digest, f"DB modified by a snapshot with byte {i} flipped"
+    assert other.applied_index() == 5
+
+
+def test_flipped_byte_in_the_header_is_detected(tmp_path, store, other):
+    """The header carries PySyncObj's Raft state (its index, term, membership);
+    a corrupted header must not be accepted silently any more than a record."""
+    filename, data = _snapshot(tmp_path, store)
+    bad = str(tmp_path / "bad")
+    silently_accepted = []
+    for i in range(0, _header_end(data)):
+        corrupted = bytearray(data)
+        corrupted[i] ^= 0x01
+        with open(bad, "wb") as f:
+            f.write(corrupted)
+        try:
+            header = Storage.read_header(bad)
+            other.restore(bad)
+        except StorageCorrupt:
+            continue
+        except Exception:  # noqa: BLE001 - an unpickling error is detection too
+            continue
+        if header != HEADER:
+            silently_accepted.append((i, header))
+    assert silently_accepted == [], (
+        f"{len(silently_accepted)} single-byte corruptions changed the snapshot header and "
+        f"were accepted, e.g. {silently_accepted[:3]} instead of {HEADER}")
+
+
+def test_not_a_snapshot(tmp_path, other):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"hello world, not a snapshot at all" * 10)
+    with pytest.raises(StorageCorrupt, match="not a Tarefa snapshot"):
+        Storage.read_header(str(bad))
+
+
+def test_applied_index_is_zero_while_restoring_marker_is_present(store):
+    write(store, {domain.META_APPLIED: b"41", domain.META_REVISION: b"17"})
+    assert store.applied_index() == 41
+    write(store, {META_RESTORING: b"1"})
+    assert store.applied_index() == 0
+    assert store.revision() == 17
+    write(store, {META_RESTORING: None})
+    assert store.applied_index() == 41
+
+
+def test_an_interrupted_restore_is_visible_after_reopening(tmp_path, store):
+    write(store, {domain.META_APPLIED: b"41", META_RESTORING: b"1"})
+    store.close()
+    reopened = open_storage(tmp_path, "a")
+    try:
+        assert reopened.applied_index() == 0
+    finally:
+        reopened.close()
+
+
+# ---- opening ----------------------------------------------------------------------------
+
+
+def test_data_survives_close_and_reopen(tmp_path, store):
+    pairs = fill(store)
+    digest = store.digest()
+    store.close()
+    reopened = open_storage(tmp_path, "a")
+    try:
+        assert everything(reopened) == pairs and reopened.digest() == digest
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("victim", ["CURRENT", "MANIFEST-*"])
+def test_corrupted_leveldb_files_raise_storage_corrupt_with_the_path(tmp_path, victim):
+    path = str(tmp_path / "db")
+    s = Storage(path)
+    write(s, {b"k%03d" % i: b"v" * 100 for i in range(100)})
+    s.close()
+    files = glob.glob(os.path.join(path, victim))
+    assert files, os.listdir(path)
+    for name in files:
+        with open(name, "wb") as f:
+            f.write(b"\x00garbage\xff" * 64)
+    with pytest.raises(StorageCorrupt) as info:
+        Storage(path)
+    assert path in info.value.message
+    assert info.value.code == "DATA_LOSS"
