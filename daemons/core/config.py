@@ -143,7 +143,9 @@ class _Checker:
             if key in raw:
                 before = len(self.problems)
                 value = check(raw[key], _join(path, key))
-                if len(self.problems) == before:
+                # Nested sections keep their valid parts so that later checks
+                # (relations between values) still run on what the user wrote.
+                if len(self.problems) == before or isinstance(value, (dict, list)):
                     out[key] = value
         return out
 
@@ -172,7 +174,8 @@ class _Checker:
 
     def seconds(self, value: Any, path: str) -> float | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value <= 0:
+                or not math.isfinite(float(value) if abs(value) < 1e300 else math.inf) \
+                or value <= 0:
             self.fail(path, f"must be a number of seconds > 0 (got {value!r})")
             return None
         return float(value)

@@ -22,7 +22,9 @@ keys sort clients numerically, a client's tasks are contiguous under
 from __future__ import annotations
 
 import json
+import math
 import re
+import unicodedata
 
 from daemons.core.errors import InvalidArgument
 
@@ -72,9 +74,21 @@ def validate_title(title: object) -> str:
         raise InvalidArgument("title: required (1 to 256 characters)")
     if len(title) > TITLE_MAX_CHARS:
         raise InvalidArgument(f"title: at most {TITLE_MAX_CHARS} characters (got {len(title)})")
-    if not title.isprintable():
-        raise InvalidArgument("title: only printable characters (no control characters)")
+    if not all(_title_char_ok(ch) for ch in title):
+        raise InvalidArgument("title: only printable characters (no control characters, "
+                              "line separators or bidirectional overrides)")
     return title
+
+
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _title_char_ok(ch: str) -> bool:
+    if ch.isprintable():
+        return True
+    # Format characters (Cf) such as the zero-width joiner of emoji sequences are
+    # fine; bidirectional overrides would let a title display as another.
+    return unicodedata.category(ch) == "Cf" and ch not in _BIDI_CONTROLS
 
 
 def validate_description(description: object) -> str:
@@ -95,6 +109,13 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_client_data(data: object) -> dict:
     """Client data: the text of a JSON object, at most 64 KiB."""
     data = _check_text(data, "data")
@@ -102,11 +123,16 @@ def parse_client_data(data: object) -> dict:
     if size > DATA_MAX_BYTES:
         raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"data: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"data: must be a JSON object (got {type(value).__name__})")
+    try:  # escapes such as "\ud800" decode to text that is not valid UTF-8
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise InvalidArgument("data: strings must be valid UTF-8 (lone surrogate escape)") \
+            from None
     return value
 
 

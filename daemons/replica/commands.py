@@ -44,7 +44,8 @@ class Outcome:
 
 
 def _dump(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
 
 
 def _load(raw: bytes) -> dict:
@@ -56,6 +57,11 @@ def _require_client(view: BatchView, cid: str) -> dict:
     if raw is None:
         raise NotFound(f"client {cid} not found")
     return _load(raw)
+
+
+def _field(cmd: dict, name: str, default: str) -> object:
+    value = cmd.get(name)
+    return default if value is None else value
 
 
 def _require_at(cmd: dict) -> str:
@@ -104,8 +110,8 @@ def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict | Non
 def create_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     title = domain.validate_title(cmd.get("title"))
-    description = domain.validate_description(cmd.get("description") or "")
-    status = domain.validate_status(cmd.get("status") or "pending")
+    description = domain.validate_description(_field(cmd, "description", ""))
+    status = domain.validate_status(_field(cmd, "status", "pending"))
     at = _require_at(cmd)
     _require_client(view, cid)
     key = domain.task_key(cid, title)
@@ -181,8 +187,11 @@ def execute(view: BatchView, cmd: Any, revision: int) -> Outcome:
         return Outcome.failure(InvalidArgument(f"op: unknown operation {cmd.get('op')!r}"))
     try:
         record, deleted = handler(view, cmd, revision)
+        encoded = _dump(record).decode("utf-8") if record is not None else ""
     except TarefaError as exc:
         return Outcome.failure(exc)
-    return Outcome(ok=True, revision=revision,
-                   record=_dump(record).decode("utf-8") if record is not None else "",
-                   deleted_tasks=deleted)
+    except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
+        # Handlers stage nothing before they are sure to succeed, so refusing
+        # here leaves the view as it was; the same input fails on every replica.
+        return Outcome.failure(InvalidArgument(f"command cannot be applied: {exc}"))
+    return Outcome(ok=True, revision=revision, record=encoded, deleted_tasks=deleted)

@@ -68,6 +68,10 @@ class Storage:
         try:
             self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True)
         except (plyvel.Error, OSError) as exc:
+            if "lock" in str(exc).lower():
+                raise StorageCorrupt(
+                    f"LevelDB at {path} is in use by another process (is another replica "
+                    f"running on this data_dir?): {exc}") from None
             raise StorageCorrupt(
                 f"cannot open LevelDB at {path}: {exc} (refusing to start; restore the "
                 "directory from a peer or remove it to resync from the cluster)") from None
@@ -158,6 +162,7 @@ class Storage:
         count = 0
         with open(filename, "wb") as out:
             head = pickle.dumps(header)
+            h.update(head)
             out.write(SNAPSHOT_MAGIC)
             out.write(struct.pack(">I", len(head)))
             out.write(head)
@@ -185,13 +190,16 @@ class Storage:
         """Yield the pairs of a snapshot file, then check its checksum."""
         h = hashlib.sha256()
         with open(filename, "rb") as src:
-            src.read(len(SNAPSHOT_MAGIC))
+            if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+                raise StorageCorrupt(f"{filename}: not a Tarefa snapshot")
             (size,) = struct.unpack(">I", _read_exact(src, 4, filename))
-            src.seek(size, os.SEEK_CUR)
+            h.update(_read_exact(src, size, filename))
             while True:
                 raw = _read_exact(src, _LEN.size, filename)
                 klen, vlen = _LEN.unpack(raw)
                 if klen == 0xFFFFFFFF:
+                    if vlen != 0:
+                        raise StorageCorrupt(f"{filename}: bad end marker")
                     break
                 body = _read_exact(src, klen + vlen, filename)
                 h.update(raw)
