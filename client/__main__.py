@@ -1,0 +1,278 @@
+"""`tarefa`: the thin CLI. Parse, call one RPC, print, exit with a named code.
+
+Exit codes: 0 ok; 1 the operation was refused (not found, already exists,
+...); 2 bad usage (arguments, or a value the portal rejects as invalid);
+3 the cluster or portal is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from typing import Any, Callable
+
+import grpc
+
+from client.output import Printer, client_dict, event_dict, task_dict
+from daemons.core.config import Cluster, load_cluster
+from daemons.core.errors import ConfigError
+from proto import portal_pb2 as pb
+from proto import portal_pb2_grpc
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "config", "cluster.yaml")
+
+USAGE_CODES = {grpc.StatusCode.INVALID_ARGUMENT}
+UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Session:
+    """Which portal to call and how; one RPC per verb."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.printer = Printer(args.json)
+        self.timeout = args.timeout
+        self._cluster: Cluster | None = None
+
+    def addresses(self, service: str) -> list[str]:
+        if self.args.portal:
+            return [self.args.portal]
+        try:
+            cluster = load_cluster(self.args.config)
+        except ConfigError as exc:
+            raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+        found = [p.address for p in cluster.portals if service in p.services]
+        if not found:
+            raise CliError(f"{self.args.config}: no portal serves {service}", EXIT_USAGE)
+        return found
+
+    def call(self, service: str, method: str, request: Any) -> Any:
+        """Call `method` on the first reachable portal serving `service`."""
+        stub_class = {"admin": portal_pb2_grpc.AdminPortalStub,
+                      "client": portal_pb2_grpc.ClientPortalStub}[service]
+        down = []
+        for address in self.addresses(service):
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
+                except grpc.FutureTimeoutError:
+                    down.append(address)
+                    continue
+                try:
+                    return getattr(stub_class(channel), method)(request, timeout=self.timeout)
+                except grpc.RpcError as exc:
+                    raise _rpc_error(exc, address) from None
+        raise CliError(f"portal {', '.join(down)} is not reachable ({service} service)",
+                       EXIT_UNAVAILABLE)
+
+    def stream(self, method: str, request: Any) -> Any:
+        address = self.addresses("client")[0]
+        channel = grpc.insecure_channel(address)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
+        except grpc.FutureTimeoutError:
+            raise CliError(f"portal {address} is not reachable", EXIT_UNAVAILABLE) from None
+        return address, getattr(portal_pb2_grpc.ClientPortalStub(channel), method)(request)
+
+
+def _rpc_error(exc: grpc.RpcError, address: str) -> CliError:
+    code = exc.code()
+    message = exc.details() or code.name
+    if code in USAGE_CODES:
+        return CliError(message, EXIT_USAGE)
+    if code in UNAVAILABLE_CODES:
+        return CliError(f"{message} (portal {address})", EXIT_UNAVAILABLE)
+    return CliError(message, EXIT_REFUSED)
+
+
+def _rid() -> str:
+    return uuid.uuid4().hex
+
+
+def _consistency(args: argparse.Namespace) -> int:
+    return pb.LINEARIZABLE if args.consistency == "linearizable" else pb.CACHED
+
+
+def _cid(args: argparse.Namespace) -> str:
+    cid = args.cid or os.environ.get("TAREFA_CID", "")
+    if not cid:
+        raise CliError("--cid is required (or set TAREFA_CID)", EXIT_USAGE)
+    return cid
+
+
+# ---- verbs: one small function each ------------------------------------------
+
+def client_add(s: Session, a: argparse.Namespace) -> None:
+    c = s.call("admin", "CreateClient", pb.CreateClientRequest(cid=a.cid or "", data=a.data,
+                                                               request_id=_rid()))
+    s.printer.line(c.cid, client_dict(c))
+
+
+def client_get(s: Session, a: argparse.Namespace) -> None:
+    s.printer.record(client_dict(s.call("admin", "GetClient",
+                                        pb.ClientRef(cid=a.cid, consistency=_consistency(a)))))
+
+
+def client_update(s: Session, a: argparse.Namespace) -> None:
+    s.printer.record(client_dict(s.call("admin", "UpdateClient", pb.UpdateClientRequest(
+        cid=a.cid, data=a.data, request_id=_rid()))))
+
+
+def client_rm(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("admin", "DeleteClient", pb.DeleteClientRequest(cid=a.cid, request_id=_rid()))
+    s.printer.line(f"deleted client {a.cid} and {r.deleted_tasks} task(s) (revision {r.revision})",
+                   {"cid": a.cid, "deleted_tasks": r.deleted_tasks, "revision": r.revision})
+
+
+def client_ls(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("admin", "ListClients", pb.ListClientsRequest(page_token=a.page, limit=a.limit))
+    s.printer.listing("clients", [client_dict(c) for c in r.clients],
+                      ["cid", "revision", "updated_at", "data"], r.next)
+
+
+def task_add(s: Session, a: argparse.Namespace) -> None:
+    s.printer.record(task_dict(s.call("client", "CreateTask", pb.CreateTaskRequest(
+        cid=_cid(a), title=a.title, description=a.description or "", request_id=_rid()))))
+
+
+def task_get(s: Session, a: argparse.Namespace) -> None:
+    s.printer.record(task_dict(s.call("client", "GetTask", pb.TaskRef(
+        cid=_cid(a), title=a.title, consistency=_consistency(a)))))
+
+
+def task_ls(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("client", "ListTasks", pb.ListTasksRequest(
+        cid=_cid(a), status=a.status or "", page_token=a.page, limit=a.limit))
+    s.printer.listing("tasks", [task_dict(t) for t in r.tasks],
+                      ["title", "status", "revision", "updated_at", "description"], r.next)
+
+
+def task_update(s: Session, a: argparse.Namespace) -> None:
+    if a.description is None and a.status is None:
+        raise CliError("give --description and/or --status", EXIT_USAGE)
+    s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
+        cid=_cid(a), title=a.title, description=a.description, status=a.status,
+        request_id=_rid()))))
+
+
+def task_done(s: Session, a: argparse.Namespace) -> None:
+    s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
+        cid=_cid(a), title=a.title, status="done", request_id=_rid()))))
+
+
+def task_rm(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("client", "DeleteTask", pb.DeleteTaskRequest(cid=_cid(a), title=a.title,
+                                                            request_id=_rid()))
+    s.printer.line(f"deleted task {a.title!r} (revision {r.revision})",
+                   {"cid": _cid(a), "title": a.title, "revision": r.revision})
+
+
+def task_clear(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("client", "DeleteAllTasks", pb.DeleteAllTasksRequest(cid=_cid(a),
+                                                                    request_id=_rid()))
+    s.printer.line(f"deleted {r.deleted_tasks} task(s) (revision {r.revision})",
+                   {"cid": _cid(a), "deleted_tasks": r.deleted_tasks, "revision": r.revision})
+
+
+def task_watch(s: Session, a: argparse.Namespace) -> None:
+    address, events = s.stream("WatchTasks", pb.WatchTasksRequest(cid=_cid(a)))
+    try:
+        for event in events:
+            s.printer.event(event_dict(event))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            raise _rpc_error(exc, address) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tarefa", description="Tarefa command-line client.")
+    p.add_argument("--config", default=os.environ.get("TAREFA_CONFIG", DEFAULT_CONFIG),
+                   help="cluster file naming the portals (default config/cluster.yaml)")
+    p.add_argument("--portal", help="HOST:PORT of the portal to call (overrides --config)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{client,task}")
+
+    def verb(group: Any, name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text)
+        sub.set_defaults(fn=fn)
+        return sub
+
+    def consistency(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--consistency", choices=["cached", "linearizable"], default="cached",
+                         help="linearizable bypasses the portal cache")
+
+    def paging(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--limit", type=int, default=100, help="page size (max 1000)")
+        sub.add_argument("--page", default="", help="page token from a previous listing")
+
+    clients = kinds.add_parser("client", help="administer clients").add_subparsers(
+        dest="verb", required=True)
+    v = verb(clients, "add", client_add, "register a client; prints its CID")
+    v.add_argument("--cid", help="the CID (default: generated)")
+    v.add_argument("data", help="client data, a JSON object")
+    v = verb(clients, "get", client_get, "show a client")
+    v.add_argument("cid")
+    consistency(v)
+    v = verb(clients, "update", client_update, "replace a client's data")
+    v.add_argument("cid")
+    v.add_argument("data")
+    v = verb(clients, "rm", client_rm, "delete a client and all its tasks")
+    v.add_argument("cid")
+    paging(verb(clients, "ls", client_ls, "list clients"))
+
+    tasks = kinds.add_parser("task", help="a client's tasks").add_subparsers(
+        dest="verb", required=True)
+
+    def task_verb(name: str, fn: Callable, help_text: str, title: bool = True):  # type: ignore[no-untyped-def]
+        sub = verb(tasks, name, fn, help_text)
+        sub.add_argument("--cid", help="the client's CID (default: $TAREFA_CID)")
+        if title:
+            sub.add_argument("title")
+        return sub
+
+    v = task_verb("add", task_add, "add a task")
+    v.add_argument("description", nargs="?", default="")
+    consistency(task_verb("get", task_get, "show a task"))
+    v = task_verb("ls", task_ls, "list tasks", title=False)
+    v.add_argument("--status", choices=["pending", "done"])
+    paging(v)
+    v = task_verb("update", task_update, "change a task's description and/or status")
+    v.add_argument("--description")
+    v.add_argument("--status", choices=["pending", "done"])
+    task_verb("done", task_done, "mark a task done")
+    task_verb("rm", task_rm, "delete a task")
+    task_verb("clear", task_clear, "delete all of a client's tasks", title=False)
+    task_verb("watch", task_watch, "stream a client's task changes", title=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    session = Session(args)
+    try:
+        args.fn(session, args)
+    except CliError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""How the CLI prints: tables and lines for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from proto import portal_pb2 as pb
+
+
+def client_dict(msg: pb.Client) -> dict[str, Any]:
+    return {"cid": msg.cid, "data": json.loads(msg.data) if msg.data else None,
+            "revision": msg.revision, "created_at": msg.created_at,
+            "updated_at": msg.updated_at}
+
+
+def task_dict(msg: pb.Task) -> dict[str, Any]:
+    return {"cid": msg.cid, "title": msg.title, "description": msg.description,
+            "status": msg.status, "revision": msg.revision, "created_at": msg.created_at,
+            "updated_at": msg.updated_at}
+
+
+def event_dict(msg: pb.TaskEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": msg.event, "cid": msg.cid, "revision": msg.revision,
+                           "origin": msg.origin, "at": msg.at}
+    if msg.title:
+        out["title"] = msg.title
+    if msg.HasField("task"):
+        out["task"] = task_dict(msg.task)
+    return out
+
+
+class Printer:
+    def __init__(self, as_json: bool, out: TextIO = sys.stdout) -> None:
+        self.as_json = as_json
+        self.out = out
+
+    def _json(self, value: Any) -> None:
+        print(json.dumps(value, ensure_ascii=False), file=self.out, flush=True)
+
+    def record(self, value: dict[str, Any]) -> None:
+        if self.as_json:
+            self._json(value)
+            return
+        width = max(len(k) for k in value)
+        for key, item in value.items():
+            shown = json.dumps(item, ensure_ascii=False) if isinstance(item, (dict, list)) else item
+            print(f"{key.ljust(width)}  {shown}", file=self.out)
+
+    def line(self, text: str, value: dict[str, Any]) -> None:
+        if self.as_json:
+            self._json(value)
+        else:
+            print(text, file=self.out)
+
+    def listing(self, name: str, rows: list[dict[str, Any]], columns: list[str],
+                next_token: str) -> None:
+        if self.as_json:
+            self._json({name: rows, "next": next_token or None})
+            return
+        if not rows:
+            print(f"(no {name})", file=self.out)
+        else:
+            cells = [[_cell(row[c]) for c in columns] for row in rows]
+            widths = [max(len(c.upper()), *(len(r[i]) for r in cells))
+                      for i, c in enumerate(columns)]
+            print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(),
+                  file=self.out)
+            for r in cells:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), file=self.out)
+        if next_token:
+            print(f"(more: --page {next_token})", file=self.out)
+
+    def event(self, value: dict[str, Any]) -> None:
+        if self.as_json:
+            self._json(value)
+            return
+        parts = [f"rev {value['revision']}", value["event"], f"cid={value['cid']}"]
+        if "title" in value:
+            parts.append(f"title={json.dumps(value['title'], ensure_ascii=False)}")
+        if "task" in value:
+            parts.append(f"status={value['task']['status']}")
+        parts.append(f"by {value['origin']}")
+        print("  ".join(parts), file=self.out, flush=True)
+
+
+def _cell(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
