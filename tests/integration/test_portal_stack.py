@@ -1,0 +1,346 @@
+"""The whole stack with real processes: Mosquitto, three replicas, an admin
+portal and two client portals. Every RPC, cache coherence across portals,
+the cache invariant under a race, broker loss, and replica loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from proto import portal_pb2 as pb
+from tests.harness import ROOT, Stack, new_request_id, wait_for
+
+
+@pytest.fixture
+def stack(tmp_path, request):
+    s = Stack(str(tmp_path / "stack"))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is None or rep.failed:
+            print(s.dump_logs())
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client", "--config", stack.config_path, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def rpc_code(call, *args, **kwargs) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, timeout=10, **kwargs)
+    return info.value.code()
+
+
+def test_cli_every_verb_and_exit_codes(stack):
+    r = cli(stack, "client", "add", '{"name": "Ana"}')
+    assert r.returncode == 0, r.stderr
+    generated = r.stdout.strip()
+    assert generated.isdigit() and not generated.startswith("0")
+    assert cli(stack, "client", "add", "--cid", "7", '{"name": "Bia"}').stdout.strip() == "7"
+    r = cli(stack, "client", "add", "--cid", "7", "{}")
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = cli(stack, "client", "add", "--cid", "-7", "{}")
+    assert r.returncode == 2 and "cid" in r.stderr
+    r = cli(stack, "client", "add", "[1, 2]")
+    assert r.returncode == 2 and "JSON object" in r.stderr
+    r = cli(stack, "--json", "client", "get", "7")
+    assert json.loads(r.stdout)["data"] == {"name": "Bia"}
+    r = cli(stack, "--json", "client", "update", "7", '{"name": "Bia", "vip": true}')
+    assert json.loads(r.stdout)["data"]["vip"] is True
+    assert cli(stack, "client", "update", "8", "{}").returncode == 1
+    r = cli(stack, "--json", "client", "ls")
+    listed = json.loads(r.stdout)
+    assert [c["cid"] for c in listed["clients"]] == ["7", generated] and listed["next"] is None
+
+    r = cli(stack, "--json", "task", "add", "--cid", "7", "buy/milk #1", "2 L")
+    task = json.loads(r.stdout)
+    assert (task["title"], task["description"], task["status"]) == ("buy/milk #1", "2 L", "pending")
+    assert cli(stack, "task", "add", "--cid", "7", "buy/milk #1").returncode == 1
+    assert cli(stack, "task", "add", "--cid", "8", "x").returncode == 1
+    r = cli(stack, "task", "add", "--cid", "7", "")
+    assert r.returncode == 2 and "title" in r.stderr
+    assert cli(stack, "task", "add", "--cid", "7", "second").returncode == 0
+    r = cli(stack, "--json", "task", "done", "--cid", "7", "buy/milk #1")
+    assert json.loads(r.stdout)["status"] == "done"
+    r = cli(stack, "--json", "task", "update", "--cid", "7", "second", "--description", "d2")
+    assert json.loads(r.stdout)["description"] == "d2"
+    assert cli(stack, "task", "update", "--cid", "7", "nope", "--status", "done").returncode == 1
+    r = cli(stack, "--json", "task", "ls", "--cid", "7", "--status", "done")
+    assert [t["title"] for t in json.loads(r.stdout)["tasks"]] == ["buy/milk #1"]
+    r = cli(stack, "task", "ls", "--cid", "7")
+    assert "TITLE" in r.stdout and "buy/milk #1" in r.stdout and "second" in r.stdout
+    r = cli(stack, "--json", "task", "get", "--cid", "7", "second", "--consistency",
+            "linearizable")
+    assert json.loads(r.stdout)["description"] == "d2"
+    assert cli(stack, "task", "get", "--cid", "7", "nope").returncode == 1
+    assert cli(stack, "task", "rm", "--cid", "7", "second").returncode == 0
+    assert cli(stack, "task", "rm", "--cid", "7", "second").returncode == 1
+    r = cli(stack, "--json", "task", "clear", "--cid", "7")
+    assert json.loads(r.stdout)["deleted_tasks"] == 1
+    r = cli(stack, "--json", "client", "rm", "7")
+    assert json.loads(r.stdout)["cid"] == "7"
+    assert cli(stack, "client", "get", "7").returncode == 1
+    r = cli(stack, "task", "ls")
+    assert r.returncode == 2 and "--cid" in r.stderr
+    r = cli(stack, "--portal", "127.0.0.1:1", "client", "ls")
+    assert r.returncode == 3 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "client", "task", "frobnicate"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+
+
+def test_grpc_failures_of_every_rpc(stack):
+    admin = stack.portal("portal-admin").admin
+    tasks = stack.portal("portal-client-1").client
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    missing = grpc.StatusCode.NOT_FOUND
+    assert rpc_code(admin.CreateClient, pb.CreateClientRequest(cid="1", data="nope")) == bad
+    assert rpc_code(admin.CreateClient, pb.CreateClientRequest(
+        cid="1", data=json.dumps({"x": "y" * 70_000}))) == bad
+    admin.CreateClient(pb.CreateClientRequest(cid="1" * 200, data="{}"), timeout=10)
+    assert rpc_code(admin.CreateClient, pb.CreateClientRequest(cid="1" * 200, data="{}")) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    assert rpc_code(admin.GetClient, pb.ClientRef(cid="00")) == bad
+    assert rpc_code(admin.GetClient, pb.ClientRef(cid="2")) == missing
+    assert rpc_code(admin.UpdateClient, pb.UpdateClientRequest(cid="2", data="{}")) == missing
+    assert rpc_code(admin.DeleteClient, pb.DeleteClientRequest(cid="2")) == missing
+    assert rpc_code(admin.ListClients, pb.ListClientsRequest(limit=5000)) == bad
+    assert rpc_code(admin.ListClients, pb.ListClientsRequest(page_token="garbage!")) == bad
+
+    cid = "1" * 200
+    assert rpc_code(tasks.CreateTask, pb.CreateTaskRequest(cid=cid, title="x" * 257)) == bad
+    assert rpc_code(tasks.CreateTask, pb.CreateTaskRequest(cid=cid, title="a\nb")) == bad
+    assert rpc_code(tasks.CreateTask, pb.CreateTaskRequest(
+        cid=cid, title="t", description="d" * 70_000)) == bad
+    assert rpc_code(tasks.CreateTask, pb.CreateTaskRequest(cid="3", title="t")) == missing
+    tasks.CreateTask(pb.CreateTaskRequest(cid=cid, title="t"), timeout=10)
+    assert rpc_code(tasks.CreateTask, pb.CreateTaskRequest(cid=cid, title="t")) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    assert rpc_code(tasks.GetTask, pb.TaskRef(cid=cid, title="u")) == missing
+    assert rpc_code(tasks.UpdateTask, pb.UpdateTaskRequest(cid=cid, title="t")) == bad
+    assert rpc_code(tasks.UpdateTask, pb.UpdateTaskRequest(cid=cid, title="t", status="x")) == bad
+    assert rpc_code(tasks.UpdateTask, pb.UpdateTaskRequest(cid=cid, title="u", status="done")) \
+        == missing
+    assert rpc_code(tasks.DeleteTask, pb.DeleteTaskRequest(cid=cid, title="u")) == missing
+    assert rpc_code(tasks.DeleteAllTasks, pb.DeleteAllTasksRequest(cid="3")) == missing
+    assert rpc_code(tasks.ListTasks, pb.ListTasksRequest(cid="3")) == missing
+    assert rpc_code(tasks.ListTasks, pb.ListTasksRequest(cid=cid, status="later")) == bad
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(tasks.WatchTasks(pb.WatchTasksRequest(cid="3"), timeout=10)))
+    assert info.value.code() == missing
+    # The admin portal does not serve ClientPortal, nor the client portal AdminPortal.
+    assert rpc_code(stack.portal("portal-admin").client.GetTask, pb.TaskRef(cid=cid, title="t")) \
+        == grpc.StatusCode.UNIMPLEMENTED
+    # A request id makes a client's own retry harmless.
+    rid = new_request_id()
+    first = tasks.CreateTask(pb.CreateTaskRequest(cid=cid, title="once", request_id=rid),
+                             timeout=10)
+    again = tasks.CreateTask(pb.CreateTaskRequest(cid=cid, title="once", request_id=rid),
+                             timeout=10)
+    assert again.revision == first.revision
+
+
+def test_caches_coherent_across_portals(stack):
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="42", data='{"n": 1}'), timeout=10)
+    for portal in (a, b):  # usable on both client portals at once
+        portal.client.CreateTask(pb.CreateTaskRequest(cid="42", title=f"from {portal.id}"),
+                                 timeout=10)
+    for version in range(3):
+        written = a.client.UpdateTask(pb.UpdateTaskRequest(
+            cid="42", title="from portal-client-1", description=f"v{version}"), timeout=10)
+
+        def hit_with_new_value() -> bool:
+            hits = b.status().cache_hits
+            got = b.client.GetTask(pb.TaskRef(cid="42", title="from portal-client-1"),
+                                   timeout=10)
+            return b.status().cache_hits == hits + 1 and got.revision == written.revision \
+                and got.description == f"v{version}"
+        wait_for(hit_with_new_value, 1.0, "portal B to serve A's write from its cache")
+
+    admin.DeleteClient(pb.DeleteClientRequest(cid="42"), timeout=10)
+    for portal in (a, b):
+        assert rpc_code(portal.client.GetTask, pb.TaskRef(cid="42", title="from portal-client-1")) \
+            == grpc.StatusCode.NOT_FOUND
+        assert rpc_code(portal.client.CreateTask, pb.CreateTaskRequest(cid="42", title="z")) \
+            == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_streams_changes_from_other_portals(stack):
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="5", data="{}"), timeout=10)
+    call = b.client.WatchTasks(pb.WatchTasksRequest(cid="5"))
+    seen: list = []
+    reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
+    reader.start()
+    time.sleep(0.3)  # the stream is registered once the first message could flow
+    made = a.client.CreateTask(pb.CreateTaskRequest(cid="5", title="w/1"), timeout=10)
+    done = a.client.UpdateTask(pb.UpdateTaskRequest(cid="5", title="w/1", status="done"),
+                               timeout=10)
+    gone = a.client.DeleteTask(pb.DeleteTaskRequest(cid="5", title="w/1"), timeout=10)
+    wait_for(lambda: len(seen) >= 3, 5, "three watch events")
+    call.cancel()
+    reader.join(5)
+    assert not reader.is_alive()
+    assert [(e.event, e.revision) for e in seen[:3]] == [
+        ("task.created", made.revision), ("task.updated", done.revision),
+        ("task.deleted", gone.revision)]
+    assert seen[1].task.status == "done" and seen[0].origin == "portal-client-1"
+    wait_for(lambda: b.status().events_received >= 3, 5, "B counted the events")
+
+
+def _until_cancel(call):
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            raise
+
+
+def test_cache_invariant_under_racing_writes_and_reads(stack):
+    """Once B's watch stream delivered revision r, no later read on B returns older."""
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="9", data="{}"), timeout=10)
+    titles = [f"k{i}" for i in range(3)]
+    for t in titles:
+        a.client.CreateTask(pb.CreateTaskRequest(cid="9", title=t), timeout=10)
+    seen_by_b: dict[str, int] = {t: 0 for t in titles}
+    lock = threading.Lock()
+    call = b.client.WatchTasks(pb.WatchTasksRequest(cid="9"))
+
+    def watch() -> None:
+        for event in _until_cancel(call):
+            with lock:
+                seen_by_b[event.title] = max(seen_by_b[event.title], event.revision)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.3)
+    stop = time.monotonic() + 8
+    violations: list = []
+    reads = [0]
+
+    def writer(n: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            a.client.UpdateTask(pb.UpdateTaskRequest(cid="9", title=titles[i % 3],
+                                                     description=f"{n}-{i}"), timeout=10)
+            i += 1
+
+    def reader() -> None:
+        i = 0
+        while time.monotonic() < stop:
+            title = titles[i % 3]
+            i += 1
+            with lock:
+                floor = seen_by_b[title]
+            got = b.client.GetTask(pb.TaskRef(cid="9", title=title), timeout=10)
+            reads[0] += 1
+            if got.revision < floor:
+                violations.append((title, got.revision, floor))
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)] + \
+              [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    call.cancel()
+    watcher.join(5)
+    assert reads[0] > 100
+    assert not violations, violations[:5]
+    status = b.status()
+    assert status.cache_hits > 0, "the race never exercised the cache"
+
+
+def test_broker_loss_and_return(stack):
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="3", data="{}"), timeout=10)
+    a.client.CreateTask(pb.CreateTaskRequest(cid="3", title="t", description="v0"), timeout=10)
+    wait_for(lambda: b.client.GetTask(pb.TaskRef(cid="3", title="t"), timeout=5), 5, "read")
+    stack.broker.kill()
+    wait_for(lambda: not b.status().broker_connected and not a.status().broker_connected, 15,
+             "portals to notice the broker is gone")
+    for i in range(3):  # no events flow, yet B must not serve its stale cache
+        a.client.UpdateTask(pb.UpdateTaskRequest(cid="3", title="t", description=f"v{i + 1}"),
+                            timeout=10)
+        got = b.client.GetTask(pb.TaskRef(cid="3", title="t"), timeout=10)
+        assert got.description == f"v{i + 1}"
+    stack.broker.start()
+    stack.broker.wait_ready()
+    wait_for(lambda: b.status().broker_connected and a.status().broker_connected, 20,
+             "portals to reconnect")
+    assert b.status().cache_entries == 0 or b.client.GetTask(
+        pb.TaskRef(cid="3", title="t"), timeout=5).description == "v3"
+    written = a.client.UpdateTask(pb.UpdateTaskRequest(cid="3", title="t", description="after"),
+                                  timeout=10)
+    wait_for(lambda: b.client.GetTask(pb.TaskRef(cid="3", title="t"), timeout=5).revision
+             == written.revision, 2, "B to see A's write after the broker returned")
+
+
+def test_replica_killed_while_writing_through_portals(stack):
+    admin = stack.portal("portal-admin").admin
+    portals = [stack.portal("portal-client-1"), stack.portal("portal-client-2")]
+    admin.CreateClient(pb.CreateClientRequest(cid="11", data="{}"), timeout=10)
+    acked: dict[str, int] = {}
+    errors: list = []
+    lock = threading.Lock()
+
+    def writer(w: int) -> None:
+        for n in range(60):
+            title = f"w{w}/n{n}"
+            rid = new_request_id()
+            for _attempt in range(10):  # the CLI-style retry: same request id
+                try:
+                    answer = portals[(w + _attempt) % 2].client.CreateTask(
+                        pb.CreateTaskRequest(cid="11", title=title, request_id=rid), timeout=10)
+                except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                        continue
+                    errors.append((title, exc.code(), exc.details()))
+                    break
+                with lock:
+                    acked[title] = answer.revision
+                break
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acked) >= 60, 60, "60 writes before the kill")
+    leader = stack.wait_leader()
+    leader.kill()
+    for t in threads:
+        t.join(120)
+    leader.start()
+    stack.wait_ready(leader)
+    assert not errors, errors[:5]
+    assert len(acked) == 360
+    assert len(set(acked.values())) == 360, "two writes share a revision"
+    listed, token = [], ""
+    while True:
+        page = portals[0].client.ListTasks(pb.ListTasksRequest(cid="11", page_token=token,
+                                                               limit=1000), timeout=10)
+        listed += [(t.title, t.revision) for t in page.tasks]
+        token = page.next
+        if not token:
+            break
+    assert dict(listed) == acked
+    stack.wait_converged()
+    revisions = {m.status().revision for m in stack.members}
+    assert revisions == {max(acked.values())}, revisions
