@@ -22,6 +22,7 @@ from daemons.core.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PORTAL_SERVICES = ("admin", "client")
+FSYNC_POLICIES = ("always", "interval", "never")
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,21 @@ class PortalSpec:
 
 @dataclass(frozen=True)
 class ListenerSpec:
+    """The listener daemon; see config/cluster.yaml for what each key means."""
+
     id: str = "listener"
     host: str = "127.0.0.1"
     port: int = 7301
     audit_log: str = "audit.jsonl"
+    fsync: str = "always"
+    fsync_interval: float = 1.0
+    rotate_bytes: int = 64 * 1024 * 1024
+    keep_files: int = 10
+    dedupe_window: int = 100_000
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -255,7 +267,10 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
             "cache_entries": c.positive_int, "cache_ttl": c.seconds},
             required=("id", "host", "port", "services"))),
         "listener": lambda v, p: c.mapping(v, p, {
-            "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value}),
+            "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value,
+            "fsync": c.choice(FSYNC_POLICIES), "fsync_interval": c.seconds,
+            "rotate_bytes": c.positive_int, "keep_files": c.positive_int,
+            "dedupe_window": c.positive_int}),
     }, required=("replicas",))
 
     raft_raw = top.get("raft", {})

@@ -10,13 +10,13 @@ has been seen meanwhile.
 
 from __future__ import annotations
 
-import datetime
 import json
 import secrets
 import uuid
 from typing import Any
 
 from daemons.core import domain, events
+from daemons.core.clock import utc_now
 from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from daemons.portal.cache import Key, client_key, task_key
 from daemons.portal.coherence import Coherence
@@ -26,10 +26,6 @@ from proto import replica_pb2 as pb
 LIST_DEFAULT = 100
 LIST_MAX = 1000
 _READ_ATTEMPTS = 5
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _request_id(given: str) -> str:

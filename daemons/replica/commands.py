@@ -9,7 +9,7 @@ failure. Deterministic: no clock, no randomness, no I/O but the view.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from daemons.core import domain
@@ -30,13 +30,17 @@ class Outcome:
     deleted_tasks: int = 0
     code: str = ""
     message: str = ""
+    # True when answering a retry from the dedupe table; never stored.
+    duplicate: bool = field(default=False, compare=False)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, separators=(",", ":")).encode()
+        return json.dumps([self.ok, self.revision, self.record, self.deleted_tasks, self.code,
+                           self.message], separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Outcome":
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: bytes, duplicate: bool = False) -> "Outcome":
+        ok, revision, record, deleted, code, message = json.loads(raw)
+        return cls(ok, revision, record, deleted, code, message, duplicate)
 
     @classmethod
     def failure(cls, exc: TarefaError) -> "Outcome":

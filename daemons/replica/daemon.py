@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent import futures
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +21,6 @@ from proto import replica_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-GRPC_WORKERS = 128
 SERVICE_NAME = "tarefa.replica.Replica"
 
 
@@ -32,8 +32,14 @@ class ReplicaDaemon(Daemon):
         self.storage: Storage | None = None
         self.node: ReplicaStateMachine | None = None
         self.proposer: Proposer | None = None
-        self.server: grpc.Server | None = None
-        self.health = health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        # gRPC runs on an asyncio loop in its own thread (cheaper per call than
+        # a thread pool, and the proposer batches on it); run() keeps the main
+        # thread for signals.
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
+                                             daemon=True)
         self.fatal: Exception | None = None
 
     @staticmethod
@@ -50,33 +56,49 @@ class ReplicaDaemon(Daemon):
         log.info("%s: LevelDB %s at applied index %d, revision %d", self.daemon_id,
                  self.spec.data_dir, self.storage.applied_index(), self.storage.revision())
         self.node = ReplicaStateMachine(self.cluster, self.spec, self.storage, self._on_fatal)
-        self.proposer = Proposer(self.node.apply_batch, raft.max_batch_commands,
+        self.proposer = Proposer(self.loop, self.node.apply_batch, raft.max_batch_commands,
                                  raft.max_inflight_batches, batch_timeout=2 * raft.apply_timeout)
-        self.proposer.start()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
-                                                             thread_name_prefix="grpc"))
-        replica_pb2_grpc.add_ReplicaServicer_to_server(
-            ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
-                            raft.apply_timeout,
-                            lambda: (self.raft_log.warnings, self.raft_log.criticals)),
-            self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._loop_thread.start()
+        self._on_loop(self._serve()).result(timeout=30)
         address = self.spec.grpc_address
-        if self.server.add_insecure_port(address) == 0:
-            raise TarefaError(f"cannot bind gRPC {address}")
-        self.server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s: serving gRPC on %s, Raft on %s", self.daemon_id, address,
                  self.spec.raft_address)
 
-    def stop(self, grace: float) -> None:
-        self.health.enter_graceful_shutdown()
+    def _on_loop(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def _serve(self) -> None:
+        assert self.node is not None and self.storage is not None and self.proposer is not None
+        self.server = grpc.aio.server()
+        replica_pb2_grpc.add_ReplicaServicer_to_server(
+            ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
+                            self.cluster.raft.apply_timeout,
+                            lambda: (self.raft_log.warnings, self.raft_log.criticals)),
+            self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.server.add_insecure_port(self.spec.grpc_address) == 0:
+            raise TarefaError(f"cannot bind gRPC {self.spec.grpc_address}")
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.server is not None:
             # Refuse new calls; in-flight applies get `grace` to commit.
-            self.server.stop(grace).wait(grace + 1)
+            await self.server.stop(grace)
         if self.proposer is not None:
             self.proposer.stop()
+
+    def stop(self, grace: float) -> None:
+        if self._loop_thread.is_alive():
+            try:
+                self._on_loop(self._shutdown(grace)).result(timeout=grace + 5)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._loop_thread.join(5)
         if self.node is not None:
             self.node.destroy_synchronous()
         if self.storage is not None:

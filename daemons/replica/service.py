@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import json
 import logging
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import grpc
 
 from daemons.core import domain
+from daemons.core.clock import utc_now
 from daemons.core.errors import InvalidArgument, NotFound, TarefaError, error_from_code
 from daemons.replica.proposer import Proposer
 from daemons.replica.state_machine import ReplicaStateMachine
@@ -28,10 +28,6 @@ SCAN_DEFAULT_LIMIT = 100
 SCAN_MAX_LIMIT = 1000
 _OP_NAMES = {value: name.lower() for name, value in replica_pb2.Op.items()
              if name != "OP_UNSPECIFIED"}
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def command_from_proto(msg: replica_pb2.Command) -> dict[str, Any]:
@@ -58,14 +54,14 @@ def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
 
 def _boundary(method: Callable) -> Callable:
     """Map TarefaError to its status code; anything else is INTERNAL, logged."""
-    def wrapper(self: "ReplicaServicer", request: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapper(self: "ReplicaServicer", request: Any, context: Any) -> Any:
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except TarefaError as exc:
-            context.abort(_grpc_code(exc), exc.message)
+            await context.abort(_grpc_code(exc), exc.message)
         except Exception:
             log.exception("%s: %s failed", self.replica_id, method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error (see the replica's log)")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the replica's log)")
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -97,29 +93,30 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self.default_timeout = default_timeout
         self.counters = counters
 
-    def _timeout(self, context: grpc.ServicerContext) -> float:
+    def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()
         if remaining is None or remaining > 1e6:
             return self.default_timeout
         # Answer UNAVAILABLE a little before the caller's deadline expires.
         return max(0.0, remaining - max(0.02, 0.05 * remaining))
 
-    def _barrier(self, consistency: int, context: grpc.ServicerContext) -> None:
+    async def _barrier(self, consistency: int, context: Any) -> None:
         if consistency == replica_pb2.LINEARIZABLE:
-            self.proposer.propose(None, self._timeout(context))
+            await self.proposer.propose(None, self._timeout(context))
 
     @_boundary
-    def Apply(self, request: replica_pb2.Command, context: grpc.ServicerContext) -> Any:
+    async def Apply(self, request: replica_pb2.Command, context: Any) -> Any:
         command = command_from_proto(request)
-        outcome = self.proposer.propose(command, self._timeout(context))
+        outcome = await self.proposer.propose(command, self._timeout(context))
         assert outcome is not None
         if not outcome.ok:
             raise error_from_code(outcome.code, outcome.message)
         return replica_pb2.ApplyResponse(revision=outcome.revision, record=outcome.record,
-                                         deleted_tasks=outcome.deleted_tasks)
+                                         deleted_tasks=outcome.deleted_tasks,
+                                         duplicate=outcome.duplicate)
 
     @_boundary
-    def Get(self, request: replica_pb2.GetRequest, context: grpc.ServicerContext) -> Any:
+    async def Get(self, request: replica_pb2.GetRequest, context: Any) -> Any:
         cid = domain.validate_cid(request.cid)
         if request.kind == replica_pb2.CLIENT:
             key, what = domain.client_key(cid), f"client {cid}"
@@ -128,7 +125,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             key, what = domain.task_key(cid, title), f"task {title!r} of client {cid}"
         else:
             raise InvalidArgument("kind: CLIENT or TASK")
-        self._barrier(request.consistency, context)
+        await self._barrier(request.consistency, context)
         value, revision = self.storage.read(key)
         if value is None:
             # The revision lets a portal tell a stale "not found" from a fresh one.
@@ -137,7 +134,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return replica_pb2.GetResponse(record=value.decode("utf-8"), revision=revision)
 
     @_boundary
-    def Scan(self, request: replica_pb2.ScanRequest, context: grpc.ServicerContext) -> Any:
+    async def Scan(self, request: replica_pb2.ScanRequest, context: Any) -> Any:
         limit = request.limit or SCAN_DEFAULT_LIMIT
         if limit > SCAN_MAX_LIMIT:
             raise InvalidArgument(f"limit: at most {SCAN_MAX_LIMIT}")
@@ -150,7 +147,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         if request.status:
             domain.validate_status(request.status)
         start_after = _decode_token(request.page_token, prefix)
-        self._barrier(request.consistency, context)
+        await self._barrier(request.consistency, context)
         if request.kind == replica_pb2.TASK and start_after is None:
             value, _ = self.storage.read(domain.client_key(request.cid))
             if value is None:
@@ -165,7 +162,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             revision=revision)
 
     @_boundary
-    def Status(self, request: replica_pb2.StatusRequest, context: grpc.ServicerContext) -> Any:
+    async def Status(self, request: replica_pb2.StatusRequest, context: Any) -> Any:
         status = self.node.status()
         warnings, criticals = self.counters()
         return replica_pb2.StatusResponse(

@@ -66,7 +66,10 @@ class Storage:
         self.path = path
         os.makedirs(path, exist_ok=True)
         try:
-            self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True)
+            # The bloom filter makes the dedupe lookup of a new request id
+            # (a key that does not exist) cheap.
+            self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True,
+                                 bloom_filter_bits=10)
         except (plyvel.Error, OSError) as exc:
             if "lock" in str(exc).lower():
                 raise StorageCorrupt(

@@ -491,19 +491,21 @@ def test_index_reused_with_different_request_ids_raises_storage_corrupt(h):
 
 
 def test_dedupe_window_prunes_old_request_and_log_keys(storage):
+    # Pruning runs on every 16th index and drops entries older than the window.
     h = Harness(storage, window=3)
-    commands = [h.create_client(str(i)) for i in range(1, 11)]
-    for command in commands:
-        h.one(command)                                         # indexes 1..10
+    commands = [h.create_client(str(i)) for i in range(1, 17)]
+    for command in commands[:15]:
+        h.one(command)                                         # indexes 1..15
+    assert storage.get(domain.log_key(1)) is not None         # not pruned yet
+    h.one(commands[15])                                        # index 16 prunes < 13
     log_keys = [k for k, _ in storage.items() if k.startswith(domain.META_LOG_PREFIX)]
     req_keys = {k for k, _ in storage.items() if k.startswith(domain.META_REQ_PREFIX)}
-    assert log_keys == [domain.log_key(i) for i in range(7, 11)]
-    assert req_keys == {domain.request_key(c["request_id"]) for c in commands[6:]}
+    assert log_keys == [domain.log_key(i) for i in range(13, 17)]
+    assert req_keys == {domain.request_key(c["request_id"]) for c in commands[12:]}
     # Within the window a retry still gets its first answer...
-    assert h.one(dict(commands[8])).ok
+    assert h.one(dict(commands[14])).ok
     # ...past it the request id is forgotten and the command runs again.
     failed(h.one(dict(commands[0])), "ALREADY_EXISTS")
-    assert storage.get(domain.log_key(7)) is None
 
 
 # ---- bad input never crashes the state machine ------------------------------

@@ -1,0 +1,1 @@
+"""The listener daemon: every change event appended to a durable audit log."""

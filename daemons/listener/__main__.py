@@ -1,0 +1,47 @@
+"""`tarefa-listener --config FILE [--follow]`: append every change event to the audit log."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from daemons.core.config import Cluster
+from daemons.core.lifecycle import daemon_main
+from daemons.core.log import setup_logging
+from daemons.listener.daemon import ListenerDaemon, listener_spec
+
+DESCRIPTION = ("Run the Tarefa listener: append every change event to the audit log. "
+               "--follow also prints each event as a readable line on stdout.")
+
+
+class _Builder:
+    """daemon_main's `build`; its `check` also runs for --check-config."""
+
+    check = staticmethod(listener_spec)
+
+    def __init__(self, follow: bool) -> None:
+        self.follow = follow
+
+    def __call__(self, cluster: Cluster, _prog: str) -> ListenerDaemon:
+        spec = listener_spec(cluster)
+        # daemon_main tagged log lines with the program name: the listener's
+        # id only comes from the cluster file.
+        setup_logging(spec.id, cluster.log_level)
+        out = None
+        if self.follow:
+            sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[attr-defined]
+            out = sys.stdout
+        return ListenerDaemon(cluster, follow=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # daemon_main knows --config and --check-config only; take --follow first.
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--follow", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    return daemon_main("tarefa-listener", DESCRIPTION, _Builder(known.follow), rest,
+                       needs_id=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""ListenerDaemon: wires the event bus, the audit log, health and status.
+
+Every change event published on the cluster's topics arrives here (QoS 1,
+persistent MQTT session under a client id made of the cluster name and the
+listener id, so the broker keeps what is published while the listener
+restarts). Valid events go to the AuditLog, anything else to its reject file
+with a WARNING. paho acknowledges a QoS 1 message only after this callback
+returns, so an event is acknowledged only once it is in the audit log.
+
+If the audit log cannot be written (disk full, I/O error) the listener stops
+at once with exit code 1 *without* returning from the callback: the event
+stays unacknowledged and the broker redelivers it to the next run, whereas
+going on would acknowledge events that were never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent import futures
+from typing import Any, Callable, TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from daemons.core import events
+from daemons.core.config import Cluster, ListenerSpec
+from daemons.core.errors import ConfigError, InvalidArgument, TarefaError
+from daemons.core.lifecycle import EXIT_FAILURE, Daemon
+from daemons.core.mqtt import EventBus
+from daemons.listener.audit import AuditLog
+from proto import listener_pb2 as pb
+from proto import listener_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_WORKERS = 4
+SUMMARY_EVERY = 1000  # events written between two INFO summary lines
+STATUS_SERVICE = "tarefa.listener.ListenerStatus"
+AUDIT_SERVICE = "tarefa.listener.Audit"  # health: SERVING only while subscribed
+
+
+def listener_spec(cluster: Cluster, _daemon_id: str = "") -> ListenerSpec:
+    if cluster.listener is None:
+        raise ConfigError([f"{cluster.path}: listener: missing; tarefa-listener needs a "
+                           "`listener:` section (id, host, port, audit_log; see "
+                           "config/cluster.yaml)"])
+    return cluster.listener
+
+
+def session_client_id(cluster: Cluster, spec: ListenerSpec) -> str:
+    """Stable across restarts, so the broker resumes the same persistent session."""
+    return f"tarefa-{cluster.name}-{spec.id}"
+
+
+def readable_line(entry: dict[str, Any]) -> str:
+    """`rev 42  task.updated  cid=7 title="buy milk"  by portal-client-1`"""
+    subject = f"cid={entry['cid']}"
+    if "title" in entry:
+        subject += f" title={json.dumps(entry['title'], ensure_ascii=False)}"
+    line = f"rev {entry['revision']}  {entry['event']}  {subject}  by {entry['origin']}"
+    if entry.get("out_of_order"):
+        line += "  (out of order)"
+    return line
+
+
+class StatusServicer(listener_pb2_grpc.ListenerStatusServicer):
+    def __init__(self, daemon: "ListenerDaemon") -> None:
+        self.daemon = daemon
+
+    def Status(self, request: pb.ListenerStatusRequest,
+               context: Any) -> pb.ListenerStatusResponse:
+        return pb.ListenerStatusResponse(id=self.daemon.daemon_id, **self.daemon.status())
+
+
+class ListenerDaemon(Daemon):
+    def __init__(self, cluster: Cluster, follow: TextIO | None = None,
+                 fatal: Callable[[int], Any] = os._exit) -> None:
+        self.spec = listener_spec(cluster)
+        super().__init__(self.spec.id, cluster)
+        self.follow = follow
+        self._fatal = fatal
+        self.audit = AuditLog(self.spec.audit_log, fsync=self.spec.fsync,
+                              fsync_interval=self.spec.fsync_interval,
+                              rotate_bytes=self.spec.rotate_bytes,
+                              keep_files=self.spec.keep_files,
+                              dedupe_window=self.spec.dedupe_window)
+        self.bus = EventBus(cluster.broker, session_client_id(cluster, self.spec),
+                            [events.subscription(cluster.name)], self.on_message,
+                            self.on_connection, persistent_session=False)
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+
+    check = staticmethod(listener_spec)
+
+    def start(self) -> None:
+        self.audit.open()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
+                                                             thread_name_prefix="grpc"))
+        listener_pb2_grpc.add_ListenerStatusServicer_to_server(StatusServicer(self), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.server.add_insecure_port(self.spec.address) == 0:
+            raise TarefaError(f"cannot bind gRPC {self.spec.address}")
+        self.server.start()
+        for name in ("", STATUS_SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(AUDIT_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.bus.start()
+        log.info("%s: auditing %s to %s (fsync %s), status on %s", self.daemon_id,
+                 events.subscription(self.cluster.name), self.audit.path, self.spec.fsync,
+                 self.spec.address)
+
+    def tick(self) -> None:
+        self._write(self.audit.sync_if_due)
+
+    def stop(self, grace: float) -> None:
+        self.health.enter_graceful_shutdown()
+        # Once the bus is stopped paho's thread is joined: no event is being written.
+        self.bus.stop()
+        self.audit.close()
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
+        log.info("%s: %s", self.daemon_id, self._summary())
+
+    def status(self) -> dict[str, Any]:
+        return {"broker_connected": self.bus.connected, **self.audit.status()}
+
+    # -- the event bus (paho's network thread) -----------------------------------
+
+    def on_connection(self, up: bool) -> None:
+        self.health.set(AUDIT_SERVICE, health_pb2.HealthCheckResponse.SERVING if up
+                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            event = events.decode(payload, topic, self.cluster.name)
+        except InvalidArgument as exc:
+            log.warning("%s: rejected a malformed event on %r (%d bytes): %s; kept in %s",
+                        self.daemon_id, topic, len(payload), exc.message,
+                        self.audit.reject_path)
+            self._write(lambda: self.audit.reject(topic, payload, exc.message))
+            return
+        entry = self._write(lambda: self.audit.append(event, topic))
+        if entry is None:
+            log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
+                      self.daemon_id, event["origin"], event["revision"])
+            return
+        if entry.get("out_of_order"):
+            log.warning("%s: out-of-order event: revision %d from %s is below a revision "
+                        "already seen from it (written, flagged out_of_order)",
+                        self.daemon_id, event["revision"], event["origin"])
+        if self.follow is not None:
+            self._print(readable_line(entry))
+        if self.audit.written % SUMMARY_EVERY == 0:
+            log.info("%s: %s", self.daemon_id, self._summary())
+
+    def _write(self, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except OSError as exc:
+            log.critical("%s: cannot write the audit log %s: %s; exiting without "
+                         "acknowledging the event, the broker will deliver it again",
+                         self.daemon_id, self.audit.path, exc)
+            logging.shutdown()
+            self._fatal(EXIT_FAILURE)
+            raise
+
+    def _print(self, line: str) -> None:
+        assert self.follow is not None
+        try:
+            print(line, file=self.follow, flush=True)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: --follow output failed (%s); no longer printing events",
+                        self.daemon_id, exc)
+            self.follow = None
+
+    def _summary(self) -> str:
+        st = self.audit.status()
+        return (f"{st['events_written']} events written, {st['duplicates']} duplicates "
+                f"dropped, {st['out_of_order']} out of order, {st['rejects']} rejected")
