@@ -419,3 +419,65 @@ class Stack(ReplicaCluster):
         extra = [self.broker, *self.portals]
         return super().dump_logs() + "\n" + "\n".join(
             f"===== {p.id} ({p.log_path}) =====\n{p.logs()[-20000:]}" for p in extra)
+
+
+class ListenerProcess(DaemonProcess):
+    """`tarefa-listener` as a real process; with follow=True its stdout goes to its own file."""
+
+    def __init__(self, workdir: str, config_path: str, port: int, follow: bool = False,
+                 name: str = "listener") -> None:
+        super().__init__(workdir, name)
+        self.config_path = config_path
+        self.follow = follow
+        self.stdout_path = os.path.join(workdir, f"{name}.stdout")
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.address)
+        from grpc_health.v1 import health_pb2_grpc
+
+        from proto import listener_pb2_grpc
+
+        self.status_stub = listener_pb2_grpc.ListenerStatusStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "daemons.listener", "--config", self.config_path,
+                *(["--follow"] if self.follow else [])]
+
+    def start(self) -> None:
+        if not self.follow:
+            super().start()
+            return
+        log = open(self.log_path, "ab")
+        out = open(self.stdout_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), cwd=ROOT, stdout=out, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        out.close()
+
+    def stdout(self) -> str:
+        try:
+            with open(self.stdout_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def status(self, timeout: float = 1.0):  # type: ignore[no-untyped-def]
+        from proto import listener_pb2
+
+        return self.status_stub.Status(listener_pb2.ListenerStatusRequest(), timeout=timeout)
+
+    def health(self, service: str = "", timeout: float = 1.0) -> int:
+        from grpc_health.v1 import health_pb2
+
+        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=timeout).status
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        wait_for(lambda: self.status().broker_connected, timeout,
+                 f"{self.id} to serve and subscribe at the broker")
+
+    def close(self) -> None:
+        try:
+            self.terminate()
+        finally:
+            self.channel.close()

@@ -88,7 +88,7 @@ class ListenerDaemon(Daemon):
                               dedupe_window=self.spec.dedupe_window)
         self.bus = EventBus(cluster.broker, session_client_id(cluster, self.spec),
                             [events.subscription(cluster.name)], self.on_message,
-                            self.on_connection, persistent_session=False)
+                            self.on_connection, persistent_session=True)
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
 
