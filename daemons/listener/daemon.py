@@ -162,7 +162,8 @@ class ListenerDaemon(Daemon):
             log.critical("%s: cannot write the audit log %s: %s; exiting without "
                          "acknowledging the event, the broker will deliver it again",
                          self.daemon_id, self.audit.path, exc)
-            logging.shutdown()
+            for handler in logging.getLogger().handlers:
+                handler.flush()
             self._fatal(EXIT_FAILURE)
             raise
 

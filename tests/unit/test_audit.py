@@ -343,7 +343,8 @@ def test_bad_listener_keys_are_all_reported(raw):
 
 def test_readable_line():
     entry = {**task_event(42), "topic": TOPIC, "received_at": "x"}
-    assert readable_line(entry) == 'rev 42  task.updated  cid=7 title="buy milk"  by portal-client-1'
+    assert readable_line(entry) == ('rev 42  task.updated  cid=7 title="buy milk"  '
+                                    'by portal-client-1')
     client = events.make_event("client.deleted", "9", 43, "portal-admin", "t")
     assert readable_line(client) == "rev 43  client.deleted  cid=9  by portal-admin"
     late = {**task_event(3, title='say "hi"'), "out_of_order": True}
@@ -358,3 +359,55 @@ def test_no_stray_files(path, opened):
     names = {os.path.basename(p) for p in glob.glob(os.path.dirname(path) + "/*")}
     assert names <= {"audit.jsonl", "audit.jsonl.lock", "audit.jsonl.rejects"} | {
         f"audit.jsonl.{n}" for n in range(1, 11)}
+
+
+# ---- the daemon's message handler (no sockets: the bus is built, never started) -------------
+
+
+class Fatal(Exception):
+    pass
+
+
+@pytest.fixture
+def daemon(raw, tmp_path):
+    from daemons.listener.daemon import ListenerDaemon
+
+    doc = copy.deepcopy(raw)
+    doc["cluster"]["name"] = "test"
+    doc["listener"]["audit_log"] = str(tmp_path / "audit.jsonl")
+    codes: list[int] = []
+
+    def fatal(code: int) -> None:
+        codes.append(code)
+        raise Fatal(code)
+
+    d = ListenerDaemon(parse_cluster(doc, "cluster.yaml", str(tmp_path)), fatal=fatal)
+    d.audit.open()
+    d.fatal_codes = codes  # type: ignore[attr-defined]
+    yield d
+    d.audit.close()
+
+
+def test_handler_writes_valid_events_and_rejects_the_rest(daemon, caplog):
+    event = task_event(1)
+    daemon.on_message(events.event_topic("test", event), events.encode(event))
+    daemon.on_message("tarefa/test/clients/7", b"\x00garbage")
+    assert [e["revision"] for e in read_lines(daemon.audit.path)] == [1]
+    (reject,) = read_lines(daemon.audit.reject_path)
+    assert reject["topic"] == "tarefa/test/clients/7" and "not JSON" in reject["reason"]
+    assert any(r.levelname == "WARNING" and "malformed" in r.getMessage() for r in caplog.records)
+
+
+def test_handler_stops_without_acknowledging_when_the_audit_log_cannot_be_written(
+        daemon, monkeypatch, caplog):
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon.audit, "append", full)
+    event = task_event(1)
+    # paho acknowledges only when the callback returns; it must not return
+    with pytest.raises(Fatal):
+        daemon.on_message(events.event_topic("test", event), events.encode(event))
+    assert daemon.fatal_codes == [1]
+    assert any(r.levelname == "CRITICAL" and "No space left" in r.getMessage()
+               for r in caplog.records)
