@@ -39,6 +39,11 @@ class ReplicaStub:
                 request_serializer=proto_dot_replica__pb2.Command.SerializeToString,
                 response_deserializer=proto_dot_replica__pb2.ApplyResponse.FromString,
                 _registered_method=True)
+        self.ApplyBatch = channel.unary_unary(
+                '/tarefa.replica.Replica/ApplyBatch',
+                request_serializer=proto_dot_replica__pb2.CommandBatch.SerializeToString,
+                response_deserializer=proto_dot_replica__pb2.ApplyBatchResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/tarefa.replica.Replica/Get',
                 request_serializer=proto_dot_replica__pb2.GetRequest.SerializeToString,
@@ -60,6 +65,12 @@ class ReplicaServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Apply(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Apply,
                     request_deserializer=proto_dot_replica__pb2.Command.FromString,
                     response_serializer=proto_dot_replica__pb2.ApplyResponse.SerializeToString,
+            ),
+            'ApplyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyBatch,
+                    request_deserializer=proto_dot_replica__pb2.CommandBatch.FromString,
+                    response_serializer=proto_dot_replica__pb2.ApplyBatchResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -134,6 +150,33 @@ class Replica:
             '/tarefa.replica.Replica/Apply',
             proto_dot_replica__pb2.Command.SerializeToString,
             proto_dot_replica__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tarefa.replica.Replica/ApplyBatch',
+            proto_dot_replica__pb2.CommandBatch.SerializeToString,
+            proto_dot_replica__pb2.ApplyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

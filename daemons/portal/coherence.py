@@ -10,9 +10,9 @@ events may have been missed.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
-import queue
 import threading
 from typing import Any
 
@@ -27,17 +27,17 @@ _SEEN_REVISIONS = 50_000
 
 
 class Watcher:
-    """One WatchTasks stream's queue; `overflowed` once it fell too far behind."""
+    """One WatchTasks stream's queue (on the loop); `overflowed` once it fell behind."""
 
     def __init__(self, cid: str) -> None:
         self.cid = cid
-        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(WATCH_QUEUE)
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WATCH_QUEUE)
         self.overflowed = False
 
     def offer(self, event: dict[str, Any]) -> None:
         try:
             self.queue.put_nowait(event)
-        except queue.Full:
+        except asyncio.QueueFull:
             self.overflowed = True
 
 
@@ -47,6 +47,7 @@ class Coherence:
         self.cluster_name = cluster_name
         self.cache = cache
         self.bus: Any = None  # an EventBus, attached by the daemon
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gRPC loop (watchers live there)
         self._connected = False
         self._lock = threading.Lock()
         self._watchers: dict[str, list[Watcher]] = collections.defaultdict(list)
@@ -111,7 +112,8 @@ class Coherence:
             with self._lock:
                 watchers = list(self._watchers.get(cid, ()))
             for watcher in watchers:
-                watcher.offer(event)
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(watcher.offer, event)
 
     # -- watchers --------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent import futures
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +23,6 @@ from proto import portal_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-GRPC_WORKERS = 128
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -46,16 +46,28 @@ class PortalDaemon(Daemon):
                             [events.subscription(cluster.name)],
                             self.coherence.on_message, self.coherence.on_connection)
         self.coherence.bus = self.bus
-        self.health = health.HealthServicer()
-        self.server: grpc.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.server: grpc.aio.Server | None = None
+        # gRPC (servers and the replica client) runs on an asyncio loop in its
+        # own thread; paho runs its own network thread; run() keeps the main
+        # thread for signals.
+        self.loop = asyncio.new_event_loop()
+        self.coherence.loop = self.loop
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
+                                             daemon=True)
 
     check = staticmethod(portal_spec)
 
     def start(self) -> None:
-        self.replicas.start()
+        self._loop_thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=30)
         self.bus.start()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
-                                                             thread_name_prefix="grpc"))
+        log.info("%s: serving %s on %s", self.daemon_id, "+".join(self.spec.services),
+                 self.spec.address)
+
+    async def _serve(self) -> None:
+        await self.replicas.start()
+        self.server = grpc.aio.server()
         names = ["tarefa.portal.PortalStatus"]
         if "admin" in self.spec.services:
             portal_pb2_grpc.add_AdminPortalServicer_to_server(
@@ -67,22 +79,31 @@ class PortalDaemon(Daemon):
             names.append("tarefa.portal.ClientPortal")
         portal_pb2_grpc.add_PortalStatusServicer_to_server(
             StatusServicer(self.daemon_id, self.spec.services, self.ops), self.server)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.server.add_insecure_port(self.spec.address) == 0:
             raise TarefaError(f"cannot bind gRPC {self.spec.address}")
-        self.server.start()
+        await self.server.start()
         for name in ["", *names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s: serving %s on %s", self.daemon_id, "+".join(self.spec.services),
-                 self.spec.address)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.replicas.close()
 
     def reload(self) -> None:
         log.info("%s: SIGHUP: nothing to reload (cache size and TTL are fixed at start)",
                  self.daemon_id)
 
     def stop(self, grace: float) -> None:
-        self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            self.server.stop(grace).wait(grace + 1)
-        self.bus.stop()
-        self.replicas.close()
+        try:
+            if self._loop_thread.is_alive():
+                asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop).result(
+                    timeout=grace + 5)
+        finally:
+            self.bus.stop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(5)

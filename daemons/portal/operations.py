@@ -47,9 +47,9 @@ class PortalOperations:
 
     # -- shared ------------------------------------------------------------------
 
-    def _apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
+    async def _apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
         command.at = command.at or utc_now()
-        return self.replicas.apply(command, timeout)
+        return await self.replicas.apply(command, timeout)
 
     def _changed(self, event: str, cid: str, answer: pb.ApplyResponse, at: str,
                  title: str | None = None) -> dict | None:
@@ -58,7 +58,7 @@ class PortalOperations:
             event, cid, answer.revision, self.portal_id, at, title=title, record=record))
         return record
 
-    def _read(self, key: Key, kind: int, cid: str, title: str, linearizable: bool,
+    async def _read(self, key: Key, kind: int, cid: str, title: str, linearizable: bool,
               timeout: float) -> dict | None:
         """A record via the cache or a linearizable replica read; None if absent."""
         use_cache = not linearizable and self.coherence.serving_cache
@@ -68,7 +68,7 @@ class PortalOperations:
                 return entry.value
         for _ in range(_READ_ATTEMPTS):
             epoch = self.cache.epoch
-            record, read_revision = self.replicas.get(kind, cid, title, timeout)
+            record, read_revision = await self.replicas.get(kind, cid, title, timeout)
             required = self.cache.required_revision(key)
             if read_revision >= required:
                 if record is not None and self.coherence.serving_cache:
@@ -80,7 +80,7 @@ class PortalOperations:
 
     # -- admin -------------------------------------------------------------------
 
-    def create_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
+    async def create_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
         generated = not cid
         domain.parse_client_data(data)
         for _ in range(5 if generated else 1):
@@ -89,7 +89,7 @@ class PortalOperations:
             command = pb.Command(request_id=_request_id(request_id), op=pb.CREATE_CLIENT,
                                  cid=the_cid, data=data)
             try:
-                answer = self._apply(command, timeout)
+                answer = await self._apply(command, timeout)
             except AlreadyExists:
                 if generated and not request_id:
                     continue
@@ -97,59 +97,59 @@ class PortalOperations:
             return self._changed("client.created", the_cid, answer, command.at)  # type: ignore[return-value]
         raise AlreadyExists("could not generate an unused CID; give one")
 
-    def get_client(self, cid: str, linearizable: bool, timeout: float) -> dict:
+    async def get_client(self, cid: str, linearizable: bool, timeout: float) -> dict:
         domain.validate_cid(cid)
-        record = self._read(client_key(cid), pb.CLIENT, cid, "", linearizable, timeout)
+        record = await self._read(client_key(cid), pb.CLIENT, cid, "", linearizable, timeout)
         if record is None:
             raise NotFound(f"client {cid} not found")
         return record
 
-    def update_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
+    async def update_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.parse_client_data(data)
         command = pb.Command(request_id=_request_id(request_id), op=pb.UPDATE_CLIENT, cid=cid,
                              data=data)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         return self._changed("client.updated", cid, answer, command.at)  # type: ignore[return-value]
 
-    def delete_client(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
+    async def delete_client(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
         command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_CLIENT, cid=cid)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         self._changed("client.deleted", cid, answer, command.at)
         return answer
 
-    def list_clients(self, page_token: str, limit: int,
+    async def list_clients(self, page_token: str, limit: int,
                      timeout: float) -> tuple[list[dict], str]:
-        page = self.replicas.scan(pb.CLIENT, "", page_token, _limit(limit), "", timeout)
+        page = await self.replicas.scan(pb.CLIENT, "", page_token, _limit(limit), "", timeout)
         return [json.loads(r) for r in page.records], page.next
 
     # -- client (tasks) ----------------------------------------------------------
 
-    def require_client(self, cid: str, timeout: float) -> None:
+    async def require_client(self, cid: str, timeout: float) -> None:
         """Refuse any call naming an unknown CID."""
-        self.get_client(cid, False, timeout)
+        await self.get_client(cid, False, timeout)
 
-    def create_task(self, cid: str, title: str, description: str, request_id: str,
+    async def create_task(self, cid: str, title: str, description: str, request_id: str,
                     timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.validate_title(title)
         domain.validate_description(description)
         command = pb.Command(request_id=_request_id(request_id), op=pb.CREATE_TASK, cid=cid,
                              title=title, description=description)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         return self._changed("task.created", cid, answer, command.at, title)  # type: ignore[return-value]
 
-    def get_task(self, cid: str, title: str, linearizable: bool, timeout: float) -> dict:
+    async def get_task(self, cid: str, title: str, linearizable: bool, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.validate_title(title)
-        record = self._read(task_key(cid, title), pb.TASK, cid, title, linearizable, timeout)
+        record = await self._read(task_key(cid, title), pb.TASK, cid, title, linearizable, timeout)
         if record is None:
-            self.get_client(cid, linearizable, timeout)  # NOT_FOUND names the client if absent
+            await self.get_client(cid, linearizable, timeout)  # NOT_FOUND names the client if absent
             raise NotFound(f"task {title!r} not found for client {cid}")
         return record
 
-    def update_task(self, cid: str, title: str, description: str | None, status: str | None,
+    async def update_task(self, cid: str, title: str, description: str | None, status: str | None,
                     request_id: str, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.validate_title(title)
@@ -161,32 +161,32 @@ class PortalOperations:
             domain.validate_status(status)
         command = pb.Command(request_id=_request_id(request_id), op=pb.UPDATE_TASK, cid=cid,
                              title=title, description=description, status=status)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         return self._changed("task.updated", cid, answer, command.at, title)  # type: ignore[return-value]
 
-    def delete_task(self, cid: str, title: str, request_id: str,
+    async def delete_task(self, cid: str, title: str, request_id: str,
                     timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
         domain.validate_title(title)
         command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_TASK, cid=cid,
                              title=title)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         self._changed("task.deleted", cid, answer, command.at, title)
         return answer
 
-    def delete_all_tasks(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
+    async def delete_all_tasks(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
         command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_ALL_TASKS, cid=cid)
-        answer = self._apply(command, timeout)
+        answer = await self._apply(command, timeout)
         self._changed("task.cleared", cid, answer, command.at)
         return answer
 
-    def list_tasks(self, cid: str, page_token: str, limit: int, status: str,
+    async def list_tasks(self, cid: str, page_token: str, limit: int, status: str,
                    timeout: float) -> tuple[list[dict], str]:
         domain.validate_cid(cid)
         if status:
             domain.validate_status(status)
-        page = self.replicas.scan(pb.TASK, cid, page_token, _limit(limit), status, timeout)
+        page = await self.replicas.scan(pb.TASK, cid, page_token, _limit(limit), status, timeout)
         return [json.loads(r) for r in page.records], page.next
 
     def status(self) -> dict[str, Any]:

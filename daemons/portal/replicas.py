@@ -1,20 +1,25 @@
-"""ReplicaClient: how a portal talks to the replica tier.
+"""ReplicaClient: how a portal talks to the replica tier (asyncio).
 
-Writes go to the member believed to lead (a background poll of Status keeps
-that belief current; a follower would forward anyway, at the cost of a hop).
+Writes: concurrent calls are grouped — whatever queued while earlier groups
+were in flight goes out as ONE ApplyBatch RPC, so the replica's per-call gRPC
+cost is paid once per group and the whole group lands in as few Raft entries
+as possible. Each group goes to the member believed to lead (a background
+poll of Status keeps that belief current; a follower would forward anyway).
+
 UNAVAILABLE / DEADLINE_EXCEEDED from one member moves on to the next with the
-SAME request id until the caller's deadline, so a leader change or a killed
-member never applies a write twice and never hangs a call. Refusals
-(NOT_FOUND, ALREADY_EXISTS, INVALID_ARGUMENT) come back at once.
+SAME request ids until the deadline, so a leader change or a killed member
+never applies a write twice and never hangs a call. Refusals (NOT_FOUND,
+ALREADY_EXISTS, INVALID_ARGUMENT) come back at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import logging
-import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 
@@ -28,31 +33,41 @@ log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 PER_TRY_TIMEOUT = 1.5
 REVISION_HEADER = "tarefa-revision"
+MAX_GROUP = 256
+MAX_GROUPS_IN_FLIGHT = 4
 
 
 class ReplicaClient:
+    """Create and use on the portal's event loop."""
+
     def __init__(self, cluster: Cluster, owner: str) -> None:
         self.owner = owner
         self.ids = [spec.id for spec in cluster.replicas]
-        self._channels = [grpc.insecure_channel(spec.grpc_address) for spec in cluster.replicas]
-        self._stubs = [replica_pb2_grpc.ReplicaStub(ch) for ch in self._channels]
+        self._addresses = [spec.grpc_address for spec in cluster.replicas]
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[replica_pb2_grpc.ReplicaStub] = []
         self._preferred = 0
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll_leader, name="leader-poll", daemon=True)
+        self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float]] = \
+            collections.deque()
+        self._groups_in_flight = 0
+        self._poller: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
 
-    def start(self) -> None:
-        self._poller.start()
+    async def start(self) -> None:
+        self._channels = [grpc.aio.insecure_channel(a) for a in self._addresses]
+        self._stubs = [replica_pb2_grpc.ReplicaStub(ch) for ch in self._channels]
+        self._poller = asyncio.get_running_loop().create_task(self._poll_leader())
 
-    def close(self) -> None:
-        self._stop.set()
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         for channel in self._channels:
-            channel.close()
+            await channel.close()
 
-    # -- calls -----------------------------------------------------------------
+    # -- retries -------------------------------------------------------------
 
-    def _call(self, method: Callable[[Any, Any, float], Any], request: Any,
-              timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
+    async def _call(self, method: Callable[[Any, float], Awaitable[Any]], deadline: float) -> Any:
+        """Try members in turn (preferred first) until one answers or `deadline` passes."""
         start = self._preferred
         last: grpc.RpcError | None = None
         attempt = 0
@@ -63,7 +78,7 @@ class ReplicaClient:
             index = (start + attempt) % len(self._stubs)
             attempt += 1
             try:
-                answer = method(self._stubs[index], request, min(remaining, PER_TRY_TIMEOUT))
+                answer = await method(self._stubs[index], min(remaining, PER_TRY_TIMEOUT))
                 if attempt > 1:
                     self._preferred = index
                 return answer
@@ -72,21 +87,60 @@ class ReplicaClient:
                     raise _as_error(exc) from None
                 last = exc
             if attempt % len(self._stubs) == 0:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         detail = f" (last: {last.code().name}: {last.details()})" if last is not None else ""
-        raise Unavailable(f"no replica answered within {timeout:.1f}s{detail}; "
-                          "the change may or may not be applied: retry with the same request id")
+        raise Unavailable(f"no replica answered in time{detail}; the change may or may not "
+                          "be applied: retry with the same request id")
 
-    def apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
-        return self._call(lambda stub, req, t: stub.Apply(req, timeout=t), command, timeout)
+    # -- writes (grouped) ------------------------------------------------------
 
-    def get(self, kind: int, cid: str, title: str, timeout: float) -> tuple[dict | None, int]:
+    async def apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future, time.monotonic() + timeout))
+        self._send_groups()
+        return await future
+
+    def _send_groups(self) -> None:
+        while self._queue and self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
+            group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
+            self._groups_in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send_group(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_group(self, group: list[tuple[pb.Command, asyncio.Future, float]]) -> None:
+        try:
+            deadline = min(d for _, _, d in group)
+            request = pb.CommandBatch(commands=[c for c, _, _ in group])
+            try:
+                answer = await self._call(
+                    lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline)
+            except TarefaError as exc:
+                for _, future, _ in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, future, _), result in zip(group, answer.results):
+                if future.done():
+                    continue
+                if result.code:
+                    future.set_exception(error_from_code(result.code, result.message))
+                else:
+                    future.set_result(result.response)
+        finally:
+            self._groups_in_flight -= 1
+            self._send_groups()
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get(self, kind: int, cid: str, title: str, timeout: float
+                  ) -> tuple[dict | None, int]:
         """(record or None, store revision of the read), linearizable."""
         request = pb.GetRequest(kind=kind, cid=cid, title=title, consistency=pb.LINEARIZABLE)
 
-        def call(stub: Any, req: Any, t: float) -> tuple[dict | None, int]:
+        async def call(stub: Any, t: float) -> tuple[dict | None, int]:
             try:
-                answer = stub.Get(req, timeout=t)
+                answer = await stub.Get(request, timeout=t)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -94,25 +148,26 @@ class ReplicaClient:
                 return None, int(meta.get(REVISION_HEADER, 0))
             return json.loads(answer.record), answer.revision
 
-        return self._call(call, request, timeout)
+        return await self._call(call, time.monotonic() + timeout)
 
-    def scan(self, kind: int, cid: str, page_token: str, limit: int, status: str,
-             timeout: float) -> pb.ScanResponse:
+    async def scan(self, kind: int, cid: str, page_token: str, limit: int, status: str,
+                   timeout: float) -> pb.ScanResponse:
         request = pb.ScanRequest(kind=kind, cid=cid, page_token=page_token, limit=limit,
                                  status=status, consistency=pb.LINEARIZABLE)
-        return self._call(lambda stub, req, t: stub.Scan(req, timeout=t), request, timeout)
+        return await self._call(lambda stub, t: stub.Scan(request, timeout=t),
+                                time.monotonic() + timeout)
 
-    # -- leader tracking ---------------------------------------------------------
+    # -- leader tracking -------------------------------------------------------
 
-    def _poll_leader(self) -> None:
-        while not self._stop.wait(1.0):
+    async def _poll_leader(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
             try:
-                status = self._stubs[self._preferred].Status(pb.StatusRequest(), timeout=0.5)
+                status = await self._stubs[self._preferred].Status(pb.StatusRequest(),
+                                                                   timeout=0.5)
             except grpc.RpcError:
                 self._preferred = (self._preferred + 1) % len(self._stubs)
                 continue
-            except ValueError:  # channel closed during shutdown
-                return
             if status.role != "leader" and status.leader in self.ids:
                 self._preferred = self.ids.index(status.leader)
 

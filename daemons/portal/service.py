@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -23,16 +22,14 @@ def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
 
 def boundary(method: Callable) -> Callable:
     """Map TarefaError to its status code; anything else is INTERNAL and logged."""
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except TarefaError as exc:
-            context.abort(_grpc_code(exc), exc.message)
+            await context.abort(_grpc_code(exc), exc.message)
         except Exception:
-            if context.code() is not None:  # context.abort() already chose the status
-                raise
             log.exception("%s: %s failed", self.portal_id, method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error (see the portal's log)")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the portal's log)")
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -65,28 +62,28 @@ class _Servicer:
 
 class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
     @boundary
-    def CreateClient(self, request: pb.CreateClientRequest, context: Any) -> pb.Client:
-        return client_message(self.ops.create_client(request.cid, request.data,
+    async def CreateClient(self, request: pb.CreateClientRequest, context: Any) -> pb.Client:
+        return client_message(await self.ops.create_client(request.cid, request.data,
                                                      request.request_id, self.timeout(context)))
 
     @boundary
-    def GetClient(self, request: pb.ClientRef, context: Any) -> pb.Client:
-        return client_message(self.ops.get_client(
+    async def GetClient(self, request: pb.ClientRef, context: Any) -> pb.Client:
+        return client_message(await self.ops.get_client(
             request.cid, request.consistency == pb.LINEARIZABLE, self.timeout(context)))
 
     @boundary
-    def UpdateClient(self, request: pb.UpdateClientRequest, context: Any) -> pb.Client:
-        return client_message(self.ops.update_client(request.cid, request.data,
+    async def UpdateClient(self, request: pb.UpdateClientRequest, context: Any) -> pb.Client:
+        return client_message(await self.ops.update_client(request.cid, request.data,
                                                      request.request_id, self.timeout(context)))
 
     @boundary
-    def DeleteClient(self, request: pb.DeleteClientRequest, context: Any) -> pb.DeleteResponse:
-        answer = self.ops.delete_client(request.cid, request.request_id, self.timeout(context))
+    async def DeleteClient(self, request: pb.DeleteClientRequest, context: Any) -> pb.DeleteResponse:
+        answer = await self.ops.delete_client(request.cid, request.request_id, self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
 
     @boundary
-    def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
-        records, next_token = self.ops.list_clients(request.page_token, request.limit,
+    async def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
+        records, next_token = await self.ops.list_clients(request.page_token, request.limit,
                                                     self.timeout(context))
         return pb.ListClientsResponse(clients=[client_message(r) for r in records],
                                       next=next_token)
@@ -94,67 +91,62 @@ class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
 
 class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
     @boundary
-    def CreateTask(self, request: pb.CreateTaskRequest, context: Any) -> pb.Task:
-        return task_message(self.ops.create_task(request.cid, request.title, request.description,
+    async def CreateTask(self, request: pb.CreateTaskRequest, context: Any) -> pb.Task:
+        return task_message(await self.ops.create_task(request.cid, request.title, request.description,
                                                  request.request_id, self.timeout(context)))
 
     @boundary
-    def GetTask(self, request: pb.TaskRef, context: Any) -> pb.Task:
-        return task_message(self.ops.get_task(request.cid, request.title,
+    async def GetTask(self, request: pb.TaskRef, context: Any) -> pb.Task:
+        return task_message(await self.ops.get_task(request.cid, request.title,
                                               request.consistency == pb.LINEARIZABLE,
                                               self.timeout(context)))
 
     @boundary
-    def UpdateTask(self, request: pb.UpdateTaskRequest, context: Any) -> pb.Task:
-        return task_message(self.ops.update_task(
+    async def UpdateTask(self, request: pb.UpdateTaskRequest, context: Any) -> pb.Task:
+        return task_message(await self.ops.update_task(
             request.cid, request.title,
             request.description if request.HasField("description") else None,
             request.status if request.HasField("status") else None,
             request.request_id, self.timeout(context)))
 
     @boundary
-    def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
-        records, next_token = self.ops.list_tasks(request.cid, request.page_token, request.limit,
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
+        records, next_token = await self.ops.list_tasks(request.cid, request.page_token, request.limit,
                                                   request.status, self.timeout(context))
         return pb.ListTasksResponse(tasks=[task_message(r) for r in records], next=next_token)
 
     @boundary
-    def DeleteTask(self, request: pb.DeleteTaskRequest, context: Any) -> pb.DeleteResponse:
-        answer = self.ops.delete_task(request.cid, request.title, request.request_id,
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: Any) -> pb.DeleteResponse:
+        answer = await self.ops.delete_task(request.cid, request.title, request.request_id,
                                       self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision)
 
     @boundary
-    def DeleteAllTasks(self, request: pb.DeleteAllTasksRequest,
+    async def DeleteAllTasks(self, request: pb.DeleteAllTasksRequest,
                        context: Any) -> pb.DeleteResponse:
-        answer = self.ops.delete_all_tasks(request.cid, request.request_id, self.timeout(context))
+        answer = await self.ops.delete_all_tasks(request.cid, request.request_id, self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
 
-    def WatchTasks(self, request: pb.WatchTasksRequest, context: Any) -> Iterator[pb.TaskEvent]:
+    async def WatchTasks(self, request: pb.WatchTasksRequest,
+                         context: Any) -> AsyncIterator[pb.TaskEvent]:
         try:
-            self.ops.require_client(request.cid, self.default_timeout)
+            await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
-            context.abort(_grpc_code(exc), exc.message)
+            await context.abort(_grpc_code(exc), exc.message)
         coherence = self.ops.coherence
         watcher = coherence.watch(request.cid)
-        context.add_callback(lambda: watcher.offer({"event": "_end"}))
         try:
-            while context.is_active():
-                try:
-                    event = watcher.queue.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                if event.get("event") == "_end":
-                    return
+            while True:
+                event = await watcher.queue.get()
                 if watcher.overflowed:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  "watcher fell too far behind; watch again and re-list")
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        "watcher fell too far behind; watch again and re-list")
                 record = event.get("record")
                 yield pb.TaskEvent(
                     event=event["event"], cid=event["cid"], title=event.get("title", ""),
                     revision=event["revision"], origin=event["origin"], at=event["at"],
                     task=task_message(record) if record and "title" in record else None)
-        finally:
+        finally:  # the caller went away (the task is cancelled) or we aborted
             coherence.unwatch(watcher)
 
 
@@ -164,6 +156,7 @@ class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
         self.services = services
         self.ops = ops
 
-    def Status(self, request: pb.PortalStatusRequest, context: Any) -> pb.PortalStatusResponse:
+    async def Status(self, request: pb.PortalStatusRequest,
+                     context: Any) -> pb.PortalStatusResponse:
         return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
                                        **self.ops.status())

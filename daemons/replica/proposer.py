@@ -104,6 +104,25 @@ class Proposer:
         finally:
             timer.cancel()
 
+    async def propose_many(self, commands: list[dict], timeout: float
+                           ) -> list[Outcome | TarefaError]:
+        """Commit independent commands together; each gets its outcome or its error."""
+        if self._stopping:
+            raise Unavailable("replica shutting down; not applied")
+        futures = [self._loop.create_future() for _ in commands]
+        self._queue.extend(zip(commands, futures))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        error = Unavailable(f"no commit within {timeout:.2f}s (no quorum or no leader "
+                            "reachable); the outcome is unknown: retry with the same request id")
+        timer = self._loop.call_later(timeout, lambda: [_settle(f, None, error) for f in futures])
+        try:
+            await asyncio.wait(futures)
+        finally:
+            timer.cancel()
+        return [f.exception() or f.result() for f in futures]  # type: ignore[misc]
+
     # -- batching ------------------------------------------------------------
 
     def _flush(self) -> None:

@@ -116,6 +116,28 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                                          duplicate=outcome.duplicate)
 
     @_boundary
+    async def ApplyBatch(self, request: replica_pb2.CommandBatch, context: Any) -> Any:
+        results: list[replica_pb2.CommandResult | None] = [None] * len(request.commands)
+        commands, positions = [], []
+        for i, msg in enumerate(request.commands):
+            try:
+                commands.append(command_from_proto(msg))
+                positions.append(i)
+            except TarefaError as exc:
+                results[i] = replica_pb2.CommandResult(code=exc.code, message=exc.message)
+        outcomes = await self.proposer.propose_many(commands, self._timeout(context))
+        for i, outcome in zip(positions, outcomes):
+            if isinstance(outcome, TarefaError):
+                results[i] = replica_pb2.CommandResult(code=outcome.code, message=outcome.message)
+            elif not outcome.ok:
+                results[i] = replica_pb2.CommandResult(code=outcome.code, message=outcome.message)
+            else:
+                results[i] = replica_pb2.CommandResult(response=replica_pb2.ApplyResponse(
+                    revision=outcome.revision, record=outcome.record,
+                    deleted_tasks=outcome.deleted_tasks, duplicate=outcome.duplicate))
+        return replica_pb2.ApplyBatchResponse(results=results)
+
+    @_boundary
     async def Get(self, request: replica_pb2.GetRequest, context: Any) -> Any:
         cid = domain.validate_cid(request.cid)
         if request.kind == replica_pb2.CLIENT:
