@@ -198,6 +198,37 @@ def task_watch(s: Session, a: argparse.Namespace) -> None:
             raise _rpc_error(exc, address) from None
 
 
+def cluster_status(s: Session, a: argparse.Namespace) -> None:
+    """One row per daemon of the cluster file; unreachable ones are rows too."""
+    from client.status import collect_status
+
+    try:
+        cluster = load_cluster(a.config)
+    except ConfigError as exc:
+        raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+    rows = collect_status(cluster, timeout=min(s.timeout, 2.0))
+    if s.printer.as_json:
+        s.printer.document({"daemons": rows})
+    else:
+        s.printer.listing("daemons", [{**r, "detail": _status_detail(r)} for r in rows],
+                          ["id", "kind", "address", "reachable", "role", "detail"], "")
+    if not all(r["reachable"] for r in rows):
+        raise CliError("some daemons are unreachable", EXIT_UNAVAILABLE)
+
+
+def _status_detail(row: dict[str, Any]) -> str:
+    if row["kind"] == "replica" and row["reachable"]:
+        return (f"term={row['term']} commit={row['commit_index']} "
+                f"applied={row['applied_index']} rev={row['revision']}")
+    if row["kind"] == "portal" and row["reachable"]:
+        return (f"cache={row['cache_entries']} hit_rate={row['cache_hit_rate']:.2f} "
+                f"broker={'up' if row['broker_connected'] else 'DOWN'}")
+    if row["kind"] == "listener" and row["reachable"]:
+        return (f"events={row['events_written']} rejects={row['rejects']} "
+                f"broker={'up' if row['broker_connected'] else 'DOWN'}")
+    return row.get("error", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tarefa", description="Tarefa command-line client.")
     p.add_argument("--config", default=os.environ.get("TAREFA_CONFIG", DEFAULT_CONFIG),
@@ -205,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portal", help="HOST:PORT of the portal to call (overrides --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{client,task}")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{client,task,cluster}")
 
     def verb(group: Any, name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = group.add_parser(name, help=help_text)
@@ -234,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(clients, "rm", client_rm, "delete a client and all its tasks")
     v.add_argument("cid")
     paging(verb(clients, "ls", client_ls, "list clients"))
+
+    cluster = kinds.add_parser("cluster", help="the daemons of the cluster file").add_subparsers(
+        dest="verb", required=True)
+    verb(cluster, "status", cluster_status, "reachability and state of every daemon")
 
     tasks = kinds.add_parser("task", help="a client's tasks").add_subparsers(
         dest="verb", required=True)

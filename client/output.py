@@ -36,12 +36,13 @@ class Printer:
         self.as_json = as_json
         self.out = out
 
-    def _json(self, value: Any) -> None:
+    def document(self, value: Any) -> None:
+        """One JSON document on a line."""
         print(json.dumps(value, ensure_ascii=False), file=self.out, flush=True)
 
     def record(self, value: dict[str, Any]) -> None:
         if self.as_json:
-            self._json(value)
+            self.document(value)
             return
         width = max(len(k) for k in value)
         for key, item in value.items():
@@ -50,14 +51,14 @@ class Printer:
 
     def line(self, text: str, value: dict[str, Any]) -> None:
         if self.as_json:
-            self._json(value)
+            self.document(value)
         else:
             print(text, file=self.out)
 
     def listing(self, name: str, rows: list[dict[str, Any]], columns: list[str],
                 next_token: str) -> None:
         if self.as_json:
-            self._json({name: rows, "next": next_token or None})
+            self.document({name: rows, "next": next_token or None})
             return
         if not rows:
             print(f"(no {name})", file=self.out)
@@ -74,7 +75,7 @@ class Printer:
 
     def event(self, value: dict[str, Any]) -> None:
         if self.as_json:
-            self._json(value)
+            self.document(value)
             return
         parts = [f"rev {value['revision']}", value["event"], f"cid={value['cid']}"]
         if "title" in value:

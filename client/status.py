@@ -1,0 +1,81 @@
+"""`tarefa cluster status`: ask every daemon of the cluster file how it is."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import grpc
+
+from daemons.core.config import Cluster
+from proto import listener_pb2, listener_pb2_grpc, portal_pb2, portal_pb2_grpc
+from proto import replica_pb2, replica_pb2_grpc
+
+
+def _call(address: str, make_stub: Any, method: str, request: Any, timeout: float) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        return getattr(make_stub(channel), method)(request, timeout=timeout)
+
+
+def _row(daemon_id: str, kind: str, address: str) -> dict[str, Any]:
+    return {"id": daemon_id, "kind": kind, "address": address, "reachable": False, "role": ""}
+
+
+def _failed(row: dict[str, Any], exc: grpc.RpcError) -> dict[str, Any]:
+    row["error"] = f"{exc.code().name}: {exc.details()}"
+    return row
+
+
+def collect_status(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    broker = _row("broker", "broker", f"{cluster.broker.host}:{cluster.broker.port}")
+    try:
+        with socket.create_connection((cluster.broker.host, cluster.broker.port), timeout):
+            broker["reachable"] = True
+    except OSError as exc:
+        broker["error"] = str(exc)
+    rows.append(broker)
+    for spec in cluster.replicas:
+        row = _row(spec.id, "replica", spec.grpc_address)
+        try:
+            st = _call(spec.grpc_address, replica_pb2_grpc.ReplicaStub, "Status",
+                       replica_pb2.StatusRequest(), timeout)
+            row.update(reachable=True, role=st.role, leader=st.leader, term=st.term,
+                       commit_index=st.commit_index, applied_index=st.applied_index,
+                       revision=st.revision, journal_bytes=st.journal_bytes,
+                       has_quorum=st.has_quorum, raft_warnings=st.raft_warnings,
+                       raft_criticals=st.raft_criticals,
+                       peers={p.id: p.reachable for p in st.peers})
+        except grpc.RpcError as exc:
+            _failed(row, exc)
+        rows.append(row)
+    for portal in cluster.portals:
+        row = _row(portal.id, "portal", portal.address)
+        try:
+            st = _call(portal.address, portal_pb2_grpc.PortalStatusStub, "Status",
+                       portal_pb2.PortalStatusRequest(), timeout)
+            lookups = st.cache_hits + st.cache_misses
+            row.update(reachable=True, role="+".join(st.services),
+                       broker_connected=st.broker_connected, cache_entries=st.cache_entries,
+                       cache_hits=st.cache_hits, cache_misses=st.cache_misses,
+                       cache_hit_rate=st.cache_hits / lookups if lookups else 0.0,
+                       events_received=st.events_received,
+                       events_published=st.events_published,
+                       events_rejected=st.events_rejected)
+        except grpc.RpcError as exc:
+            _failed(row, exc)
+        rows.append(row)
+    if cluster.listener is not None:
+        spec = cluster.listener
+        address = f"{spec.host}:{spec.port}"
+        row = _row(spec.id, "listener", address)
+        try:
+            st = _call(address, listener_pb2_grpc.ListenerStatusStub, "Status",
+                       listener_pb2.ListenerStatusRequest(), timeout)
+            row.update(reachable=True, broker_connected=st.broker_connected,
+                       events_written=st.events_written, rejects=st.rejects,
+                       duplicates=st.duplicates, out_of_order=st.out_of_order)
+        except grpc.RpcError as exc:
+            _failed(row, exc)
+        rows.append(row)
+    return rows
