@@ -76,8 +76,8 @@ class Session:
                     return getattr(stub_class(channel), method)(request, timeout=self.timeout)
                 except grpc.RpcError as exc:
                     raise _rpc_error(exc, address) from None
-        raise CliError(f"portal {', '.join(down)} is not reachable ({service} service)",
-                       EXIT_UNAVAILABLE)
+        which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
+        raise CliError(f"{which} not reachable ({service} service)", EXIT_UNAVAILABLE)
 
     def stream(self, method: str, request: Any) -> Any:
         address = self.addresses("client")[0]
