@@ -1,0 +1,517 @@
+"""The systemd units in systemd/: they verify, they agree with the code and the
+cluster files, the daemons notify readiness as Type=notify expects and run
+inside the units' sandbox, and install-units.sh installs them.
+
+How each check stays honest on a machine where systemd is not PID 1 and
+Tarefa is not installed in /opt/tarefa:
+
+- `systemd-analyze verify` runs on the shipped units with one change only:
+  the install prefix /opt/tarefa is replaced by this checkout, so that verify
+  checks that every ExecStart= program really exists in our .venv (it checks
+  executables on the real file system). Everything else is verified as
+  shipped, including ordering against the host's own mosquitto.service and
+  network-online.target. verify exits 0 on unknown keys and bad values (it
+  only prints them), so any output at all is a failure; a misspelt copy
+  proves the check catches that.
+- Readiness: a replica is started with the very command line of its unit's
+  ExecStart= (prefix and config path substituted), with NOTIFY_SOCKET naming
+  an AF_UNIX datagram socket this test binds, as systemd's is. The sender's
+  PID is read from SCM_CREDENTIALS, so NotifyAccess=main holds too.
+- The sandbox cannot be applied by systemd here, so its file-system and
+  privilege part is emulated with unshare/mount/setpriv: the whole tree
+  read-only except the replica's data directory (ProtectSystem=strict +
+  StateDirectory=), /root and /home hidden (ProtectHome=), an unprivileged
+  uid without capabilities (User=, CapabilityBoundingSet=) and
+  no_new_privs (NoNewPrivileges=). The seccomp, address-family and kernel
+  protections are not emulated.
+
+Missing tools (systemd-analyze, systemctl, systemd-sysusers: Debian's
+`systemd` package, which ./install.sh installs) and missing root fail the
+test with a message; nothing here is skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import tomllib
+from dataclasses import dataclass
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from daemons.core.config import load_cluster
+from proto import replica_pb2 as pb
+from tests.conftest import failed
+from tests.harness import (ROOT, ReplicaCluster, ReplicaProcess, apply_with_retry,
+                           new_request_id)
+
+UNIT_DIR = os.path.join(ROOT, "systemd")
+PREFIX = "/opt/tarefa"
+CONFIG = "/etc/tarefa/cluster.yaml"
+SERVICES = ("tarefa-replica@.service", "tarefa-portal@.service", "tarefa-listener.service")
+UNITS = (*SERVICES, "tarefa.target")
+EXAMPLES = ("cluster.one-host.yaml", "cluster.multi-host.yaml")
+STATE = "/var/lib/tarefa"
+SANDBOX_UID = 65534  # nobody: stands in for the unprivileged `tarefa` user
+WAIT = 30.0
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install Debian's `systemd` package (./install.sh "
+                    "does it when systemd-analyze is missing); this test never skips",
+                    pytrace=False)
+    return path
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        pytest.fail(f"{what} needs root (like ./install.sh); run the suite as root",
+                    pytrace=False)
+
+
+def unit_text(name: str) -> str:
+    with open(os.path.join(UNIT_DIR, name), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def directives(name: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every line; keys may repeat, so no configparser."""
+    out, section = [], ""
+    for raw in unit_text(name).splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def setting(name: str, key: str) -> str:
+    values = [v for _, k, v in directives(name) if k == key]
+    assert len(values) == 1, f"{name}: expected one {key}=, found {values}"
+    return values[0]
+
+
+def sandbox_block(name: str) -> list[tuple[str, str]]:
+    text = unit_text(name)
+    block = text[text.index("# Sandbox"):text.index("[Install]")]
+    return [tuple(line.split("=", 1)) for line in block.splitlines()  # type: ignore[misc]
+            if line and not line.startswith("#")]
+
+
+def exec_start(name: str, config: str, instance: str) -> list[str]:
+    """The unit's ExecStart= as argv, for this checkout instead of /opt/tarefa."""
+    line = setting(name, "ExecStart")
+    assert line.startswith(PREFIX + "/.venv/bin/") and f"--config {CONFIG}" in line, line
+    return shlex.split(line.replace(PREFIX, ROOT).replace(CONFIG, config)
+                       .replace("%i", instance))
+
+
+def render(directory: str, units: tuple[str, ...] = UNITS) -> list[str]:
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name in units:
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(unit_text(name).replace(PREFIX, ROOT))
+        paths.append(path)
+    return paths
+
+
+def verify(paths: list[str], cwd: str) -> str:
+    result = subprocess.run([tool("systemd-analyze"), "verify", "--man=no", *paths], cwd=cwd,
+                            capture_output=True, text=True, timeout=60)
+    return f"exit {result.returncode}\n{result.stdout}{result.stderr}".strip()
+
+
+# ---- the unit files --------------------------------------------------------
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    paths = render(str(tmp_path / "units"))
+    assert verify(paths, str(tmp_path)) == "exit 0"
+
+    # verify exits 0 on a misspelt key: only its output tells, so check that.
+    bad = tmp_path / "bad"
+    render(str(bad), ("tarefa-replica@.service",))
+    unit = bad / "tarefa-replica@.service"
+    unit.write_text(unit.read_text().replace("ProtectSystem=", "ProtectSytem="))
+    assert "Unknown key 'ProtectSytem'" in verify([str(unit)], str(tmp_path))
+
+
+def test_units_run_the_console_scripts_with_their_cluster_file():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        scripts = tomllib.load(fh)["project"]["scripts"]
+    example = os.path.join(UNIT_DIR, "cluster.multi-host.yaml")
+    cluster = load_cluster(example)
+    instances = {"tarefa-replica@.service": cluster.replicas[0].id,
+                 "tarefa-portal@.service": cluster.portals[0].id,
+                 "tarefa-listener.service": ""}
+    for name in SERVICES:
+        argv = exec_start(name, example, instances[name])
+        assert os.path.basename(argv[0]) in scripts, f"{name}: {argv[0]} is no console script"
+        # The exact ExecStart= line accepts the example file (and the instance id).
+        check = subprocess.run([*argv, "--check-config"], capture_output=True, text=True,
+                               timeout=60, cwd="/")
+        assert check.returncode == 0, f"{name}: {argv}\n{check.stdout}{check.stderr}"
+
+
+def test_units_share_lifecycle_and_sandbox_settings():
+    expected = {"Type": "notify", "NotifyAccess": "main", "User": "tarefa", "Group": "tarefa",
+                "Restart": "on-failure", "RestartPreventExitStatus": "2",
+                "KillSignal": "SIGTERM", "ExecReload": "/bin/kill -HUP $MAINPID",
+                "PartOf": "tarefa.target", "WantedBy": "tarefa.target"}
+    graces = [load_cluster(os.path.join(ROOT, "config", "cluster.yaml")).grace_seconds]
+    graces += [load_cluster(os.path.join(UNIT_DIR, e)).grace_seconds for e in EXAMPLES]
+    reference = sandbox_block(SERVICES[0])
+    assert ("ProtectSystem", "strict") in reference and ("NoNewPrivileges", "yes") in reference
+    for name in SERVICES:
+        for key, value in expected.items():
+            assert setting(name, key) == value, f"{name}: {key}"
+        assert sandbox_block(name) == reference, f"{name}: sandbox differs from {SERVICES[0]}"
+        # SIGTERM drains for grace_seconds, then Raft/LevelDB/MQTT close: never SIGKILL first.
+        assert float(setting(name, "TimeoutStopSec")) >= max(graces) + 10, name
+        assert "network-online.target" in setting(name, "After"), name
+    for name in SERVICES[1:]:
+        assert "mosquitto.service" in setting(name, "After").split(), name
+    assert setting("tarefa.target", "WantedBy") == "multi-user.target"
+
+
+def test_units_sandbox_exposure_stays_low():
+    for name in SERVICES:
+        result = subprocess.run([tool("systemd-analyze"), "security", "--offline=true",
+                                 "--threshold=20", os.path.join(UNIT_DIR, name)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{name}: exposure above 2.0\n{result.stdout[-3000:]}"
+
+
+def test_cluster_files_keep_state_where_the_units_allow_writes():
+    assert setting("tarefa-replica@.service", "StateDirectory") == "tarefa/%i"
+    assert setting("tarefa-listener.service", "StateDirectory") == "tarefa/listener"
+    assert not [k for _, k, _ in directives("tarefa-portal@.service") if k == "StateDirectory"]
+    for example in EXAMPLES:
+        cluster = load_cluster(os.path.join(UNIT_DIR, example))
+        for replica in cluster.replicas:
+            assert replica.data_dir == f"{STATE}/{replica.id}", example
+        assert cluster.listener is not None
+        assert os.path.dirname(cluster.listener.audit_log) == f"{STATE}/listener", example
+    multi = load_cluster(os.path.join(UNIT_DIR, "cluster.multi-host.yaml"))
+    hosts = [r.host for r in multi.replicas]
+    assert len(set(hosts)) == len(hosts) and "127.0.0.1" not in hosts, "one replica per host"
+    with open(os.path.join(UNIT_DIR, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    with open(os.path.join(UNIT_DIR, "cluster.multi-host.yaml"), encoding="utf-8") as fh:
+        assert fh.read() in readme, "systemd/README.md must show cluster.multi-host.yaml as is"
+
+
+# ---- readiness and the sandbox, on real replica processes ------------------
+
+
+@dataclass
+class Notification:
+    fields: dict[str, str]
+    pid: int
+    uid: int
+
+
+class NotifySocket:
+    """What systemd listens on: an AF_UNIX datagram socket that also learns
+    each sender's credentials (SO_PASSCRED)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)  # an unprivileged daemon must be able to send
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.received: list[Notification] = []
+
+    def wait_for(self, line: str, timeout: float = WAIT) -> Notification:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {line!r} on {self.path} within {timeout}s "
+                                   f"(received: {[n.fields for n in self.received]})")
+            self.sock.settimeout(remaining)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except socket.timeout:
+                continue
+            pid = uid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid, uid, _ = struct.unpack("3i", payload[:12])
+            fields = dict(item.split("=", 1) for item in data.decode().splitlines() if item)
+            note = Notification(fields, pid, uid)
+            self.received.append(note)
+            key, value = line.split("=", 1)
+            if fields.get(key) == value:
+                return note
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def home_hidden_interpreter() -> str | None:
+    """The venv's base interpreter, when it lives under /root or /home."""
+    prefix = os.path.realpath(sys.base_prefix)
+    return prefix if prefix.startswith(("/root/", "/home/")) else None
+
+
+def stub_dir(cluster: ReplicaCluster) -> str:
+    return os.path.join(cluster.workdir, "interpreter")
+
+
+def sandbox(data_dir: str, stub: str) -> list[str]:
+    """Wrap a command in the emulated sandbox of the units (see the module doc).
+
+    /root and /home become empty read-only tmpfs. Only if this machine's .venv
+    is built on an interpreter inside them (pyenv in /root here) is that one
+    directory put back, read-only, moved in through `stub`: a real install
+    must not do that (install-units.sh refuses such a .venv), but the test
+    must run the interpreter it has.
+    """
+    q = shlex.quote
+    interpreter = home_hidden_interpreter()
+    homes = [d for d in ("/root", "/home") if os.path.isdir(d)]
+    steps = ["mount -n --rbind / /", "mount -n -o remount,bind,ro /"]
+    if interpreter:
+        steps.append(f"mount -n --bind {q(interpreter)} {q(stub)}")
+    steps += [f"mount -n -t tmpfs -o mode=0755 tmpfs {d}" for d in homes]
+    if interpreter:
+        steps += [f"mkdir -p {q(interpreter)}", f"mount -n --move {q(stub)} {q(interpreter)}",
+                  f"mount -n -o remount,bind,ro {q(interpreter)}"]
+    steps += [f"mount -n -o remount,ro {d}" for d in homes]
+    steps += [f"mount -n --bind {q(data_dir)} {q(data_dir)}",
+              f"mount -n -o remount,bind,rw {q(data_dir)}",
+              f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups "
+              '--no-new-privs --bounding-set=-all --inh-caps=-all -- "$@"']
+    return [tool("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+            " && ".join(steps), "sandbox"]
+
+
+class UnitReplica(ReplicaProcess):
+    """A replica started as its unit starts it: the unit's ExecStart=, the
+    unit's Environment=, NOTIFY_SOCKET, optionally inside the sandbox."""
+
+    def __init__(self, cluster: ReplicaCluster, spec: dict, notify_path: str,
+                 sandboxed: bool = False) -> None:
+        super().__init__(cluster, spec)
+        self.notify_path = notify_path
+        self.sandboxed = sandboxed
+
+    def argv(self) -> list[str]:
+        command = exec_start("tarefa-replica@.service", self.cluster.config_path, self.id)
+        if not self.sandboxed:
+            return command
+        return [*sandbox(self.cluster.data_dir(self), stub_dir(self.cluster)), *command]
+
+    def start(self) -> None:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+               "NOTIFY_SOCKET": self.notify_path}
+        env.update(kv.split("=", 1) for kv in
+                   shlex.split(setting("tarefa-replica@.service", "Environment")))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), cwd="/", env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def unit_cluster(request):
+    """A 3-replica cluster whose replica-3 runs as its unit would; work dir
+    readable by the sandbox's unprivileged uid (pytest's tmp_path is not)."""
+    workdir = tempfile.mkdtemp(prefix="tarefa-systemd-")
+    os.chmod(workdir, 0o755)
+    cluster = ReplicaCluster(workdir)
+    os.mkdir(stub_dir(cluster))
+    notify = NotifySocket(os.path.join(workdir, "notify"))
+
+    def make(sandboxed: bool) -> tuple[ReplicaCluster, UnitReplica, NotifySocket]:
+        member = UnitReplica(cluster, cluster.specs[2], notify.path, sandboxed)
+        cluster.members[2] = member
+        if sandboxed:  # what StateDirectory= does for the unit's User=
+            data = cluster.data_dir(member)
+            os.makedirs(data, mode=0o750)
+            os.chown(data, SANDBOX_UID, SANDBOX_UID)
+        return cluster, member, notify
+
+    yield make
+    cluster.stop()
+    notify.close()
+    if failed(request):
+        print(cluster.dump_logs())
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def serving_now(member: ReplicaProcess) -> None:
+    """One immediate health check and Status call, no retry, no wait_for_ready."""
+    health = health_pb2_grpc.HealthStub(member.channel)
+    answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert member.status(timeout=2).id == member.id
+
+
+def write_and_converge(cluster: ReplicaCluster) -> int:
+    cid = str(int(time.time() * 1e6))
+    command = pb.Command(request_id=new_request_id(), op=pb.CREATE_CLIENT, cid=cid, data="{}")
+    apply_with_retry(cluster, command, deadline=time.monotonic() + WAIT)
+    return cluster.wait_converged(WAIT)
+
+
+def stop_and_expect_stopping(member: UnitReplica, notify: NotifySocket) -> None:
+    member.signal(signal.SIGTERM)
+    note = notify.wait_for("STOPPING=1")
+    assert note.pid == member.proc.pid
+    assert member.proc.wait(WAIT) == 0, member.logs()[-3000:]
+
+
+def test_replica_notifies_ready_only_once_it_serves(unit_cluster):
+    cluster, member, notify = unit_cluster(sandboxed=False)
+    member.start()
+    ready = notify.wait_for("READY=1")
+    # Probed at once: had READY=1 come before the gRPC port was bound, this
+    # would be refused instead of answered.
+    serving_now(member)
+    assert ready.pid == member.proc.pid, "NotifyAccess=main: the main PID must notify"
+    assert ready.fields.get("STATUS") == "serving"
+    assert [n.fields for n in notify.received] == [ready.fields], "READY=1 came first"
+    for other in cluster.members[:2]:
+        other.start()
+    cluster.wait_leader(WAIT)
+    write_and_converge(cluster)
+    stop_and_expect_stopping(member, notify)
+
+
+def test_replica_runs_in_the_units_sandbox(unit_cluster):
+    need_root("emulating the units' sandbox (mount namespace, setpriv)")
+    cluster, member, notify = unit_cluster(sandboxed=True)
+    data = cluster.data_dir(member)
+
+    # The emulation itself: only the data directory is writable, as nobody.
+    probe = textwrap.dedent("""\
+        import os, sys
+        for path in sys.argv[1:]:
+            name = os.path.join(path, f".tarefa-probe-{os.getpid()}")
+            try:
+                open(name, "x").close()
+                os.unlink(name)
+                print(path, "writable")
+            except OSError as exc:
+                print(path, os.strerror(exc.errno))
+        print("uid", os.getuid())
+        """)
+    python = os.path.join(ROOT, ".venv", "bin", "python")
+    places = [data, cluster.workdir, "/tmp", "/var/tmp", "/etc", ROOT]
+    checked = subprocess.run([*sandbox(data, stub_dir(cluster)), python, "-c", probe, *places],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    rofs = os.strerror(errno.EROFS)
+    assert checked.stdout.splitlines() == [f"{data} writable"] + [
+        f"{place} {rofs}" for place in places[1:]] + [f"uid {SANDBOX_UID}"]
+
+    member.start()
+    ready = notify.wait_for("READY=1")
+    serving_now(member)
+    assert (ready.pid, ready.uid) == (member.proc.pid, SANDBOX_UID)
+    for other in cluster.members[:2]:
+        other.start()
+    cluster.wait_leader(WAIT)
+    applied = write_and_converge(cluster)
+    stop_and_expect_stopping(member, notify)
+
+    # What Restart=on-failure relies on: it reopens its state under the sandbox.
+    member.start()
+    notify.wait_for("READY=1")
+    serving_now(member)
+    assert write_and_converge(cluster) > applied
+    owners = {os.stat(os.path.join(d, f)).st_uid
+              for d, _, files in os.walk(data) for f in files}
+    assert owners == {SANDBOX_UID}, "every state file belongs to the unit's user"
+    stop_and_expect_stopping(member, notify)
+
+
+# ---- install-units.sh ------------------------------------------------------
+
+
+def install_units(root: str, *args: str, user: int | None = None) -> subprocess.CompletedProcess:
+    script = os.path.join(UNIT_DIR, "install-units.sh")
+    prefix = [tool("setpriv"), f"--reuid={user}", f"--regid={user}", "--clear-groups"] \
+        if user is not None else []
+    return subprocess.run([*prefix, script, "--root", root, *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_install_units_refuses_without_root(tmp_path):
+    result = install_units(str(tmp_path / "root"), user=SANDBOX_UID) if os.geteuid() == 0 \
+        else install_units(str(tmp_path / "root"))
+    assert result.returncode == 1
+    assert "must be run as root" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_install_units_stages_user_units_config_and_enables_local_daemons(tmp_path):
+    need_root("install-units.sh")
+    tool("systemd-sysusers")
+    tool("systemctl")
+    root = tmp_path / "root"
+    first = install_units(str(root), "--enable")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").open()}
+    assert passwd["tarefa"][6].strip() == "/usr/sbin/nologin"
+    gid = int(passwd["tarefa"][3])
+    for name in UNITS:
+        assert (root / "etc/systemd/system" / name).read_text() == unit_text(name)
+    config = root / "etc/tarefa/cluster.yaml"
+    assert config.read_text() == unit_text("cluster.one-host.yaml")
+    for path, mode in ((config, 0o640), (config.parent, 0o750)):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, gid), path
+    wants = sorted(os.listdir(root / "etc/systemd/system/tarefa.target.wants"))
+    one_host = load_cluster(os.path.join(UNIT_DIR, "cluster.one-host.yaml"))
+    assert wants == sorted([f"tarefa-replica@{r.id}.service" for r in one_host.replicas]
+                           + [f"tarefa-portal@{p.id}.service" for p in one_host.portals]
+                           + ["tarefa-listener.service"])
+    assert (root / "etc/systemd/system/multi-user.target.wants/tarefa.target").is_symlink()
+
+    # Re-running is safe and never overwrites the operator's cluster file.
+    config.write_text(config.read_text().replace("name: tarefa", "name: edited"))
+    again = install_units(str(root), "--enable")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "name: edited" in config.read_text()
+
+    # One file for several hosts: only the daemons whose host is local are enabled.
+    multi = unit_text("cluster.multi-host.yaml")
+    local = re.sub(r"192\.0\.2\.11\b", "127.0.0.1", multi)
+    other = tmp_path / "other"
+    (other / "etc/tarefa").mkdir(parents=True)
+    (other / "etc/tarefa/cluster.yaml").write_text(local)
+    third = install_units(str(other), "--enable")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert sorted(os.listdir(other / "etc/systemd/system/tarefa.target.wants")) == [
+        "tarefa-listener.service", "tarefa-portal@portal-admin.service",
+        "tarefa-replica@replica-1.service"]
+
+    # A host named by no daemon is refused rather than silently enabling nothing.
+    (other / "etc/tarefa/cluster.yaml").write_text(multi)
+    nothing = install_units(str(other), "--enable")
+    assert nothing.returncode == 1 and "no daemon" in nothing.stderr
