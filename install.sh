@@ -22,6 +22,8 @@ apt_install() {
 
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# systemd/ is tested with systemd-analyze, systemd-sysusers and systemctl (Debian's systemd package).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 PYTHON=${PYTHON:-python3}
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: Tarefa needs Python 3.11"
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
@@ -30,11 +32,14 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: Tarefa needs Pyt
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 else
-    say "Debian packages present (mosquitto, python venv)"
+    say "Debian packages present (mosquitto, systemd, python venv)"
 fi
 # The Debian package enables a system-wide broker on :1883; Tarefa runs its own
-# under supervisord (and tests on free ports), so keep the packaged one off.
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+# under supervisord (and tests on free ports), so keep the packaged one off --
+# unless this host runs Tarefa under systemd (systemd/install-units.sh), where
+# mosquitto.service is the broker.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] \
+        && [ ! -e /etc/systemd/system/tarefa.target ]; then
     systemctl disable --now mosquitto >/dev/null 2>&1 || true
 fi
 

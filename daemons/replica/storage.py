@@ -71,7 +71,8 @@ class Storage:
             self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True,
                                  bloom_filter_bits=10)
         except (plyvel.Error, OSError) as exc:
-            if "lock" in str(exc).lower():
+            text = str(exc).lower()
+            if "lock" in text and ("temporarily unavailable" in text or "already held" in text):
                 raise StorageCorrupt(
                     f"LevelDB at {path} is in use by another process (is another replica "
                     f"running on this data_dir?): {exc}") from None
