@@ -76,7 +76,7 @@ import yaml  # noqa: E402
 
 from daemons.core.config import RaftSettings  # noqa: E402
 from proto import replica_pb2, replica_pb2_grpc  # noqa: E402
-from tests.harness import ReplicaCluster, ReplicaProcess  # noqa: E402
+from tests.harness import DaemonProcess, ReplicaCluster, ReplicaProcess  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Echo"
 ECHO_PAYLOAD = b"0123456789abcdef"
@@ -218,11 +218,16 @@ class RunResult:
 
 def run_load(name: str, target: str, inflight: int, make_call: Callable[[grpc.Channel, int], Call],
              warmup: float, duration: float, server_pid: int,
-             cluster_pids: list[int] | None = None) -> RunResult:
+             cluster_pids: list[int] | None = None,
+             on_window: Callable[[str], None] | None = None) -> RunResult:
     """N threads of blocking calls over one shared channel; latencies in the window only.
 
     `make_call(channel, thread_index)` returns `call(seq)`, one blocking RPC that
     raises grpc.RpcError on failure. Identical for every target.
+    `on_window`, if given, is called with "begin" right before the CPU counters
+    are sampled at the start of the measured window and with "end" right after
+    they are sampled at its end (e.g. to read a server's own counters), so the
+    CPU figures are not affected by what it does.
     """
     channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=10)
@@ -265,6 +270,8 @@ def run_load(name: str, target: str, inflight: int, make_call: Callable[[grpc.Ch
     start_gate.wait()
     # Sample CPU over the measured window only.
     time.sleep(max(0.0, window["begin"] - time.perf_counter()))
+    if on_window is not None:
+        on_window("begin")
     c0, s0 = self_cpu_seconds(), proc_cpu_seconds(server_pid)
     k0 = sum(proc_cpu_seconds(p) for p in cluster_pids or [])
     w0 = time.perf_counter()
@@ -272,6 +279,8 @@ def run_load(name: str, target: str, inflight: int, make_call: Callable[[grpc.Ch
     c1, s1 = self_cpu_seconds(), proc_cpu_seconds(server_pid)
     k1 = sum(proc_cpu_seconds(p) for p in cluster_pids or [])
     elapsed = time.perf_counter() - w0
+    if on_window is not None:
+        on_window("end")
     for t in threads:
         t.join(timeout=15)
     stuck = sum(t.is_alive() for t in threads)
@@ -490,8 +499,13 @@ def measure_failover(cluster: ReplicaCluster, cid: str, writers: int, steady: fl
 
 def scan_logs(cluster: ReplicaCluster) -> dict[str, Any]:
     """Per replica log: CRITICAL lines, pysyncobj WARNING lines, other WARNING/ERROR lines."""
+    return scan_process_logs(cluster.members)
+
+
+def scan_process_logs(processes: list[DaemonProcess]) -> dict[str, Any]:
+    """scan_logs over any harness processes (keyed by their id)."""
     out: dict[str, Any] = {}
-    for m in cluster.members:
+    for m in processes:
         counts: Counter = Counter()
         samples: dict[str, list[str]] = {}
         for line in m.logs().splitlines():
