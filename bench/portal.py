@@ -63,9 +63,10 @@ CPU columns: cores used during the measured window by this client process, the
 portal called (or the echo server), all three replicas together, "rest" = the
 broker plus the two other portals (an event fan-out costs there), the total
 of those (compare with nproc: the whole stack shares the machine), and "other":
-busy cores of the whole machine (/proc/stat) minus that total, i.e. anything
-else that ran meanwhile (plus some kernel interrupt time); a high value means
-the figures of that row were skewed by foreign load (an anomaly). For the
+busy cores of the whole machine (/proc/stat) minus this client and every
+process the benchmark started (echo server, broker, replicas, portals), i.e.
+anything else that ran meanwhile (plus some kernel interrupt time); above 0.25
+cores it is reported as an anomaly, the row being skewed by foreign load. For the
 create runs the leader's Status is read at both ends of the window too: Raft
 entries committed per second and writes per entry (how well the portal's
 ApplyBatch grouping and the replica's group commit batch). Replica CRITICAL log
@@ -169,17 +170,19 @@ class WindowProbe:
     `statuses` maps a name to a Status call (a portal's or the leader's).
     """
 
-    def __init__(self, pids: list[int], statuses: dict[str, Callable[[], Any]] | None = None
-                 ) -> None:
+    def __init__(self, pids: list[int], statuses: dict[str, Callable[[], Any]] | None = None,
+                 all_pids: list[int] | None = None) -> None:
         self.pids = pids
+        self.all_pids = all_pids or []  # every server process we started (for "other")
         self.statuses = statuses or {}
         self.marks: dict[str, tuple[float, float, dict[str, Any]]] = {}
-        self.machine: dict[str, tuple[float, float]] = {}
+        self.machine: dict[str, tuple[float, float, float]] = {}
 
     def __call__(self, phase: str) -> None:
         t = time.perf_counter()
         cpu = sum(proc_cpu_seconds(p) for p in self.pids)
-        self.machine[phase] = (t, machine_busy_seconds())
+        self.machine[phase] = (t, machine_busy_seconds(),
+                               sum(proc_cpu_seconds(p) for p in self.all_pids))
         answers = {}
         for name, call in self.statuses.items():
             try:
@@ -193,8 +196,16 @@ class WindowProbe:
         """Busy cores of the whole machine (every process, ours or not) over the window."""
         if "begin" not in self.machine or "end" not in self.machine:
             return math.nan
-        (t0, b0), (t1, b1) = self.machine["begin"], self.machine["end"]
+        (t0, b0, _), (t1, b1, _) = self.machine["begin"], self.machine["end"]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else math.nan
+
+    @property
+    def servers_cpu(self) -> float:
+        """Cores used by every server process we started (echo, broker, replicas, portals)."""
+        if "begin" not in self.machine or "end" not in self.machine:
+            return math.nan
+        (t0, _, a0), (t1, _, a1) = self.machine["begin"], self.machine["end"]
+        return (a1 - a0) / (t1 - t0) if t1 > t0 else math.nan
 
     @property
     def cpu(self) -> float:
@@ -535,8 +546,9 @@ def print_report(report: dict[str, Any]) -> None:
     p("  (x echo: ops/s over echo with the same in-flight count, same run order; cpu columns:")
     p("   cores used in the window by the client process, the target [echo server / the portal")
     p("   called], all three replicas together, rest = broker + the two other portals, their")
-    p(f"   total, out of nproc={report['nproc']}, and other = busy cores of the machine not used by")
-    p("   these processes: anything else running on the machine meanwhile, which skews figures)")
+    p(f"   total, out of nproc={report['nproc']}, and other = busy cores of the machine minus this")
+    p("   client and every process the benchmark started: anything else running meanwhile")
+    p("   (plus some kernel interrupt time); a high value means the row was skewed)")
     for s in report["measurements"].values():
         if "writes_per_raft_entry" in s:
             p(f"  {s['name']}({s['inflight']}): leader committed "
@@ -695,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         replica_pids = [m.proc.pid for m in stack.members if m.proc]
         portal_pids = {pp.id: pp.proc.pid for pp in stack.portals if pp.proc}
         broker_pid = stack.broker.proc.pid if stack.broker.proc else 0
+        all_pids = [echo.pid, broker_pid, *replica_pids, *portal_pids.values()]
         print(f"clients {cids}; echo pid {echo.pid}; portal pids {portal_pids}; "
               f"first read of the {READ_TASKS} tasks on portal-client-2: {report['warm_read']}",
               flush=True)
@@ -715,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                 tag = f"c{k}r{rep}-{uuid.uuid4().hex[:6]}"
                 t_phase = time.time()
                 if name == "echo":
-                    probe = WindowProbe([])
+                    probe = WindowProbe([], all_pids=all_pids)
                     r = run_load(key, echo.address, k, echo_call(args.call_timeout),
                                  args.warmup, args.duration, echo.pid, None, on_window=probe)
                 elif name == "get-hit":
@@ -723,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                         p2.client.GetTask(pb.TaskRef(cid=cids["read"], title=t), timeout=10)
                     probe = WindowProbe([broker_pid, portal_pids["portal-admin"],
                                          portal_pids["portal-client-1"]],
-                                        {"portal": lambda: p2.status(timeout=5)})
+                                        {"portal": lambda: p2.status(timeout=5)}, all_pids)
                     r = run_load(key, p2.address, k,
                                  get_task_call(cids["read"], titles, args.call_timeout),
                                  args.warmup, args.duration, portal_pids["portal-client-2"],
@@ -732,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                     leader = stack.wait_leader(10)
                     probe = WindowProbe([broker_pid, portal_pids["portal-admin"],
                                          portal_pids["portal-client-2"]],
-                                        {"leader": lambda: leader.status(timeout=5)})
+                                        {"leader": lambda: leader.status(timeout=5)}, all_pids)
                     r = run_load(key, p1.address, k,
                                  create_task_call(cids["write"], tag, args.call_timeout),
                                  args.warmup, args.duration, portal_pids["portal-client-1"],
@@ -800,7 +813,9 @@ def main(argv: list[str] | None = None) -> int:
                       for r, pr in zip(rs, probes[key])]
             s["total_cpu"] = median(totals)
             s["machine_cpu"] = median([pr.machine_cpu for pr in probes[key]])
-            s["foreign_cpu_runs"] = [pr.machine_cpu - t for pr, t in zip(probes[key], totals)]
+            # Everything on the machine but this client and the processes we started.
+            s["foreign_cpu_runs"] = [pr.machine_cpu - r.client_cpu - pr.servers_cpu
+                                     for r, pr in zip(rs, probes[key])]
             s["foreign_cpu"] = median(s["foreign_cpu_runs"])
             if key.startswith("create"):
                 entries = [pr.raft_entries() for pr in probes[key]]
