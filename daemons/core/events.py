@@ -43,6 +43,10 @@ def subscription(cluster_name: str) -> str:
     return f"{topic_root(cluster_name)}/#"
 
 
+def client_subscription(cluster_name: str) -> str:
+    return f"{topic_root(cluster_name)}/clients/#"
+
+
 def event_topic(cluster_name: str, event: dict[str, Any]) -> str:
     root = topic_root(cluster_name)
     if event["event"] in CLIENT_EVENTS:

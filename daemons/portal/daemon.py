@@ -42,8 +42,10 @@ class PortalDaemon(Daemon):
         self.coherence = Coherence(portal_id, cluster.name, self.cache)
         self.replicas = ReplicaClient(cluster, portal_id)
         self.ops = PortalOperations(portal_id, self.replicas, self.coherence)
-        self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}",
-                            [events.subscription(cluster.name)],
+        # A portal that serves no tasks has no use for task events.
+        topics = [events.subscription(cluster.name)] if "client" in self.spec.services \
+            else [events.client_subscription(cluster.name)]
+        self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}", topics,
                             self.coherence.on_message, self.coherence.on_connection)
         self.coherence.bus = self.bus
         self.health: health.aio.HealthServicer | None = None

@@ -34,7 +34,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 PER_TRY_TIMEOUT = 1.5
 REVISION_HEADER = "tarefa-revision"
 MAX_GROUP = 256
-MAX_GROUPS_IN_FLIGHT = 4
+MAX_GROUPS_IN_FLIGHT = 2
 
 
 class ReplicaClient:
@@ -50,6 +50,7 @@ class ReplicaClient:
         self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float]] = \
             collections.deque()
         self._groups_in_flight = 0
+        self._send_scheduled = False
         self._poller: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -95,12 +96,18 @@ class ReplicaClient:
     # -- writes (grouped) ------------------------------------------------------
 
     async def apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
         self._queue.append((command, future, time.monotonic() + timeout))
-        self._send_groups()
+        if not self._send_scheduled:
+            # Send at the end of this loop iteration, so that the writes of
+            # every handler the loop runs now travel in one group.
+            self._send_scheduled = True
+            loop.call_soon(self._send_groups)
         return await future
 
     def _send_groups(self) -> None:
+        self._send_scheduled = False
         while self._queue and self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
             group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
             self._groups_in_flight += 1
