@@ -161,6 +161,31 @@ class ReplicaStateMachine(SyncObj):
                       else StorageCorrupt(f"apply of Raft entry {index} failed: {exc!r}"))
             return None
 
+    # -- a fix to PySyncObj's leader ---------------------------------------------
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        """Keep a follower's next index from moving backwards on a success reply.
+
+        PySyncObj 0.3.17 advances next index when it sends entries, then sets it
+        back to the acknowledged position when an older success reply arrives
+        (syncobj.py, 'next_node_idx' handling). The leader then re-sends entries
+        the follower already holds, and the follower truncates and re-appends
+        them — logging CRITICAL "truncating already-applied log entries", and
+        for a moment holding fewer entries than it acknowledged. In Raft, next
+        index only moves back on a failed (reset) reply; this override restores
+        that. (PySyncObj registers this method by its mangled name, so a
+        subclass method of that name replaces it.)
+        """
+        before = None
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" \
+                and message.get("success") and not message.get("reset"):
+            before = self._SyncObj__raftNextIndex.get(node)  # type: ignore[attr-defined]
+        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+        if before is not None:
+            next_index = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
+            if next_index.get(node, before) < before:
+                next_index[node] = before
+
     # -- snapshots (log compaction) ------------------------------------------
 
     def _write_snapshot(self, filename: str, raft_data: Any) -> None:
