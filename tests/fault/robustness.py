@@ -1,0 +1,262 @@
+"""A Jepsen-style robustness run: clients record a history while a nemesis
+injects faults into a full stack; checkers then judge the history.
+
+`run_robustness(stack, seconds, ...)` drives:
+
+- clients: threads doing a mixed workload on a few task keys of one client
+  through the two client portals — creates, writes (UpdateTask description),
+  deletes, LINEARIZABLE reads (checked as a register) and cached reads
+  (checked for staleness per portal) — each recording invoke/complete
+  events with timestamps (tests/fault/history.py);
+- watchers: a WatchTasks stream per client portal recording which revisions
+  each portal is known to have received;
+- the nemesis: every few seconds one fault — SIGKILL a replica (leader
+  favoured) and restart it, SIGSTOP the leader past the election timeout
+  then SIGCONT, kill and restart the broker, kill and restart a client
+  portal.
+
+Network partitions with namespaces are not injected (see README, limits).
+Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto import portal_pb2 as pb
+from tests.fault.history import History
+from tests.harness import PortalProcess, Stack, wait_for
+
+CID = "31415926535897932384626"
+KEYS = [f"key/{i}" for i in range(6)]
+UNCERTAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+
+
+@dataclass
+class Run:
+    history: History = field(default_factory=History)      # linearizable ops
+    cached: History = field(default_factory=History)       # cached reads
+    received: list[tuple[str, str, int, float]] = field(default_factory=list)
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _key(title: str) -> str:
+    return f"{CID}/{title}"
+
+
+class Client(threading.Thread):
+    def __init__(self, run: Run, process: int, portals: list[PortalProcess], seed: int,
+                 deadline: float) -> None:
+        super().__init__(name=f"client-{process}", daemon=True)
+        self.run_ = run
+        self.process = process
+        self.portals = portals
+        self.rng = random.Random(seed)
+        self.deadline = deadline
+        self.count = 0
+
+    def run(self) -> None:
+        while not self.run_.stop.is_set() and time.monotonic() < self.deadline:
+            self.one()
+            self.count += 1
+
+    def one(self) -> None:
+        portal = self.portals[(self.process + self.count) % len(self.portals)] \
+            if self.rng.random() < 0.2 else self.portals[self.process % len(self.portals)]
+        title = self.rng.choice(KEYS)
+        f = self.rng.choices(["create", "write", "delete", "read", "cached"],
+                             weights=[2, 3, 1, 3, 3])[0]
+        value = f"p{self.process}-{self.count}"
+        history = self.run_.cached if f == "cached" else self.run_.history
+        op = history.invoke(self.process, "read" if f == "cached" else f, _key(title),
+                            value if f in ("create", "write") else None, portal.id)
+        stub = portal.client
+        try:
+            if f == "create":
+                t = stub.CreateTask(pb.CreateTaskRequest(cid=CID, title=title, description=value),
+                                    timeout=3)
+                history.complete(op, "ok", "ok", revision=t.revision)
+            elif f == "write":
+                t = stub.UpdateTask(pb.UpdateTaskRequest(cid=CID, title=title, description=value),
+                                    timeout=3)
+                history.complete(op, "ok", "ok", revision=t.revision)
+            elif f == "delete":
+                d = stub.DeleteTask(pb.DeleteTaskRequest(cid=CID, title=title), timeout=3)
+                history.complete(op, "ok", "ok", revision=d.revision)
+            else:
+                consistency = pb.CACHED if f == "cached" else pb.LINEARIZABLE
+                t = stub.GetTask(pb.TaskRef(cid=CID, title=title, consistency=consistency),
+                                 timeout=3)
+                history.complete(op, "ok", "ok", value=t.description, revision=t.revision)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                history.complete(op, "ok", "exists")
+            elif code == grpc.StatusCode.NOT_FOUND:
+                history.complete(op, "ok", "absent")
+            elif code in UNCERTAIN:
+                # A read has no effect: a failed one is simply a failure.
+                history.complete(op, "fail" if op.f == "read" else "info")
+                time.sleep(0.05)
+            else:
+                history.complete(op, "fail")
+                raise
+
+
+class Watcher(threading.Thread):
+    """Records (portal, key, revision, time) for every event a portal streams."""
+
+    def __init__(self, run: Run, portal: PortalProcess) -> None:
+        super().__init__(name=f"watch-{portal.id}", daemon=True)
+        self.run_ = run
+        self.portal = portal
+        self.call: Any = None
+
+    def run(self) -> None:
+        for _ in range(10_000):
+            if self.run_.stop.is_set():
+                return
+            try:
+                self.call = self.portal.client.WatchTasks(pb.WatchTasksRequest(cid=CID))
+                for event in self.call:
+                    if event.title:
+                        self.run_.received.append((self.portal.id, _key(event.title),
+                                                   event.revision, time.monotonic()))
+            except grpc.RpcError:
+                time.sleep(0.1)
+
+    def cancel(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
+class Nemesis(threading.Thread):
+    def __init__(self, run: Run, stack: Stack, seed: int, deadline: float) -> None:
+        super().__init__(name="nemesis", daemon=True)
+        self.run_ = run
+        self.stack = stack
+        self.rng = random.Random(seed)
+        self.deadline = deadline
+        self.error: BaseException | None = None
+
+    def leader_or_random(self):  # type: ignore[no-untyped-def]
+        live = [m for m in self.stack.members if m.alive]
+        if self.rng.random() < 0.6:
+            for m in live:
+                try:
+                    if m.status(timeout=0.5).role == "leader":
+                        return m
+                except grpc.RpcError:
+                    pass
+        return self.rng.choice(live)
+
+    def run(self) -> None:
+        try:
+            while not self.run_.stop.wait(self.rng.uniform(1.5, 3.0)):
+                if time.monotonic() > self.deadline:
+                    return
+                self.inject(self.rng.choice(["kill_replica", "pause_leader", "kill_broker",
+                                             "kill_portal"]))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def inject(self, kind: str) -> None:
+        self.run_.faults[kind] += 1
+        pause = self.rng.uniform(1.0, 2.5)
+        if kind == "kill_replica":
+            member = self.leader_or_random()
+            member.kill()
+            time.sleep(pause)
+            member.start()
+            self.stack.wait_ready(member, timeout=30)
+        elif kind == "pause_leader":
+            member = self.leader_or_random()
+            member.signal(signal.SIGSTOP)
+            time.sleep(max(pause, 1.6))  # past election_timeout_max (1.4 s)
+            member.signal(signal.SIGCONT)
+        elif kind == "kill_broker":
+            self.stack.broker.kill()
+            time.sleep(pause)
+            self.stack.broker.start()
+            self.stack.broker.wait_ready()
+        else:
+            portal = self.rng.choice([p for p in self.stack.portals if "client" in p.spec["services"]])
+            portal.kill()
+            time.sleep(pause)
+            portal.start()
+            portal.wait_ready(timeout=30)
+
+
+def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1) -> Run:
+    """Create the client, run the workload under faults, heal, and return the record."""
+    run = Run()
+    admin = stack.portal("portal-admin").admin
+    wait_for(lambda: admin.CreateClient(pb.CreateClientRequest(cid=CID, data="{}"), timeout=5),
+             30, "the test client to be created")
+    portals = [p for p in stack.portals if "client" in p.spec["services"]]
+    deadline = time.monotonic() + seconds
+    watchers = [Watcher(run, p) for p in portals]
+    workers = [Client(run, i, portals, seed * 1000 + i, deadline) for i in range(clients)]
+    nemesis = Nemesis(run, stack, seed, deadline)
+    for thread in [*watchers, *workers, nemesis]:
+        thread.start()
+    for worker in workers:
+        worker.join(seconds + 60)
+    nemesis.join(60)
+    run.stop.set()
+    for watcher in watchers:
+        watcher.cancel()
+        watcher.join(10)
+    assert not any(t.is_alive() for t in workers), "clients did not stop"
+    if nemesis.error is not None:
+        raise nemesis.error
+    heal(stack)
+    return run
+
+
+def heal(stack: Stack) -> None:
+    """Every daemon running and un-paused; the replicas agreed and caught up."""
+    for daemon in [stack.broker, *stack.members, *stack.portals]:
+        if daemon.alive:
+            daemon.signal(signal.SIGCONT)
+        else:
+            daemon.start()
+    stack.broker.wait_ready()
+    for portal in stack.portals:
+        portal.wait_ready(timeout=30)
+    stack.wait_leader(timeout=30)
+    stack.wait_converged(timeout=60)
+
+
+def final_state(stack: Stack) -> dict[str, tuple[Any, int] | None]:
+    """Every key's value and revision, read LINEARIZABLE after the run."""
+    portal = next(p for p in stack.portals if "client" in p.spec["services"])
+    state: dict[str, tuple[Any, int] | None] = {}
+    for title in KEYS:
+        try:
+            t = portal.client.GetTask(pb.TaskRef(cid=CID, title=title,
+                                                 consistency=pb.LINEARIZABLE), timeout=10)
+            state[_key(title)] = (t.description, t.revision)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+            state[_key(title)] = None
+    return state
+
+
+def summary(run: Run) -> str:
+    ops = [o for o in run.history.ops + run.cached.ops if o.type != "invoke"]
+    by_type = collections.Counter(o.type for o in ops)
+    faults = ", ".join(f"{k}={v}" for k, v in sorted(run.faults.items())) or "none"
+    return (f"ops attempted={len(ops)} acknowledged={by_type['ok']} "
+            f"failed-definitely={by_type['fail']} indeterminate={by_type['info']}; "
+            f"faults: {faults}")

@@ -1,0 +1,65 @@
+"""The robustness suite: a full stack under a nemesis, the history checked.
+
+Runs for TAREFA_SOAK_SECONDS (default 60) — set it to 600 or more for a soak.
+Prints one summary line (ops, faults by kind, verdicts). On a violation the
+work directory (daemon logs, data) and the histories are kept and named in
+the failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from daemons.replica.storage import Storage
+from tests.fault.checkers import (check_cache_monotonic, check_converged,
+                                  check_linearizable, check_no_lost_or_duplicated)
+from tests.fault.history import History
+from tests.fault.robustness import final_state, run_robustness, summary
+from tests.harness import Stack
+
+SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
+
+
+def replica_digests(stack: Stack) -> dict[str, str]:
+    for member in stack.members:
+        assert member.terminate() == 0, f"{member.id} did not stop cleanly"
+    digests = {}
+    for member in stack.members:
+        storage = Storage(stack.data_dir(member))
+        digests[member.id] = storage.digest()
+        storage.close()
+    return digests
+
+
+def test_history_under_faults_is_correct(tmp_path):
+    workdir = str(tmp_path / "stack")
+    stack = Stack(workdir)
+    try:
+        stack.start()
+        run = run_robustness(stack, SECONDS, clients=6, seed=int(time.time()) % 1000)
+        state = final_state(stack)
+        merged = History.merged(run.history, run.cached)
+        verdicts = [
+            check_no_lost_or_duplicated(run.history, state),
+            check_linearizable(run.history),
+            check_cache_monotonic(merged, run.received),
+            check_converged(replica_digests(stack)),
+        ]
+    finally:
+        stack.stop()
+    line = summary(run) + "; verdicts: " + ", ".join(
+        f"{v.name}={'ok' if v.ok else 'VIOLATION'}" for v in verdicts)
+    print(f"\nrobustness ({SECONDS:.0f}s): {line}")
+    assert sum(run.faults.values()) >= max(1, int(SECONDS // 6)), "the nemesis hardly ran"
+    acknowledged = sum(1 for o in run.history.ops if o.type == "ok")
+    assert acknowledged >= 50, f"only {acknowledged} operations completed: {line}"
+    failed = [v for v in verdicts if not v.ok]
+    if failed:
+        kept = f"/tmp/tarefa-robustness-{int(time.time())}"
+        shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("*.ldb", "journal"))
+        run.history.to_jsonl(os.path.join(kept, "history.jsonl"))
+        run.cached.to_jsonl(os.path.join(kept, "cached-reads.jsonl"))
+        details = "\n\n".join(str(v) for v in failed)
+        raise AssertionError(f"{line}\n{details}\nlogs and histories kept in {kept}")
