@@ -195,6 +195,21 @@ class ReplicaCluster:
             return None
         return wait_for(same, timeout, "replicas to converge", interval=0.1)
 
+    def stop_and_digest(self) -> dict[str, str]:
+        """Wait until the members converge, stop them (exit 0 required), digest each LevelDB."""
+        from daemons.replica.storage import Storage
+
+        self.wait_converged(timeout=60)
+        for member in self.members:
+            code = member.terminate()
+            assert code == 0, f"{member.id} exited {code}:\n{member.logs()[-3000:]}"
+        digests = {}
+        for member in self.members:
+            storage = Storage(self.data_dir(member))
+            digests[member.id] = storage.digest()
+            storage.close()
+        return digests
+
     def stop(self) -> None:
         for member in self.members:
             try:

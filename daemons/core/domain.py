@@ -105,6 +105,16 @@ def validate_status(status: object) -> str:
     return status  # type: ignore[return-value]
 
 
+def validate_task_update(description: object, status: object) -> None:
+    """An update names a new description and/or status (None = unchanged)."""
+    if description is None and status is None:
+        raise InvalidArgument("description, status: give at least one to update")
+    if description is not None:
+        validate_description(description)
+    if status is not None:
+        validate_status(status)
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 

@@ -139,7 +139,8 @@ class ListenerDaemon(Daemon):
             log.warning("%s: rejected a malformed event on %r (%d bytes): %s; kept in %s",
                         self.daemon_id, topic, len(payload), exc.message,
                         self.audit.reject_path)
-            self._write(lambda: self.audit.reject(topic, payload, exc.message))
+            reason = exc.message
+            self._write(lambda: self.audit.reject(topic, payload, reason))
             return
         entry = self._write(lambda: self.audit.append(event, topic))
         if entry is None:

@@ -153,12 +153,7 @@ class PortalOperations:
                     request_id: str, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.validate_title(title)
-        if description is None and status is None:
-            raise InvalidArgument("description, status: give at least one to update")
-        if description is not None:
-            domain.validate_description(description)
-        if status is not None:
-            domain.validate_status(status)
+        domain.validate_task_update(description, status)
         command = pb.Command(request_id=_request_id(request_id), op=pb.UPDATE_TASK, cid=cid,
                              title=title, description=description, status=status)
         answer = await self._apply(command, timeout)

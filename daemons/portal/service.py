@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import grpc
 
 from daemons.core.errors import TarefaError
+from daemons.core.rpc import boundary, call_timeout, grpc_code
 from daemons.portal.operations import PortalOperations
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-
-
-def boundary(method: Callable) -> Callable:
-    """Map TarefaError to its status code; anything else is INTERNAL and logged."""
-    async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await method(self, request, context)
-        except TarefaError as exc:
-            await context.abort(_grpc_code(exc), exc.message)
-        except Exception:
-            log.exception("%s: %s failed", self.portal_id, method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the portal's log)")
-    wrapper.__name__ = method.__name__
-    return wrapper
 
 
 def client_message(record: dict) -> pb.Client:
@@ -48,16 +31,12 @@ def task_message(record: dict) -> pb.Task:
 
 class _Servicer:
     def __init__(self, portal_id: str, ops: PortalOperations, default_timeout: float) -> None:
-        self.portal_id = portal_id
+        self.daemon_id = portal_id
         self.ops = ops
         self.default_timeout = default_timeout
 
-    def timeout(self, context: grpc.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > 1e6:
-            return self.default_timeout
-        # Answer UNAVAILABLE a little before the caller gives up.
-        return max(0.0, remaining - max(0.02, 0.05 * remaining))
+    def timeout(self, context: Any) -> float:
+        return call_timeout(context, self.default_timeout)
 
 
 class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
@@ -132,7 +111,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
         try:
             await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
-            await context.abort(_grpc_code(exc), exc.message)
+            await context.abort(grpc_code(exc), exc.message)
         coherence = self.ops.coherence
         watcher = coherence.watch(request.cid)
         try:

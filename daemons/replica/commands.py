@@ -132,12 +132,7 @@ def update_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
     title = domain.validate_title(cmd.get("title"))
     description = cmd.get("description")
     status = cmd.get("status")
-    if description is None and status is None:
-        raise InvalidArgument("description, status: give at least one to update")
-    if description is not None:
-        domain.validate_description(description)
-    if status is not None:
-        domain.validate_status(status)
+    domain.validate_task_update(description, status)
     at = _require_at(cmd)
     _require_client(view, cid)
     key = domain.task_key(cid, title)

@@ -12,11 +12,10 @@ import json
 import logging
 from typing import Any, Callable
 
-import grpc
-
 from daemons.core import domain
 from daemons.core.clock import utc_now
 from daemons.core.errors import InvalidArgument, NotFound, TarefaError, error_from_code
+from daemons.core.rpc import boundary, call_timeout
 from daemons.replica.proposer import Proposer
 from daemons.replica.state_machine import ReplicaStateMachine
 from daemons.replica.storage import Storage
@@ -48,24 +47,6 @@ def command_from_proto(msg: replica_pb2.Command) -> dict[str, Any]:
     return command
 
 
-def _grpc_code(exc: TarefaError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-
-
-def _boundary(method: Callable) -> Callable:
-    """Map TarefaError to its status code; anything else is INTERNAL, logged."""
-    async def wrapper(self: "ReplicaServicer", request: Any, context: Any) -> Any:
-        try:
-            return await method(self, request, context)
-        except TarefaError as exc:
-            await context.abort(_grpc_code(exc), exc.message)
-        except Exception:
-            log.exception("%s: %s failed", self.replica_id, method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the replica's log)")
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
 def _encode_token(key: bytes) -> str:
     return base64.urlsafe_b64encode(key).decode("ascii")
 
@@ -86,7 +67,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     def __init__(self, replica_id: str, node: ReplicaStateMachine, storage: Storage,
                  proposer: Proposer, default_timeout: float,
                  counters: Callable[[], tuple[int, int]]) -> None:
-        self.replica_id = replica_id
+        self.daemon_id = replica_id
         self.node = node
         self.storage = storage
         self.proposer = proposer
@@ -94,17 +75,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self.counters = counters
 
     def _timeout(self, context: Any) -> float:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > 1e6:
-            return self.default_timeout
-        # Answer UNAVAILABLE a little before the caller's deadline expires.
-        return max(0.0, remaining - max(0.02, 0.05 * remaining))
+        return call_timeout(context, self.default_timeout)
 
     async def _barrier(self, consistency: int, context: Any) -> None:
         if consistency == replica_pb2.LINEARIZABLE:
             await self.proposer.propose(None, self._timeout(context))
 
-    @_boundary
+    @boundary
     async def Apply(self, request: replica_pb2.Command, context: Any) -> Any:
         command = command_from_proto(request)
         outcome = await self.proposer.propose(command, self._timeout(context))
@@ -115,7 +92,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                                          deleted_tasks=outcome.deleted_tasks,
                                          duplicate=outcome.duplicate)
 
-    @_boundary
+    @boundary
     async def ApplyBatch(self, request: replica_pb2.CommandBatch, context: Any) -> Any:
         results: list[replica_pb2.CommandResult | None] = [None] * len(request.commands)
         commands, positions = [], []
@@ -137,7 +114,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     deleted_tasks=outcome.deleted_tasks, duplicate=outcome.duplicate))
         return replica_pb2.ApplyBatchResponse(results=results)
 
-    @_boundary
+    @boundary
     async def Get(self, request: replica_pb2.GetRequest, context: Any) -> Any:
         cid = domain.validate_cid(request.cid)
         if request.kind == replica_pb2.CLIENT:
@@ -155,7 +132,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             raise NotFound(f"{what} not found")
         return replica_pb2.GetResponse(record=value.decode("utf-8"), revision=revision)
 
-    @_boundary
+    @boundary
     async def Scan(self, request: replica_pb2.ScanRequest, context: Any) -> Any:
         limit = request.limit or SCAN_DEFAULT_LIMIT
         if limit > SCAN_MAX_LIMIT:
@@ -183,12 +160,12 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             next=_encode_token(pairs[-1][0]) if more and pairs else "",
             revision=revision)
 
-    @_boundary
+    @boundary
     async def Status(self, request: replica_pb2.StatusRequest, context: Any) -> Any:
         status = self.node.status()
         warnings, criticals = self.counters()
         return replica_pb2.StatusResponse(
-            id=self.replica_id, role=status["role"], leader=status["leader"],
+            id=self.daemon_id, role=status["role"], leader=status["leader"],
             term=status["term"], commit_index=status["commit_index"],
             applied_index=status["applied_index"], revision=self.storage.revision(),
             journal_bytes=status["journal_bytes"], has_quorum=status["has_quorum"],

@@ -8,7 +8,6 @@ import json
 import os
 import time
 
-from daemons.replica.storage import Storage
 from proto import replica_pb2 as pb
 from tests.harness import WriterPool, apply_with_retry, new_request_id, scan_all, wait_for
 
@@ -51,18 +50,6 @@ def check_exactly_once(cluster, pool: WriterPool, first_revision: int) -> None:
         assert status.revision == first_revision + len(titles), (member.id, status.revision)
 
 
-def digests(cluster) -> set[str]:
-    cluster.wait_converged(timeout=60)
-    for member in cluster.members:
-        assert member.terminate() == 0
-    found = set()
-    for member in cluster.members:
-        storage = Storage(cluster.data_dir(member))
-        found.add(storage.digest())
-        storage.close()
-    return found
-
-
 def test_kill_leader_during_500_writes(replica_cluster_factory):
     cluster = replica_cluster_factory()
     cluster.start()
@@ -81,7 +68,7 @@ def test_kill_leader_during_500_writes(replica_cluster_factory):
     assert not pool.failed, list(pool.failed.values())[:3]
     assert len(pool.acked) == 500
     check_exactly_once(cluster, pool, first)
-    assert len(digests(cluster)) == 1
+    assert len(set(cluster.stop_and_digest().values())) == 1
 
 
 def test_kill_all_members_then_restart_keeps_acknowledged_writes(replica_cluster_factory):
@@ -120,7 +107,7 @@ def test_member_behind_a_compaction_catches_up_from_snapshot(replica_cluster_fac
     cluster.wait_ready(lagging)
     check_exactly_once(cluster, pool, first)
     assert "restoring snapshot" in lagging.logs(), "caught up by log replay, not snapshot"
-    assert len(digests(cluster)) == 1
+    assert len(set(cluster.stop_and_digest().values())) == 1
 
 
 def test_same_request_id_has_one_effect_across_leader_change(replica_cluster_factory):

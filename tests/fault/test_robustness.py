@@ -12,7 +12,6 @@ import os
 import shutil
 import time
 
-from daemons.replica.storage import Storage
 from tests.fault.checkers import (check_cache_monotonic, check_converged,
                                   check_linearizable, check_no_lost_or_duplicated)
 from tests.fault.history import History
@@ -20,17 +19,6 @@ from tests.fault.robustness import final_state, run_robustness, summary
 from tests.harness import Stack
 
 SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
-
-
-def replica_digests(stack: Stack) -> dict[str, str]:
-    for member in stack.members:
-        assert member.terminate() == 0, f"{member.id} did not stop cleanly"
-    digests = {}
-    for member in stack.members:
-        storage = Storage(stack.data_dir(member))
-        digests[member.id] = storage.digest()
-        storage.close()
-    return digests
 
 
 def test_history_under_faults_is_correct(tmp_path):
@@ -45,7 +33,7 @@ def test_history_under_faults_is_correct(tmp_path):
             check_no_lost_or_duplicated(run.history, state),
             check_linearizable(run.history),
             check_cache_monotonic(merged, run.received),
-            check_converged(replica_digests(stack)),
+            check_converged(stack.stop_and_digest()),
         ]
     finally:
         stack.stop()

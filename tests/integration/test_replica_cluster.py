@@ -34,18 +34,6 @@ def expect_error(stub, command: pb.Command, code: grpc.StatusCode, text: str) ->
     assert text in info.value.details()
 
 
-def digests_after_stop(cluster) -> dict[str, str]:
-    cluster.wait_converged()
-    for member in cluster.members:
-        assert member.terminate() == 0, member.logs()[-3000:]
-    out = {}
-    for member in cluster.members:
-        storage = Storage(cluster.data_dir(member))
-        out[member.id] = storage.digest()
-        storage.close()
-    return out
-
-
 @pytest.mark.parametrize("target", ["leader", "follower"])
 def test_every_command_succeeds_and_fails_properly(cluster, target):
     member = cluster.wait_leader() if target == "leader" else cluster.followers()[0]
@@ -187,7 +175,7 @@ def test_mixed_workload_leaves_identical_leveldbs(cluster):
                              deadline, start=t)
     apply_with_retry(cluster, cmd(pb.DELETE_CLIENT, cid="2"), deadline)
     apply_with_retry(cluster, cmd(pb.DELETE_ALL_TASKS, cid="3"), deadline)
-    digests = digests_after_stop(cluster)
+    digests = cluster.stop_and_digest()
     assert len(set(digests.values())) == 1, digests
 
 
