@@ -12,6 +12,8 @@ import os
 import shutil
 import time
 
+import pytest
+
 from tests.fault.checkers import (check_cache_monotonic, check_converged,
                                   check_linearizable, check_no_lost_or_duplicated)
 from tests.fault.history import History
@@ -21,6 +23,7 @@ from tests.harness import Stack
 SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
 
 
+@pytest.mark.timeout(SECONDS + 300)  # the run itself, plus start, heal and checks
 def test_history_under_faults_is_correct(tmp_path):
     workdir = str(tmp_path / "stack")
     stack = Stack(workdir)
