@@ -11,17 +11,16 @@ shared/notes/pysyncobj.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
-from daemons.core import domain
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
-from daemons.core.errors import InvalidArgument, StorageCorrupt
-from daemons.replica.commands import Outcome, execute
+from daemons.core.errors import StorageCorrupt
+from daemons.replica.applier import EntryApplier
+from daemons.replica.commands import Outcome
 from daemons.replica.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -58,72 +57,6 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf
         **options,
         **hooks,
     )
-
-
-class EntryApplier:
-    """Applies Raft entries to Storage exactly once; knows nothing of Raft itself."""
-
-    def __init__(self, storage: Storage, dedupe_window: int) -> None:
-        self.storage = storage
-        self.dedupe_window = dedupe_window
-
-    def apply(self, index: int, commands: list) -> list[Outcome]:
-        """Apply the Raft entry at `index` (skipped if already applied); one WriteBatch."""
-        ids = [c.get("request_id") if isinstance(c, dict) else None for c in commands]
-        applied = self.storage.applied_index()
-        if index <= applied:
-            stored = self.storage.get(domain.log_key(index))
-            if stored is not None and json.loads(stored) != ids:
-                raise StorageCorrupt(
-                    f"Raft index {index} reused with different commands (stored request ids "
-                    f"{stored[:200]!r}); this replica's log diverged and it must be resynced")
-            return [self._stored_outcome(rid) for rid in ids]  # a replay: no caller waits
-
-        view = self.storage.view()
-        revision = self.storage.revision()
-        results: list[Outcome] = []
-        for cmd, rid in zip(commands, ids):
-            try:
-                rid = domain.validate_request_id(rid)
-            except InvalidArgument as exc:
-                results.append(Outcome.failure(exc))
-                continue
-            prior = view.get(domain.request_key(rid))
-            if prior is not None:
-                results.append(Outcome.from_json(prior, duplicate=True))
-                continue
-            outcome = execute(view, cmd, revision + 1)
-            if outcome.ok:
-                revision = outcome.revision
-            view.put(domain.request_key(rid), outcome.to_json())
-            results.append(outcome)
-        view.put(domain.META_APPLIED, b"%d" % index)
-        view.put(domain.META_REVISION, b"%d" % revision)
-        if commands:
-            view.put(domain.log_key(index), json.dumps(ids).encode())
-        self._prune_dedupe(view, index)
-        self.storage.commit(view)
-        return results
-
-    def _stored_outcome(self, rid: Any) -> Outcome:
-        raw = self.storage.get(domain.request_key(rid)) if isinstance(rid, str) and rid else None
-        if raw is None:
-            return Outcome(ok=False, code="UNAVAILABLE",
-                           message="already applied; result no longer remembered")
-        return Outcome.from_json(raw)
-
-    def _prune_dedupe(self, view: Any, index: int) -> None:
-        """Forget request ids applied more than dedupe_window entries ago (deterministic)."""
-        if index % 16:  # every 16th entry is enough: each pass prunes up to 64 entries
-            return
-        limit = domain.log_key(max(0, index - self.dedupe_window))
-        for key, raw in self.storage.page(domain.META_LOG_PREFIX, None, _PRUNE_PER_APPLY)[0]:
-            if key >= limit:
-                break
-            for rid in json.loads(raw):
-                if isinstance(rid, str) and rid:
-                    view.delete(domain.request_key(rid))
-            view.delete(key)
 
 
 class ReplicaStateMachine(SyncObj):

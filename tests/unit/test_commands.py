@@ -1,4 +1,4 @@
-"""EntryApplier (daemons/replica/state_machine.py) and the commands it runs, on a real LevelDB."""
+"""EntryApplier (daemons/replica/applier.py) and the commands it runs, on a real LevelDB."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from daemons.core import domain
 from daemons.core.errors import StorageCorrupt
 from daemons.replica.commands import Outcome
-from daemons.replica.state_machine import EntryApplier
+from daemons.replica.applier import EntryApplier
 from daemons.replica.storage import Storage
 
 AT = "2024-05-01T12:00:00Z"
