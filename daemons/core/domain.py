@@ -31,6 +31,7 @@ from daemons.core.errors import InvalidArgument
 CID_MAX_DIGITS = 1000
 TITLE_MAX_CHARS = 256
 DATA_MAX_BYTES = 64 * 1024
+DATA_MAX_DEPTH = 64
 DESCRIPTION_MAX_BYTES = 64 * 1024
 REQUEST_ID_MAX_CHARS = 128
 STATUSES = ("pending", "done")
@@ -138,12 +139,31 @@ def parse_client_data(data: object) -> dict:
         raise InvalidArgument(f"data: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"data: must be a JSON object (got {type(value).__name__})")
+    if json_depth(value) > DATA_MAX_DEPTH:
+        raise InvalidArgument(f"data: nested deeper than {DATA_MAX_DEPTH} levels")
     try:  # escapes such as "\ud800" decode to text that is not valid UTF-8
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError, RecursionError):
         raise InvalidArgument("data: strings must be valid UTF-8 (lone surrogate escape)") \
             from None
     return value
+
+
+def json_depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def validate_request_id(request_id: object) -> str:

@@ -14,12 +14,13 @@ from daemons.core.config import Cluster, PortalSpec
 from daemons.core.errors import ConfigError, TarefaError
 from daemons.core.lifecycle import Daemon
 from daemons.core.mqtt import EventBus
+from daemons.core.rpc import add_service
 from daemons.portal.cache import PortalCache
 from daemons.portal.coherence import Coherence
 from daemons.portal.operations import PortalOperations
 from daemons.portal.replicas import ReplicaClient
 from daemons.portal.service import AdminServicer, ClientServicer, StatusServicer
-from proto import portal_pb2_grpc
+from proto import portal_pb2
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,15 @@ class PortalDaemon(Daemon):
         self.server = grpc.aio.server()
         names = ["tarefa.portal.PortalStatus"]
         if "admin" in self.spec.services:
-            portal_pb2_grpc.add_AdminPortalServicer_to_server(
-                AdminServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT), self.server)
+            add_service(self.server, portal_pb2, "AdminPortal",
+                        AdminServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT))
             names.append("tarefa.portal.AdminPortal")
         if "client" in self.spec.services:
-            portal_pb2_grpc.add_ClientPortalServicer_to_server(
-                ClientServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT), self.server)
+            add_service(self.server, portal_pb2, "ClientPortal",
+                        ClientServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT))
             names.append("tarefa.portal.ClientPortal")
-        portal_pb2_grpc.add_PortalStatusServicer_to_server(
-            StatusServicer(self.daemon_id, self.spec.services, self.ops), self.server)
+        add_service(self.server, portal_pb2, "PortalStatus",
+                    StatusServicer(self.daemon_id, self.spec.services, self.ops))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.server.add_insecure_port(self.spec.address) == 0:

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from daemons.core.errors import TarefaError
-from daemons.core.rpc import boundary, call_timeout, grpc_code
+from daemons.core.rpc import boundary, call_timeout, grpc_code, reject_undecodable
 from daemons.portal.operations import PortalOperations
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
@@ -108,6 +108,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
 
     async def WatchTasks(self, request: pb.WatchTasksRequest,
                          context: Any) -> AsyncIterator[pb.TaskEvent]:
+        await reject_undecodable(request, context)
         try:
             await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
@@ -137,5 +138,6 @@ class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
 
     async def Status(self, request: pb.PortalStatusRequest,
                      context: Any) -> pb.PortalStatusResponse:
+        await reject_undecodable(request, context)
         return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
                                        **self.ops.status())

@@ -9,12 +9,13 @@ makes client retries return the first answer. Knows nothing of Raft itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from daemons.core import domain
 from daemons.core.errors import InvalidArgument, StorageCorrupt
-from daemons.replica.commands import Outcome, execute
+from daemons.replica.commands import Outcome, execute, fingerprint
 from daemons.replica.storage import Storage
 
 _PRUNE_PER_APPLY = 64
@@ -49,10 +50,17 @@ class EntryApplier:
                 results.append(Outcome.failure(exc))
                 continue
             prior = view.get(domain.request_key(rid))
+            mark = fingerprint(cmd)
             if prior is not None:
-                results.append(Outcome.from_json(prior, duplicate=True))
+                first = Outcome.from_json(prior, duplicate=True)
+                if first.fingerprint != mark:
+                    # Answering with another command's result would lie to the caller.
+                    results.append(Outcome.failure(InvalidArgument(
+                        "request_id: already used for a different command")))
+                else:
+                    results.append(first)
                 continue
-            outcome = execute(view, cmd, revision + 1)
+            outcome = dataclasses.replace(execute(view, cmd, revision + 1), fingerprint=mark)
             if outcome.ok:
                 revision = outcome.revision
             view.put(domain.request_key(rid), outcome.to_json())

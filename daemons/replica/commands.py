@@ -8,6 +8,7 @@ failure. Deterministic: no clock, no randomness, no I/O but the view.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,19 +33,29 @@ class Outcome:
     message: str = ""
     # True when answering a retry from the dedupe table; never stored.
     duplicate: bool = field(default=False, compare=False)
+    # fingerprint() of the command that produced this outcome (stored).
+    fingerprint: str = field(default="", compare=False)
 
     def to_json(self) -> bytes:
         return json.dumps([self.ok, self.revision, self.record, self.deleted_tasks, self.code,
-                           self.message], separators=(",", ":")).encode()
+                           self.message, self.fingerprint], separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, duplicate: bool = False) -> "Outcome":
-        ok, revision, record, deleted, code, message = json.loads(raw)
-        return cls(ok, revision, record, deleted, code, message, duplicate)
+        ok, revision, record, deleted, code, message, fingerprint = json.loads(raw)
+        return cls(ok, revision, record, deleted, code, message, duplicate, fingerprint)
 
     @classmethod
     def failure(cls, exc: TarefaError) -> "Outcome":
         return cls(ok=False, code=exc.code, message=exc.message)
+
+
+def fingerprint(cmd: Any) -> str:
+    """What a request id stands for: the command without its timestamp."""
+    if not isinstance(cmd, dict):
+        return ""
+    what = [cmd.get(k) for k in ("op", "cid", "title", "data", "description", "status")]
+    return hashlib.sha256(json.dumps(what, ensure_ascii=True).encode()).hexdigest()[:32]
 
 
 def _dump(record: dict) -> bytes:

@@ -147,7 +147,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             domain.validate_status(request.status)
         start_after = _decode_token(request.page_token, prefix)
         await self._barrier(request.consistency, context)
-        if request.kind == replica_pb2.TASK and start_after is None:
+        if request.kind == replica_pb2.TASK:  # on every page: the client may be gone since
             value, _ = self.storage.read(domain.client_key(request.cid))
             if value is None:
                 raise NotFound(f"client {request.cid} not found")
