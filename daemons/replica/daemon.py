@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from daemons.core.config import Cluster
-from daemons.core.errors import TarefaError
+from daemons.core.errors import StorageCorrupt, TarefaError
 from daemons.core.lifecycle import Daemon
 from daemons.core.log import LevelCounter
 from daemons.replica.proposer import Proposer
@@ -47,12 +47,35 @@ class ReplicaDaemon(Daemon):
         cluster.replica(replica_id)
 
     def _on_fatal(self, exc: Exception) -> None:
-        self.fatal = exc
+        if self.fatal is None:
+            self.fatal = exc
         self.request_stop()
 
+    def _on_corrupt(self, exc: StorageCorrupt) -> None:
+        """LevelDB found damaged after start (a read, an apply): stop, never serve it."""
+        log.critical("%s: %s", self.daemon_id, exc)
+        self._on_fatal(exc)
+
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            # Refused at start (StorageCorrupt names the damaged file): release
+            # what was opened; daemon_main logs the CRITICAL line and exits 1.
+            try:
+                if self.node is not None:
+                    self.node.destroy_synchronous()
+                if self.storage is not None:
+                    self.storage.close()
+            except Exception:  # noqa: BLE001 - the original error is what matters
+                log.exception("%s: cleanup after a failed start", self.daemon_id)
+            self.node = self.storage = None
+            raise
+
+    def _start(self) -> None:
         raft = self.cluster.raft
-        self.storage = Storage(self.spec.data_dir)
+        # Opening reads every LevelDB block with checksums on (StorageCorrupt if damaged).
+        self.storage = Storage(self.spec.data_dir, on_corrupt=self._on_corrupt)
         log.info("%s: LevelDB %s at applied index %d, revision %d", self.daemon_id,
                  self.spec.data_dir, self.storage.applied_index(), self.storage.revision())
         self.node = ReplicaStateMachine(self.cluster, self.spec, self.storage, self._on_fatal)

@@ -13,6 +13,12 @@ low enough for thousands of writes per second on two cores.
 PySyncObj never calls back for a command forwarded over a dropped connection,
 so every in-flight batch carries a deadline after which its waiters are told
 the outcome is unknown.
+
+A batch is also capped by size: about MAX_BATCH_BYTES of UTF-8 in its
+commands' string fields (one command always goes, however large). PySyncObj
+splits an entry of appendEntriesBatchSizeBytes or more into chunks and its
+chunking is broken (state_machine.APPEND_ENTRIES_BATCH_BYTES), so entries
+must stay well below that.
 """
 
 from __future__ import annotations
@@ -30,6 +36,23 @@ from daemons.replica.commands import Outcome
 log = logging.getLogger(__name__)
 
 SubmitFn = Callable[..., None]
+
+MAX_BATCH_BYTES = 1024 * 1024
+_COMMAND_OVERHEAD = 64  # pickled keys and framing of one command, roughly
+
+
+def command_size(command: dict | None) -> int:
+    """Estimated bytes of a command in a Raft entry: its string fields in UTF-8."""
+    if not command:
+        return 0
+    size = _COMMAND_OVERHEAD
+    for value in command.values():
+        if isinstance(value, str):
+            size += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, (bytes, bytearray)):
+            size += 2 * len(value)
+    return size
+
 
 _NOT_APPLIED = {FAIL_REASON.QUEUE_FULL: "the Raft command queue is full",
                 FAIL_REASON.MISSING_LEADER: "no Raft leader",
@@ -61,10 +84,12 @@ class Proposer:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, submit: SubmitFn, max_batch: int,
-                 max_inflight: int, batch_timeout: float) -> None:
+                 max_inflight: int, batch_timeout: float,
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self._loop = loop
         self._submit = submit
         self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
         self._max_inflight = max_inflight
         self._batch_timeout = batch_timeout
         self._queue: collections.deque[tuple[dict | None, asyncio.Future]] = collections.deque()
@@ -129,10 +154,18 @@ class Proposer:
         self._flush_scheduled = False
         while self._queue and len(self._inflight) < self._max_inflight:
             waiters = []
+            size = 0
             while self._queue and len(waiters) < self._max_batch:
-                command, future = self._queue.popleft()
-                if not future.done():  # its caller gave up while it queued
-                    waiters.append((command, future))
+                command, future = self._queue[0]
+                if future.done():  # its caller gave up while it queued
+                    self._queue.popleft()
+                    continue
+                cost = command_size(command)
+                if waiters and size + cost > self._max_batch_bytes:
+                    break  # the next batch takes it
+                self._queue.popleft()
+                size += cost
+                waiters.append((command, future))
             if not waiters:
                 continue
             batch = _Batch(waiters)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import time
 from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
@@ -41,6 +43,86 @@ RAFT_OPTIONS = {
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _PRUNE_PER_APPLY = 64
 
+# PySyncObj sends an entry of appendEntriesBatchSizeBytes or more in chunks, and
+# its chunking is broken (it labels the last chunk by comparing the offset with
+# the command's length instead of the pickled entry's: the follower unpickles a
+# truncated entry and logs a traceback). So no entry may ever reach this size:
+# the proposer caps a batch at proposer.MAX_BATCH_BYTES (1 MiB of UTF-8 string
+# fields) plus one command, and one command is below gRPC's 4 MiB message limit.
+APPEND_ENTRIES_BATCH_BYTES = 16 * 1024 * 1024
+
+# A tick that keeps failing (e.g. an entry of the journal that no longer
+# unpickles: the journal has no checksums) makes PySyncObj log a traceback
+# every tick forever; after this long of nothing but failures the replica stops.
+TICK_FAILURE_SECONDS = 2.0
+TICK_FAILURE_MIN_COUNT = 10
+RESYNC = ("stop this replica, remove its data_dir and start it again to resync it from "
+          "its peers")
+
+# PySyncObj's journal (pysyncobj/journal.py, format 1): a 40-byte header
+# (name 24, version 8, format 4, end of records 4), then records
+# size(4) idx(8) term(8) command size(4).
+_JOURNAL_HEADER = 40
+_JOURNAL_MAGIC = b"PYSYNCOBJ"
+
+
+def check_raft_files(data_dir: str) -> None:
+    """Refuse (StorageCorrupt naming the file) a damaged journal or a missing snapshot.
+
+    PySyncObj would fail on these with an unexplained traceback (an empty or a
+    truncated journal) or silently stop applying (a compacted journal whose
+    snapshot is gone: nothing says where its first entry belongs).
+    """
+    raft_dir = os.path.join(data_dir, "raft")
+    journal = os.path.join(raft_dir, "journal")
+    snapshot = os.path.join(raft_dir, "snapshot")
+    if not os.path.exists(journal):
+        return  # a fresh log: the LevelDB applied index and the peers fill it in
+
+    def bad(why: str) -> StorageCorrupt:
+        return StorageCorrupt(f"{journal}: damaged Raft journal: {why}; {RESYNC}")
+
+    try:
+        size = os.path.getsize(journal)
+        with open(journal, "rb") as fh:
+            header = fh.read(_JOURNAL_HEADER)
+            if len(header) < _JOURNAL_HEADER:
+                raise bad(f"{size} bytes, shorter than its {_JOURNAL_HEADER}-byte header")
+            if not header.startswith(_JOURNAL_MAGIC):
+                raise bad("no PySyncObj journal header")
+            fmt, end = struct.unpack_from("<II", header, 32)
+            if fmt != 1:
+                raise bad(f"unknown journal format {fmt}")
+            if not _JOURNAL_HEADER <= end <= size:
+                raise bad(f"its records end at byte {end} but the file has {size} bytes "
+                          "(truncated?)")
+            pos, first, previous = _JOURNAL_HEADER, None, None
+            while pos < end:
+                fh.seek(pos)
+                head = fh.read(20)
+                if len(head) < 20:
+                    raise bad(f"record at byte {pos} is cut off")
+                (length,) = struct.unpack_from("<I", head)
+                idx, _term = struct.unpack_from("<QQ", head, 4)
+                if length < 16 or pos + length + 8 > end:
+                    raise bad(f"record at byte {pos} has an impossible size {length}")
+                fh.seek(pos + 4 + length)
+                if fh.read(4) != head[:4]:
+                    raise bad(f"record at byte {pos}: its two size fields differ")
+                if previous is not None and idx != previous + 1:
+                    raise bad(f"record at byte {pos} has index {idx} after {previous}")
+                if first is None:
+                    first = idx
+                previous = idx
+                pos += length + 8
+    except OSError as exc:
+        raise StorageCorrupt(f"{journal}: cannot read the Raft journal: {exc}; {RESYNC}") from None
+    if first is not None and first > 1 and not os.path.exists(snapshot):
+        raise StorageCorrupt(
+            f"{snapshot} is missing: the Raft journal {journal} was compacted (it starts at "
+            f"index {first}), so the snapshot holding the entries before it is required; "
+            f"{RESYNC}")
+
 
 def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf:
     options = {theirs: getattr(raft, ours) for ours, theirs in RAFT_OPTIONS.items()}
@@ -54,6 +136,7 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf
         # A lone tick waits at most this long for I/O; the pipe notifier wakes it
         # early when a command is queued, so this does not add write latency.
         autoTickPeriod=0.01,
+        appendEntriesBatchSizeBytes=APPEND_ENTRIES_BATCH_BYTES,
         **options,
         **hooks,
     )
@@ -71,13 +154,44 @@ class ReplicaStateMachine(SyncObj):
         self._on_fatal = on_fatal
         self.journal_path = os.path.join(spec.data_dir, "raft", "journal")
         self.snapshots_written = 0
+        self._tick_failures = 0
+        self._tick_failing_since = 0.0
+        check_raft_files(spec.data_dir)
         conf = syncobj_conf(cluster.raft, spec.data_dir,
                             serializer=self._write_snapshot,
                             deserializer=self._read_snapshot,
                             onStateChanged=self._on_state_changed)
         peers = [r.raft_address for r in cluster.replicas if r.id != spec.id]
         self.peer_ids = {r.raft_address: r.id for r in cluster.replicas}
-        super().__init__(spec.raft_address, peers, conf)
+        try:
+            super().__init__(spec.raft_address, peers, conf)
+        except Exception as exc:  # noqa: BLE001 - the journal is read here
+            raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
+                                 f"({exc!r}); {RESYNC}") from exc
+
+    # -- a tick that fails forever -------------------------------------------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803
+        """PySyncObj's tick, stopping the replica when it fails on every tick for a while.
+
+        PySyncObj's tick thread logs a failed tick and retries it: a journal entry
+        that no longer unpickles fails every tick, forever, with nothing applied.
+        """
+        try:
+            super()._onTick(timeToWait)
+        except Exception as exc:
+            now = time.monotonic()
+            if self._tick_failures == 0:
+                self._tick_failing_since = now
+            self._tick_failures += 1
+            failing = now - self._tick_failing_since
+            if self._tick_failures >= TICK_FAILURE_MIN_COUNT and failing >= TICK_FAILURE_SECONDS:
+                self._die(StorageCorrupt(
+                    f"{self.journal_path}: every Raft tick failed for {failing:.1f}s "
+                    f"({self._tick_failures} times, last: {exc!r}); the Raft journal is "
+                    f"most likely damaged (it has no checksums): {RESYNC}"))
+            raise
+        self._tick_failures = 0
 
     # -- the replicated method ----------------------------------------------
 

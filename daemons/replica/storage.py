@@ -9,11 +9,20 @@ Snapshots (for Raft log compaction) are a stream of the whole key space read
 from a LevelDB snapshot, with a checksum; restoring one rewrites the DB in
 place behind a `m/restoring` marker so a crash half-way is noticed and the
 restore is redone.
+
+Every LevelDB read verifies block checksums, and opening a database reads it
+all once with checksums on: LevelDB itself only checks what it is asked to,
+so a flipped bit in a table would otherwise be served as data. Any plyvel
+error — at open, on a read, in an apply — becomes `StorageCorrupt` naming the
+directory, and `on_corrupt` (the daemon's fatal handler) is told so the
+replica stops instead of serving or applying on top of a damaged store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import contextlib
+import glob
 import os
 import pickle
 import struct
@@ -28,19 +37,35 @@ SNAPSHOT_MAGIC = b"TAREFA-SNAPSHOT 1\n"
 META_RESTORING = b"m/restoring"
 _LEN = struct.Struct(">II")
 _RESTORE_BATCH = 10_000
+# Files only an existing LevelDB database holds (LOCK and the info log LOG are
+# created by any open attempt, so they prove nothing).
+_LEVELDB_DATA_FILES = ("MANIFEST-*", "*.ldb", "*.sst", "[0-9]*.log")
+_RESYNC = ("stop this replica, remove its data_dir and start it again to resync it "
+           "from its peers")
 
 
 class BatchView:
     """Reads through pending writes; collects them for one atomic WriteBatch."""
 
-    def __init__(self, db: "plyvel.DB") -> None:
+    def __init__(self, db: "plyvel.DB", storage: "Storage | None" = None) -> None:
         self._db = db
+        self._storage = storage
         self.pending: dict[bytes, bytes | None] = {}
+
+    def _guard(self, what: str) -> Any:
+        if self._storage is not None:
+            return self._storage._guard(what)
+        return contextlib.nullcontext()
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.pending:
             return self.pending[key]
-        return self._db.get(key)
+        try:
+            return self._db.get(key, verify_checksums=True)
+        except plyvel.Error as exc:
+            if self._storage is None:
+                raise
+            raise self._storage._corrupt("read", exc) from None
 
     def put(self, key: bytes, value: bytes) -> None:
         self.pending[key] = value
@@ -49,7 +74,9 @@ class BatchView:
         self.pending[key] = None
 
     def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
-        keys = set(self._db.iterator(prefix=prefix, include_value=False))
+        with self._guard("read"):
+            keys = set(self._db.iterator(prefix=prefix, include_value=False,
+                                         verify_checksums=True))
         for key, value in self.pending.items():
             if key.startswith(prefix):
                 if value is None:
@@ -62,14 +89,34 @@ class BatchView:
 class Storage:
     """One replica's LevelDB."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_corrupt: Callable[[StorageCorrupt], None] | None = None,
+                 verify: bool = True) -> None:
+        """Open (or, in a directory without any LevelDB file, create) the database.
+
+        `verify`: read every block once with checksums on (refuses a damaged table
+        at start). `on_corrupt` is called once with the error when a later read or
+        write finds the database damaged.
+        """
         self.path = path
+        self.on_corrupt: Callable[[StorageCorrupt], None] | None = None  # set once open
+        self._corrupt_reported = False
         os.makedirs(path, exist_ok=True)
+        has_current = os.path.exists(os.path.join(path, "CURRENT"))
+        data_files = sorted(os.path.basename(f) for pattern in _LEVELDB_DATA_FILES
+                            for f in glob.glob(os.path.join(path, pattern)))
+        if not has_current and data_files:
+            # create_if_missing would build an empty database over these files and
+            # drop every table not named by a manifest: silent data loss.
+            shown = ", ".join(data_files[:5]) + (", ..." if len(data_files) > 5 else "")
+            raise StorageCorrupt(
+                f"LevelDB at {path}: the CURRENT file is missing but the directory holds "
+                f"LevelDB files ({shown}); refusing to start rather than create an empty "
+                f"database over them: {_RESYNC}")
         try:
             # The bloom filter makes the dedupe lookup of a new request id
             # (a key that does not exist) cheap.
-            self._db = plyvel.DB(path, create_if_missing=True, paranoid_checks=True,
-                                 bloom_filter_bits=10)
+            self._db = plyvel.DB(path, create_if_missing=not has_current,
+                                 paranoid_checks=True, bloom_filter_bits=10)
         except (plyvel.Error, OSError) as exc:
             text = str(exc).lower()
             if "lock" in text and ("temporarily unavailable" in text or "already held" in text):
@@ -79,19 +126,54 @@ class Storage:
             raise StorageCorrupt(
                 f"cannot open LevelDB at {path}: {exc} (refusing to start; restore the "
                 "directory from a peer or remove it to resync from the cluster)") from None
+        if verify:
+            try:
+                self.verify()
+            except BaseException:
+                self._db.close()
+                raise
+        self.on_corrupt = on_corrupt
+
+    def verify(self) -> int:
+        """Read every key and value with block checksums on; return the number of pairs."""
+        count = 0
+        with self._guard("checksum scan"), \
+                self._db.iterator(verify_checksums=True, fill_cache=False) as it:
+            for _ in it:
+                count += 1
+        return count
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Turn a plyvel error into StorageCorrupt naming the directory; tell on_corrupt."""
+        try:
+            yield
+        except plyvel.Error as exc:
+            raise self._corrupt(what, exc) from None
+
+    def _corrupt(self, what: str, exc: Exception) -> StorageCorrupt:
+        error = StorageCorrupt(f"LevelDB at {self.path} is damaged ({what} failed: "
+                               f"{type(exc).__name__}: {exc}): {_RESYNC}")
+        if self.on_corrupt is not None and not self._corrupt_reported:
+            self._corrupt_reported = True
+            self.on_corrupt(error)
+        return error
 
     # -- reads ---------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)
+        try:
+            return self._db.get(key, verify_checksums=True)
+        except plyvel.Error as exc:
+            raise self._corrupt("read", exc) from None
 
     def _int(self, key: bytes) -> int:
-        value = self._db.get(key)
+        value = self.get(key)
         return int(value) if value is not None else 0
 
     def applied_index(self) -> int:
         """Last Raft index whose effects are stored; 0 while a restore is incomplete."""
-        if self._db.get(META_RESTORING) is not None:
+        if self.get(META_RESTORING) is not None:
             return 0
         return self._int(domain.META_APPLIED)
 
@@ -100,9 +182,9 @@ class Storage:
 
     def read(self, key: bytes) -> tuple[bytes | None, int]:
         """A record and the revision of the store it was read from, consistently."""
-        with self._db.snapshot() as snap:
-            value = snap.get(key)
-            revision = snap.get(domain.META_REVISION)
+        with self._guard("read"), self._db.snapshot() as snap:
+            value = snap.get(key, verify_checksums=True)
+            revision = snap.get(domain.META_REVISION, verify_checksums=True)
         return value, int(revision) if revision is not None else 0
 
     def page(self, prefix: bytes, start_after: bytes | None, limit: int,
@@ -115,13 +197,13 @@ class Storage:
         """
         out: list[tuple[bytes, bytes]] = []
         more = False
-        with self._db.snapshot() as snap:
-            raw_revision = snap.get(domain.META_REVISION)
+        with self._guard("read"), self._db.snapshot() as snap:
+            raw_revision = snap.get(domain.META_REVISION, verify_checksums=True)
             if start_after is None:
-                it = snap.iterator(prefix=prefix)
+                it = snap.iterator(prefix=prefix, verify_checksums=True)
             else:
                 it = snap.iterator(start=start_after, include_start=False,
-                                   stop=_prefix_end(prefix))
+                                   stop=_prefix_end(prefix), verify_checksums=True)
             with it:
                 for key, value in it:
                     if keep is not None and not keep(value):
@@ -133,7 +215,8 @@ class Storage:
         return out, more, int(raw_revision) if raw_revision is not None else 0
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        with self._db.snapshot() as snap, snap.iterator() as it:
+        with self._guard("read"), self._db.snapshot() as snap, \
+                snap.iterator(verify_checksums=True) as it:
             yield from it
 
     def digest(self) -> str:
@@ -148,10 +231,10 @@ class Storage:
     # -- writes --------------------------------------------------------------
 
     def view(self) -> BatchView:
-        return BatchView(self._db)
+        return BatchView(self._db, self)
 
     def commit(self, view: BatchView) -> None:
-        with self._db.write_batch() as batch:
+        with self._guard("write"), self._db.write_batch() as batch:
             for key, value in view.pending.items():
                 if value is None:
                     batch.delete(key)
@@ -216,6 +299,10 @@ class Storage:
         """Replace the whole DB with the snapshot's contents (crash-safe: redone on restart)."""
         for _ in self.snapshot_pairs(filename):  # verify the checksum before touching the DB
             pass
+        with self._guard("snapshot restore"):
+            self._restore(filename)
+
+    def _restore(self, filename: str) -> None:
         self._db.put(META_RESTORING, b"1", sync=True)
         batch = self._db.write_batch()
         n = 0
