@@ -17,6 +17,16 @@ Payload (JSON object, schema 1):
 
 `record` is absent for deletions (`client.deleted`, `task.deleted`,
 `task.cleared`); `title` is absent for client events and `task.cleared`.
+
+`decode` validates everything a receiver relies on: the envelope (schema is
+the integer 1, known event name, CID, title, revision in 1..2**63-1, origin
+and at as text), the record's own schema (exactly the fields a replica
+writes, with their types; see `_validate_record`), that the record agrees
+with the event, that the event came on its own topic, and that the whole
+payload nests at most `MAX_DEPTH` levels and holds only valid UTF-8 text and
+finite numbers, so that nothing downstream (json.dumps, protobuf) can fail
+on an accepted event. Events are not authenticated: a forged event that
+passes all this is still trusted (README "Known limits").
 """
 
 from __future__ import annotations
@@ -29,6 +39,13 @@ from daemons.core import domain
 from daemons.core.errors import InvalidArgument
 
 SCHEMA = 1
+REVISION_MAX = 2**63 - 1
+# An event object (1) holds a record (2) that holds client data (3..): the data
+# may nest DATA_MAX_DEPTH levels itself.
+MAX_DEPTH = domain.DATA_MAX_DEPTH + 2
+TASK_FIELDS = ("cid", "title", "description", "status", "created_at", "updated_at",
+               "revision")
+CLIENT_FIELDS = ("cid", "data", "created_at", "updated_at", "revision")
 CLIENT_EVENTS = ("client.created", "client.updated", "client.deleted")
 TASK_EVENTS = ("task.created", "task.updated", "task.deleted", "task.cleared")
 EVENTS = CLIENT_EVENTS + TASK_EVENTS
@@ -71,24 +88,105 @@ def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _check_tree(event: Any) -> None:
+    """Depth at most MAX_DEPTH, every string (keys too) valid UTF-8; no recursion."""
+    stack = [(event, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+            for key in item:
+                _utf8(key)
+        elif isinstance(item, list):
+            children = item
+        else:
+            if isinstance(item, str):
+                _utf8(item)
+            continue
+        if depth > MAX_DEPTH:
+            raise InvalidArgument(f"payload: nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("payload: strings must be valid UTF-8 (lone surrogate "
+                              "escape)") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_record(kind: str, record: Any) -> None:
+    """The record of a created/updated event: exactly the fields a replica writes."""
+    if not isinstance(record, dict):
+        raise InvalidArgument("record: must be an object")
+    fields = TASK_FIELDS if kind in TASK_EVENTS else CLIENT_FIELDS
+    for field in fields:
+        if field not in record:
+            raise InvalidArgument(f"record.{field}: missing")
+    for field in record:
+        if field not in fields:
+            raise InvalidArgument(f"record.{str(field)[:64]!r}: unknown field")
+    for field in ("created_at", "updated_at"):
+        if not isinstance(record[field], str):
+            raise InvalidArgument(f"record.{field}: must be a string")
+    if not _is_int(record["revision"]):
+        raise InvalidArgument("record.revision: must be an integer")
+    if kind in TASK_EVENTS:
+        if not isinstance(record["description"], str):
+            raise InvalidArgument("record.description: must be a string")
+        if len(record["description"].encode("utf-8")) > domain.DESCRIPTION_MAX_BYTES:
+            raise InvalidArgument(f"record.description: at most "
+                                  f"{domain.DESCRIPTION_MAX_BYTES} bytes")
+        if record["status"] not in domain.STATUSES:
+            raise InvalidArgument(f"record.status: must be one of "
+                                  f"{', '.join(domain.STATUSES)}")
+    else:
+        data = record["data"]
+        if not isinstance(data, dict):
+            raise InvalidArgument("record.data: must be a JSON object")
+        if domain.json_depth(data) > domain.DATA_MAX_DEPTH:
+            raise InvalidArgument(f"record.data: nested deeper than "
+                                  f"{domain.DATA_MAX_DEPTH} levels")
+
+
 def decode(payload: bytes, topic: str | None = None,
            cluster_name: str | None = None) -> dict[str, Any]:
     """Parse and validate an event; raise InvalidArgument saying what is wrong."""
     try:
-        event = json.loads(payload)
+        event = json.loads(payload, parse_constant=_refuse_constant,
+                           parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise InvalidArgument("not a JSON object")
-    if event.get("schema") != SCHEMA:
-        raise InvalidArgument(f"schema: expected {SCHEMA}, got {event.get('schema')!r}")
+    _check_tree(event)
+    schema = event.get("schema")
+    if not _is_int(schema) or schema != SCHEMA:
+        raise InvalidArgument(f"schema: expected {SCHEMA}, got {schema!r}")
     kind = event.get("event")
-    if kind not in EVENTS:
+    if not isinstance(kind, str) or kind not in EVENTS:
         raise InvalidArgument(f"event: unknown {kind!r}")
     domain.validate_cid(event.get("cid"))
     revision = event.get("revision")
-    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
-        raise InvalidArgument(f"revision: must be a positive integer, got {revision!r}")
+    if not _is_int(revision) or not 1 <= revision <= REVISION_MAX:
+        raise InvalidArgument(f"revision: must be an integer from 1 to {REVISION_MAX}, "
+                              f"got {revision!r}")
     for field in ("origin", "at"):
         if not isinstance(event.get(field), str):
             raise InvalidArgument(f"{field}: must be a string")
@@ -100,11 +198,10 @@ def decode(payload: bytes, topic: str | None = None,
         if record is not None:
             raise InvalidArgument(f"record: must be absent for {kind}")
     else:
-        if not isinstance(record, dict):
-            raise InvalidArgument("record: must be an object")
-        if record.get("cid") != event["cid"] or record.get("revision") != revision:
+        _validate_record(kind, record)
+        if record["cid"] != event["cid"] or record["revision"] != revision:
             raise InvalidArgument("record: cid/revision disagree with the event")
-        if needs_title and record.get("title") != event["title"]:
+        if needs_title and record["title"] != event["title"]:
             raise InvalidArgument("record: title disagrees with the event")
     if cluster_name is not None and topic is not None \
             and event_topic(cluster_name, event) != topic:

@@ -10,7 +10,10 @@ returns, so an event is acknowledged only once it is in the audit log.
 If the audit log cannot be written (disk full, I/O error) the listener stops
 at once with exit code 1 *without* returning from the callback: the event
 stays unacknowledged and the broker redelivers it to the next run, whereas
-going on would acknowledge events that were never written.
+going on would acknowledge events that were never written. Every message
+ends either written, rejected (any other failure to validate or encode it
+sends it to the reject file) or unacknowledged in a stopped listener: none
+is acknowledged and lost.
 """
 
 from __future__ import annotations
@@ -133,16 +136,24 @@ class ListenerDaemon(Daemon):
                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        """Write the event or reject it; never return (acknowledge) having done neither."""
         try:
             event = events.decode(payload, topic, self.cluster.name)
         except InvalidArgument as exc:
-            log.warning("%s: rejected a malformed event on %r (%d bytes): %s; kept in %s",
-                        self.daemon_id, topic, len(payload), exc.message,
-                        self.audit.reject_path)
-            reason = exc.message
-            self._write(lambda: self.audit.reject(topic, payload, reason))
+            self._reject(topic, payload, exc.message)
             return
-        entry = self._write(lambda: self.audit.append(event, topic))
+        except Exception as exc:  # noqa: BLE001 - a validator bug must not lose the event
+            self._reject(topic, payload, f"cannot be validated ({type(exc).__name__}: {exc})")
+            return
+        try:
+            entry = self.audit.append(event, topic)
+        except OSError as exc:
+            self._fail_stop(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an entry that cannot be encoded
+            self._reject(topic, payload, "cannot be written to the audit log "
+                         f"({type(exc).__name__}: {exc})")
+            return
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])
@@ -156,17 +167,28 @@ class ListenerDaemon(Daemon):
         if self.audit.written % SUMMARY_EVERY == 0:
             log.info("%s: %s", self.daemon_id, self._summary())
 
-    def _write(self, action: Callable[[], Any]) -> Any:
+    def _reject(self, topic: str, payload: bytes, reason: str) -> None:
+        log.warning("%s: rejected a malformed event on %r (%d bytes): %s; kept in %s",
+                    self.daemon_id, topic, len(payload), reason[:500], self.audit.reject_path)
+        self._write(lambda: self.audit.reject(topic, payload, reason), any_error=True)
+
+    def _write(self, action: Callable[[], Any], any_error: bool = False) -> Any:
+        """Run a write; on OSError (or any error, with `any_error`) stop without acking."""
         try:
             return action()
-        except OSError as exc:
-            log.critical("%s: cannot write the audit log %s: %s; exiting without "
-                         "acknowledging the event, the broker will deliver it again",
-                         self.daemon_id, self.audit.path, exc)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            self._fatal(EXIT_FAILURE)
+        except Exception as exc:
+            if any_error or isinstance(exc, OSError):
+                self._fail_stop(exc)
             raise
+
+    def _fail_stop(self, exc: BaseException) -> None:
+        """Exit at once: returning would let paho acknowledge an event never written."""
+        log.critical("%s: cannot write the audit log %s: %s; exiting without "
+                     "acknowledging the event, the broker will deliver it again",
+                     self.daemon_id, self.audit.path, exc)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        self._fatal(EXIT_FAILURE)
 
     def _print(self, line: str) -> None:
         assert self.follow is not None

@@ -27,6 +27,7 @@ TOPIC = "tarefa/test/tasks/7/buy%20milk"
 def task_event(revision: int, origin: str = "portal-client-1", title: str = "buy milk",
                **record_extra: object) -> dict:
     record = {"cid": "7", "title": title, "description": "", "status": "pending",
+              "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
               "revision": revision, **record_extra}
     return events.make_event("task.updated", "7", revision, origin, "2026-01-01T00:00:00Z",
                              title=title, record=record)
@@ -411,3 +412,47 @@ def test_handler_stops_without_acknowledging_when_the_audit_log_cannot_be_writte
     assert daemon.fatal_codes == [1]
     assert any(r.levelname == "CRITICAL" and "No space left" in r.getMessage()
                for r in caplog.records)
+
+
+def test_handler_rejects_an_event_nested_near_the_recursion_limit(daemon):
+    """Deep nesting is refused by events.decode, so the entry never fails to encode."""
+    event = task_event(1)
+    text = events.encode(event).decode()[:-2]
+    for depth in (100, 990, 5000):
+        payload = (text + ',"nested":' + "[" * depth + "]" * depth + "}}").encode()
+        daemon.on_message(events.event_topic("test", event), payload)
+    assert read_lines(daemon.audit.path) == []
+    assert len(read_lines(daemon.audit.reject_path)) == 3 and daemon.audit.rejects == 3
+
+
+def test_handler_rejects_an_event_it_cannot_write(daemon, monkeypatch):
+    """Any failure but an OSError while writing an entry: the event goes to the rejects."""
+    def broken(*_: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(daemon.audit, "append", broken)
+    event = task_event(1)
+    daemon.on_message(events.event_topic("test", event), events.encode(event))
+    (reject,) = read_lines(daemon.audit.reject_path)
+    assert "cannot be written" in reject["reason"] and "RecursionError" in reject["reason"]
+    assert daemon.fatal_codes == []
+
+
+def test_handler_rejects_an_event_the_validator_fails_on(daemon, monkeypatch):
+    def broken(*_: object, **__: object) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(events, "decode", broken)
+    daemon.on_message("tarefa/test/clients/7", b"{}")
+    (reject,) = read_lines(daemon.audit.reject_path)
+    assert "cannot be validated" in reject["reason"]
+
+
+def test_handler_stops_when_a_reject_cannot_be_written(daemon, monkeypatch):
+    def broken(*_: object) -> None:
+        raise ValueError("cannot encode")
+
+    monkeypatch.setattr(daemon.audit, "reject", broken)
+    with pytest.raises(Fatal):
+        daemon.on_message("tarefa/test/clients/7", b"\x00garbage")
+    assert daemon.fatal_codes == [1]
