@@ -605,3 +605,61 @@ async def test_stop_before_the_first_flush_proposes_nothing():
     # the flush was scheduled before the callers were woken, so it has run by now
     assert fake.submits == []
     assert proposer.idle and proposer.batches == 0
+
+
+# ---- batches capped by size (PySyncObj's chunked send of large entries is broken) ----------
+
+
+def big(rid: str, chars: int, char: str = "é") -> dict:
+    return {**cmd(rid), "op": "create_task", "title": rid, "description": char * chars}
+
+
+def test_command_size_counts_string_fields_in_utf8():
+    from daemons.replica.proposer import command_size
+    assert command_size(None) == 0
+    ascii_size = command_size(big("r", 1000, "e"))
+    assert command_size(big("r", 1000, "é")) == ascii_size + 1000  # é is 2 bytes
+    assert command_size(big("r", 1000, "🚀")) == ascii_size + 3000  # 4 bytes
+    assert command_size(big("r", 1, "\ud800")) > 0  # a lone surrogate does not raise
+
+
+@on_fresh_loop
+async def test_batches_are_capped_by_their_estimated_size():
+    from daemons.replica.proposer import command_size
+    fake = FakeRaft("hold")
+    cap = 3 * command_size(big("r0", 10_000)) + 10
+    proposer = Proposer(asyncio.get_running_loop(), fake, max_batch=100, max_inflight=1,
+                        batch_timeout=LONG, max_batch_bytes=cap)
+    _rigs.append((proposer, fake))
+    head = Call(proposer, cmd("head"))
+    await fake.wait_submits(1)
+    calls = await enqueue(proposer, [big(f"r{i}", 10_000) for i in range(8)])
+    fake.start_responder()
+    assert (await head.outcome()).record == "head"
+    assert [(await c.outcome()).record for c in calls] == [f"r{i}" for i in range(8)]
+    assert [len(s) for s in fake.submits] == [1, 3, 3, 2]
+    assert all(sum(command_size(c) for c in s) <= cap for s in fake.submits)
+
+
+@on_fresh_loop
+async def test_a_command_larger_than_the_cap_still_goes_alone():
+    fake = FakeRaft("hold")
+    proposer = Proposer(asyncio.get_running_loop(), fake, max_batch=100, max_inflight=1,
+                        batch_timeout=LONG, max_batch_bytes=1000)
+    _rigs.append((proposer, fake))
+    head = Call(proposer, cmd("head"))
+    await fake.wait_submits(1)
+    calls = await enqueue(proposer, [cmd("small"), big("huge", 5000), cmd("after"), None])
+    fake.start_responder()
+    await head.outcome()
+    assert [await c.outcome() and (await c.outcome()).record for c in calls] == \
+        ["small", "huge", "after", None]
+    assert [[c["request_id"] for c in s] for s in fake.submits[1:]] == \
+        [["small"], ["huge"], ["after"]]
+
+
+def test_default_cap_keeps_every_entry_far_below_pysyncobjs_chunking_size():
+    from daemons.replica.proposer import MAX_BATCH_BYTES
+    from daemons.replica.state_machine import APPEND_ENTRIES_BATCH_BYTES
+    # one entry: the cap, plus one command (< gRPC's 4 MiB message), pickling overhead
+    assert MAX_BATCH_BYTES + 4 * 1024 * 1024 < APPEND_ENTRIES_BATCH_BYTES // 2

@@ -344,3 +344,159 @@ def test_corrupted_leveldb_files_raise_storage_corrupt_with_the_path(tmp_path, v
         Storage(path)
     assert path in info.value.message
     assert info.value.code == "DATA_LOSS"
+
+
+# ---- damaged LevelDB files: refused, never silently replaced or served --------------------
+
+
+def _tables_with_random_values(path: str, count: int = 200) -> dict[bytes, bytes]:
+    """A closed DB whose pairs live in .ldb tables (random values: stored uncompressed)."""
+    pairs = {b"k%04d" % i: os.urandom(200) for i in range(count)}
+    s = Storage(path)
+    write(s, pairs)
+    s.close()
+    Storage(path).close()  # reopening turns the write-ahead log into a table
+    assert glob.glob(os.path.join(path, "*.ldb")), os.listdir(path)
+    return pairs
+
+
+def test_missing_current_beside_leveldb_files_is_refused_not_recreated(tmp_path):
+    path = str(tmp_path / "db")
+    _tables_with_random_values(path)
+    os.remove(os.path.join(path, "CURRENT"))
+    before = sorted(os.listdir(path))
+    with pytest.raises(StorageCorrupt) as info:
+        Storage(path)
+    assert path in info.value.message and "CURRENT" in info.value.message
+    assert sorted(os.listdir(path)) == before  # no new, empty database was created
+
+
+def test_a_directory_without_leveldb_files_gets_a_new_database(tmp_path):
+    path = str(tmp_path / "db")
+    os.makedirs(os.path.join(path, "raft"))  # the Raft files live beside LevelDB's
+    for name in ("LOCK", "LOG"):  # left by an open attempt that never created the DB
+        open(os.path.join(path, name), "wb").close()
+    s = Storage(path)
+    try:
+        assert s.applied_index() == 0 and everything(s) == {}
+    finally:
+        s.close()
+
+
+def test_truncated_table_is_refused_at_open_with_the_path(tmp_path):
+    path = str(tmp_path / "db")
+    _tables_with_random_values(path)
+    table = max(glob.glob(os.path.join(path, "*.ldb")), key=os.path.getsize)
+    with open(table, "r+b") as fh:
+        fh.truncate(os.path.getsize(table) // 2)
+    with pytest.raises(StorageCorrupt) as info:
+        Storage(path)
+    assert path in info.value.message and info.value.code == "DATA_LOSS"
+
+
+def _flip_a_value_byte(path: str, pairs: dict[bytes, bytes]) -> bytes:
+    """Flip one byte inside a stored value; return that value's key."""
+    table = max(glob.glob(os.path.join(path, "*.ldb")), key=os.path.getsize)
+    with open(table, "rb") as fh:
+        content = fh.read()
+    for key, value in pairs.items():
+        at = content.find(value)
+        if at >= 0:
+            with open(table, "r+b") as fh:
+                fh.seek(at + 100)
+                fh.write(bytes([content[at + 100] ^ 0x01]))
+            return key
+    raise AssertionError("no value found verbatim in the table")
+
+
+def test_flipped_table_byte_is_refused_at_open(tmp_path):
+    path = str(tmp_path / "db")
+    _flip_a_value_byte(path, _tables_with_random_values(path))
+    with pytest.raises(StorageCorrupt) as info:
+        Storage(path)
+    assert path in info.value.message and "checksum" in info.value.message
+
+
+def test_flipped_table_byte_is_never_served_by_any_read(tmp_path):
+    path = str(tmp_path / "db")
+    key = _flip_a_value_byte(path, _tables_with_random_values(path))
+    reported: list[StorageCorrupt] = []
+    s = Storage(path, on_corrupt=reported.append, verify=False)
+    try:
+        reads = [lambda: s.get(key), lambda: s.read(key), lambda: everything(s),
+                 lambda: s.page(b"k", None, 1000), lambda: s.view().get(key),
+                 lambda: s.view().keys_with_prefix(b"k"), s.digest, s.verify]
+        for read in reads:
+            with pytest.raises(StorageCorrupt) as info:
+                read()
+            assert path in info.value.message
+        assert len(reported) == 1 and path in reported[0].message  # told once
+    finally:
+        s.close()
+
+
+def test_undamaged_store_opens_with_the_checksum_scan(tmp_path):
+    path = str(tmp_path / "db")
+    pairs = _tables_with_random_values(path)
+    s = Storage(path)
+    try:
+        assert s.verify() == len(pairs) and everything(s) == pairs
+    finally:
+        s.close()
+
+
+# ---- Raft files at start (state_machine.check_raft_files) ---------------------------------
+
+
+def _journal(data_dir: str, first: int = 1, count: int = 6) -> str:
+    from pysyncobj.journal import FileJournal
+    raft_dir = os.path.join(data_dir, "raft")
+    os.makedirs(raft_dir, exist_ok=True)
+    path = os.path.join(raft_dir, "journal")
+    journal = FileJournal(path)
+    for idx in range(1, first + count):
+        journal.add(b"\x01" + b"command %d" % idx, idx, 1)
+    if first > 1:  # what log compaction leaves
+        journal.deleteEntriesTo(first - 1)
+    journal._destroy()
+    return path
+
+
+def test_intact_journal_and_no_journal_pass(tmp_path):
+    from daemons.replica.state_machine import check_raft_files
+    check_raft_files(str(tmp_path / "none"))
+    _journal(str(tmp_path / "d"))
+    check_raft_files(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("damage", ["emptied", "half", "header", "record_size"])
+def test_damaged_journal_is_refused_naming_it(tmp_path, damage):
+    from daemons.replica.state_machine import check_raft_files
+    data_dir = str(tmp_path / "d")
+    path = _journal(data_dir)
+    end = struct.unpack_from("<I", open(path, "rb").read(40), 36)[0]
+    with open(path, "r+b") as fh:
+        if damage == "emptied":
+            fh.truncate(0)
+        elif damage == "half":
+            fh.truncate(end // 2)
+        elif damage == "header":
+            fh.write(b"garbage!")
+        else:
+            fh.seek(40)
+            fh.write(struct.pack("<I", 10_000))
+    with pytest.raises(StorageCorrupt) as info:
+        check_raft_files(data_dir)
+    assert path in info.value.message and "data_dir" in info.value.message
+
+
+def test_compacted_journal_without_its_snapshot_is_refused_naming_the_snapshot(tmp_path):
+    from daemons.replica.state_machine import check_raft_files
+    data_dir = str(tmp_path / "d")
+    _journal(data_dir, first=5)
+    snapshot = os.path.join(data_dir, "raft", "snapshot")
+    with pytest.raises(StorageCorrupt) as info:
+        check_raft_files(data_dir)
+    assert snapshot in info.value.message and "missing" in info.value.message
+    open(snapshot, "wb").close()  # present: PySyncObj and _read_snapshot take it from here
+    check_raft_files(data_dir)
