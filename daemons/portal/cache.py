@@ -11,6 +11,20 @@ task of that client.
 High-water marks are kept in their own LRU (4x the entry bound); when one is
 evicted its revision raises a global floor instead, so forgetting a mark
 can only make the cache more cautious, never serve something stale.
+
+Events are not authenticated, so a mark or an entry may come from a forged
+event with a revision the store never reached. Such a revision is refuted by
+the replicas: a real event is published only after its change committed, so
+a linearizable read taken AFTER an event arrived answers a store revision at
+least the event's. `settle_read` therefore compares each replica read with
+the marks and the entry that were already there when the read started (every
+change bumps a sequence number `read_token` captures): any above the read's
+store revision is bogus and is dropped (the floor is lowered to the read's
+revision), and the caller logs it. `verified` is the highest revision the
+replicas have shown this portal (reads and its own writes); a change (its
+own write or another portal's event) that arrives below a mark above
+`verified` conflicts with it: the key's entry, if above `verified` too, is
+dropped so the next read goes to the replicas and settles who is right.
 """
 
 from __future__ import annotations
@@ -42,6 +56,10 @@ class Entry:
     value: Any
     revision: int
     stored_at: float
+    seq: int = 0  # the cache's sequence number when stored
+
+
+Token = tuple[int, int]  # (epoch, sequence number) when a replica read started
 
 
 class PortalCache:
@@ -51,12 +69,16 @@ class PortalCache:
         self.ttl = ttl
         self._clock = clock
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
-        self._marks: OrderedDict[Key, int] = OrderedDict()
+        self._marks: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # revision, seq
         self._floor = 0
+        self._floor_seq = 0
+        self._seq = 0
         self.epoch = 0
+        self.verified = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.refuted = 0  # marks and entries dropped because the replicas refuted them
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,10 +104,61 @@ class PortalCache:
         with self._lock:
             return self._required_locked(key)
 
+    def _mark_of(self, key: Key) -> int:
+        return self._marks.get(key, (0, 0))[0]
+
     def _required_locked(self, key: Key) -> int:
-        return max(self._floor, self._marks.get(key, 0), self._marks.get(_scope(key), 0))
+        return max(self._floor, self._mark_of(key), self._mark_of(_scope(key)))
+
+    def read_token(self) -> Token:
+        """Take before a replica read starts; give to `settle_read` with its answer."""
+        with self._lock:
+            return self.epoch, self._seq
 
     # -- writes ----------------------------------------------------------------
+
+    def settle_read(self, key: Key, value: Any | None, read_revision: int, token: Token,
+                    cache: bool = True) -> tuple[bool, list[str]]:
+        """Reconcile a linearizable replica read of `key` taken at store revision
+        `read_revision`, started at `token`, with the marks.
+
+        First drops every mark and entry covering `key` that was there before
+        the read started and lies above `read_revision` (the replicas refute
+        it: see the module doc). Then returns (fresh, refuted): `fresh` False
+        means a change newer than the read arrived while it was in flight (the
+        answer may be older than what this portal knows: read again);
+        `refuted` describes what was dropped, for the caller to log. A fresh
+        read of a present record is cached when `cache` and no clear()
+        happened since `token`.
+        """
+        epoch, started = token
+        refuted: list[str] = []
+        with self._lock:
+            self.verified = max(self.verified, read_revision)
+            if read_revision > 0:
+                for mark_key in (key, _scope(key)):
+                    revision, seq = self._marks.get(mark_key, (0, 0))
+                    if revision > read_revision and seq <= started:
+                        del self._marks[mark_key]
+                        refuted.append(f"mark {mark_key!r} at revision {revision}")
+                if self._floor > read_revision and self._floor_seq <= started:
+                    refuted.append(f"floor at revision {self._floor}")
+                    self._floor = read_revision
+                entry = self._entries.get(key)
+                if entry is not None and entry.revision > read_revision \
+                        and entry.seq <= started:
+                    del self._entries[key]
+                    refuted.append(f"entry {key!r} at revision {entry.revision}")
+                if refuted:
+                    self.refuted += len(refuted)
+                    self._seq += 1
+            if read_revision < self._required_locked(key):
+                return False, refuted
+            if cache and value is not None and epoch == self.epoch:
+                current = self._entries.get(key)
+                if current is None or current.revision <= read_revision:
+                    self._put_locked(key, value, read_revision)
+            return True, refuted
 
     def store_read(self, key: Key, value: Any, read_revision: int, epoch: int) -> bool:
         """Cache a replica read taken at store revision `read_revision`, if not stale.
@@ -96,20 +169,34 @@ class PortalCache:
         with self._lock:
             if epoch != self.epoch or read_revision < self._required_locked(key):
                 return False
+            self.verified = max(self.verified, read_revision)
             current = self._entries.get(key)
             if current is not None and current.revision > read_revision:
                 return False
             self._put_locked(key, value, read_revision)
             return True
 
-    def apply_change(self, key: Key, value: Any | None, revision: int) -> bool:
-        """A change at `revision` (our write or another portal's event).
+    def apply_change(self, key: Key, value: Any | None, revision: int,
+                     verified: bool = False) -> bool:
+        """A change at `revision`: this portal's committed write (`verified`) or an event.
 
         `value` None means the record is gone. Returns False for a change older
-        than what is already known (duplicate or reordered event).
+        than what is already known (duplicate or reordered event). A change
+        at or below an unverified mark (one above every revision the replicas
+        have shown: maybe forged) drops the key's entry if that is unverified
+        too, so the next read asks the replicas, which settle who is right.
+        This portal's own committed write (`verified`) thus never stays hidden
+        behind a forged entry, nor does a real change another portal made.
         """
         with self._lock:
-            if revision <= max(self._marks.get(key, 0), self._marks.get(_scope(key), 0)):
+            if verified:
+                self.verified = max(self.verified, revision)
+            mark = max(self._mark_of(key), self._mark_of(_scope(key)))
+            if revision <= mark:
+                if mark > self.verified:
+                    current = self._entries.get(key)
+                    if current is not None and current.revision > self.verified:
+                        del self._entries[key]
                 return False
             self._mark_locked(key, revision)
             current = self._entries.get(key)
@@ -121,11 +208,14 @@ class PortalCache:
                 self._put_locked(key, value, revision)
             return True
 
-    def drop_client(self, cid: str, revision: int) -> None:
+    def drop_client(self, cid: str, revision: int, verified: bool = False) -> None:
         """The client was deleted or its tasks cleared at `revision`: forget its tasks."""
         with self._lock:
+            if verified:
+                self.verified = max(self.verified, revision)
             scope = ("scope", cid)
-            self._mark_locked(scope, max(revision, self._marks.get(scope, 0)))
+            if revision > self._mark_of(scope):
+                self._mark_locked(scope, revision)
             for key in [k for k in self._entries if k[0] == "task" and k[1] == cid]:
                 del self._entries[key]
 
@@ -134,6 +224,7 @@ class PortalCache:
         with self._lock:
             self._entries.clear()
             self.epoch += 1
+            self._seq += 1
 
     def resize(self, max_entries: int) -> None:
         with self._lock:
@@ -144,14 +235,18 @@ class PortalCache:
     # -- internals -------------------------------------------------------------
 
     def _put_locked(self, key: Key, value: Any, revision: int) -> None:
-        self._entries[key] = Entry(value, revision, self._clock())
+        self._seq += 1
+        self._entries[key] = Entry(value, revision, self._clock(), self._seq)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     def _mark_locked(self, key: Key, revision: int) -> None:
-        self._marks[key] = revision
+        self._seq += 1
+        self._marks[key] = (revision, self._seq)
         self._marks.move_to_end(key)
         while len(self._marks) > 4 * self.max_entries:
-            _, evicted = self._marks.popitem(last=False)
-            self._floor = max(self._floor, evicted)
+            _, (evicted, _seq) = self._marks.popitem(last=False)
+            if evicted > self._floor:
+                self._floor = evicted
+                self._floor_seq = self._seq

@@ -6,6 +6,14 @@ revision rules of cache.py and feeds the watchers of that client. Own writes
 are also published (QoS 1). While the broker connection is down the portal
 serves no cached reads; when it comes back the cache is emptied, since
 events may have been missed.
+
+Events are deduplicated by their whole identity (event, CID, title,
+revision, origin) — a QoS 1 redelivery must not reach watchers twice — never
+by revision alone, so an event (forged or not) for one key cannot suppress
+the real change of another key that carries the same revision. Changes this
+portal committed are applied as `verified` (see cache.py), and reads from
+the replicas are reconciled with the marks by `settle_read`, which drops
+marks a forged event left above the store's revision, with a WARNING.
 """
 
 from __future__ import annotations
@@ -18,12 +26,12 @@ from typing import Any
 
 from daemons.core import events
 from daemons.core.errors import InvalidArgument
-from daemons.portal.cache import PortalCache, client_key, task_key
+from daemons.portal.cache import Key, PortalCache, Token, client_key, task_key
 
 log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 1000
-_SEEN_REVISIONS = 50_000
+_SEEN_EVENTS = 50_000
 
 
 class Watcher:
@@ -51,7 +59,7 @@ class Coherence:
         self._connected = False
         self._lock = threading.Lock()
         self._watchers: dict[str, list[Watcher]] = collections.defaultdict(list)
-        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self.received = 0
         self.published = 0
         self.rejected = 0
@@ -77,7 +85,7 @@ class Coherence:
         except InvalidArgument as exc:
             self.rejected += 1
             log.warning("%s: ignored a malformed event on %r: %s", self.portal_id, topic,
-                        exc.message)
+                        exc.message[:500])
             return
         if event["origin"] == self.portal_id:
             return
@@ -86,34 +94,51 @@ class Coherence:
 
     def local_change(self, event: dict[str, Any]) -> None:
         """A change this portal committed: update the cache, feed watchers, publish."""
-        self.apply_event(event)
+        self.apply_event(event, verified=True)
         if self.bus is not None:
             self.bus.publish(events.event_topic(self.cluster_name, event), events.encode(event))
             self.published += 1
 
-    def apply_event(self, event: dict[str, Any]) -> None:
+    def apply_event(self, event: dict[str, Any], verified: bool = False) -> None:
+        """Apply a change to the cache and feed watchers, once per event identity.
+
+        `verified`: this portal committed the change itself (the revision is real).
+        """
+        identity = (event["event"], event["cid"], event.get("title"), event["revision"],
+                    event["origin"])
         with self._lock:
-            if event["revision"] in self._seen:
+            if identity in self._seen:
                 return
-            self._seen[event["revision"]] = None
-            if len(self._seen) > _SEEN_REVISIONS:
+            self._seen[identity] = None
+            if len(self._seen) > _SEEN_EVENTS:
                 self._seen.popitem(last=False)
         kind, cid, revision = event["event"], event["cid"], event["revision"]
         record = event.get("record")
         if kind.startswith("client."):
-            self.cache.apply_change(client_key(cid), record, revision)
+            self.cache.apply_change(client_key(cid), record, revision, verified)
             if kind == "client.deleted":
-                self.cache.drop_client(cid, revision)
+                self.cache.drop_client(cid, revision, verified)
         elif kind == "task.cleared":
-            self.cache.drop_client(cid, revision)
+            self.cache.drop_client(cid, revision, verified)
         else:
-            self.cache.apply_change(task_key(cid, event["title"]), record, revision)
+            self.cache.apply_change(task_key(cid, event["title"]), record, revision, verified)
         if kind.startswith("task.") or kind == "client.deleted":
             with self._lock:
                 watchers = list(self._watchers.get(cid, ()))
             for watcher in watchers:
                 if self.loop is not None:
                     self.loop.call_soon_threadsafe(watcher.offer, event)
+
+    def settle_read(self, key: Key, record: dict | None, read_revision: int,
+                    token: Token) -> bool:
+        """A replica read of `key` (see PortalCache.settle_read); False if stale."""
+        fresh, refuted = self.cache.settle_read(key, record, read_revision, token,
+                                                cache=self.serving_cache)
+        for what in refuted:
+            log.warning("%s: dropped the cached %s: a read of the replicas at store revision "
+                        "%d refutes it (a forged or corrupt change event?)", self.portal_id,
+                        what, read_revision)
+        return fresh
 
     # -- watchers --------------------------------------------------------------
 

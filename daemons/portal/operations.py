@@ -60,19 +60,23 @@ class PortalOperations:
 
     async def _read(self, key: Key, kind: int, cid: str, title: str, linearizable: bool,
               timeout: float) -> dict | None:
-        """A record via the cache or a linearizable replica read; None if absent."""
+        """A record via the cache or a linearizable replica read; None if absent.
+
+        A LINEARIZABLE read returns the replicas' answer whatever the cache
+        believes. Every replica answer is settled against the cache's marks
+        (which drops marks the answer refutes, e.g. from a forged event); a
+        cached read whose answer is older than a change that arrived while it
+        was in flight reads again.
+        """
         use_cache = not linearizable and self.coherence.serving_cache
         if use_cache:
             entry = self.cache.get(key)
             if entry is not None:
                 return entry.value
         for _ in range(_READ_ATTEMPTS):
-            epoch = self.cache.epoch
+            token = self.cache.read_token()
             record, read_revision = await self.replicas.get(kind, cid, title, timeout)
-            required = self.cache.required_revision(key)
-            if read_revision >= required:
-                if record is not None and self.coherence.serving_cache:
-                    self.cache.store_read(key, record, read_revision, epoch)
+            if self.coherence.settle_read(key, record, read_revision, token) or linearizable:
                 return record
             # A newer change of this key arrived while we read: the answer may be
             # older than what this portal already knows. Read again.
