@@ -136,7 +136,7 @@ def task_event(revision: int, title: str = "buy milk", kind: str = "task.updated
 
 def client_event(revision: int, kind: str = "client.created", cid: str = "7") -> dict:
     record = None if kind == "client.deleted" else {
-        "cid": cid, "data": '{"name": "Ana"}', "created_at": AT, "updated_at": AT,
+        "cid": cid, "data": {"name": "Ana"}, "created_at": AT, "updated_at": AT,
         "revision": revision}
     return events.make_event(kind, cid, revision, "portal-admin", AT, record=record)
 
