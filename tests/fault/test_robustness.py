@@ -27,17 +27,22 @@ SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
 def test_history_under_faults_is_correct(tmp_path):
     workdir = str(tmp_path / "stack")
     stack = Stack(workdir)
+    run = None
     try:
         stack.start()
         run = run_robustness(stack, SECONDS, clients=6, seed=int(time.time()) % 1000)
         state = final_state(stack)
-        merged = History.merged(run.history, run.cached)
         verdicts = [
             check_no_lost_or_duplicated(run.history, state),
             check_linearizable(run.history),
-            check_cache_monotonic(merged, run.received),
+            check_cache_monotonic(History.merged(run.history, run.cached), run.received),
             check_converged(stack.stop_and_digest()),
         ]
+    except BaseException as exc:
+        stack.stop()
+        kept = keep(workdir, run)
+        raise AssertionError(f"the robustness run failed: {exc!r}\n"
+                             f"logs and histories kept in {kept}") from exc
     finally:
         stack.stop()
     line = summary(run) + "; verdicts: " + ", ".join(
@@ -48,9 +53,16 @@ def test_history_under_faults_is_correct(tmp_path):
     assert acknowledged >= 50, f"only {acknowledged} operations completed: {line}"
     failed = [v for v in verdicts if not v.ok]
     if failed:
-        kept = f"/tmp/tarefa-robustness-{int(time.time())}"
-        shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("*.ldb", "journal"))
-        run.history.to_jsonl(os.path.join(kept, "history.jsonl"))
-        run.cached.to_jsonl(os.path.join(kept, "cached-reads.jsonl"))
+        kept = keep(workdir, run)
         details = "\n\n".join(str(v) for v in failed)
         raise AssertionError(f"{line}\n{details}\nlogs and histories kept in {kept}")
+
+
+def keep(workdir: str, run) -> str:  # type: ignore[no-untyped-def]
+    """Copy the daemons' logs (and the histories) somewhere pytest will not delete."""
+    kept = f"/tmp/tarefa-robustness-{int(time.time())}"
+    shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("*.ldb", "journal"))
+    if run is not None:
+        run.history.to_jsonl(os.path.join(kept, "history.jsonl"))
+        run.cached.to_jsonl(os.path.join(kept, "cached-reads.jsonl"))
+    return kept
