@@ -153,19 +153,40 @@ def _lost_write(key: str, write: Call, calls: list[Call],
             return None
         return [f"{key}: acknowledged write is lost: the final value differs and no other "
                 "change could have come after it", f"  {write.summary()}", _final_line(key, final)]
-    deletes = [c for c in calls if c.f == "delete" and c.may_have_effect]
-    for delete in deletes:
-        if delete.type == "info":
-            return None
-        if rev is not None and delete.revision is not None:
-            if delete.revision > rev:
-                return None
-        elif _not_before(delete, write):
+    deletes = _deletes(calls)
+    if deletes.any_info or (rev is not None and deletes.max_revision > rev):
+        return None
+    for delete in deletes.without_revision if rev is not None else deletes.calls:
+        if _not_before(delete, write):
             return None
     lines = [f"{key}: acknowledged write at revision {rev} is lost: the key is absent and no "
              "delete could have come after it", f"  {write.summary()}"]
-    lines += [f"  (earlier delete) {d.summary()}" for d in deletes[:_MAX_SHOWN]]
+    lines += [f"  (earlier delete) {d.summary()}" for d in deletes.calls[:_MAX_SHOWN]]
     return lines + [_final_line(key, final)]
+
+
+class _Deletes:
+    """A key's deletes that may have taken effect, summarised once (not per write:
+    a soak history holds tens of thousands of writes per key)."""
+
+    def __init__(self, calls: list[Call]) -> None:
+        self.calls = [c for c in calls if c.f == "delete" and c.may_have_effect]
+        self.any_info = any(c.type == "info" for c in self.calls)
+        revisions = [c.revision for c in self.calls if c.revision is not None]
+        self.max_revision = max(revisions, default=0)
+        self.without_revision = [c for c in self.calls if c.revision is None]
+
+
+_DELETES: dict[int, tuple[list[Call], _Deletes]] = {}
+
+
+def _deletes(calls: list[Call]) -> _Deletes:
+    cached = _DELETES.get(id(calls))
+    if cached is None or cached[0] is not calls:
+        cached = (calls, _Deletes(calls))
+        _DELETES.clear()
+        _DELETES[id(calls)] = cached
+    return cached[1]
 
 
 def _not_before(call: Call, other: Call) -> bool:
