@@ -36,7 +36,10 @@ from tests.fault.history import History
 from tests.harness import PortalProcess, Stack, wait_for
 
 CID = "31415926535897932384626"
-KEYS = [f"key/{i}" for i in range(6)]
+KEYS_PER_GENERATION = 6
+# Clients move to fresh keys every GENERATION_SECONDS, which keeps each key's
+# history small enough for the linearizability search even in a long soak.
+GENERATION_SECONDS = 20.0
 UNCERTAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
 
@@ -56,13 +59,14 @@ def _key(title: str) -> str:
 
 class Client(threading.Thread):
     def __init__(self, run: Run, process: int, portals: list[PortalProcess], seed: int,
-                 deadline: float) -> None:
+                 deadline: float, started: float) -> None:
         super().__init__(name=f"client-{process}", daemon=True)
         self.run_ = run
         self.process = process
         self.portals = portals
         self.rng = random.Random(seed)
         self.deadline = deadline
+        self.started = started
         self.count = 0
 
     def run(self) -> None:
@@ -73,7 +77,8 @@ class Client(threading.Thread):
     def one(self) -> None:
         portal = self.portals[(self.process + self.count) % len(self.portals)] \
             if self.rng.random() < 0.2 else self.portals[self.process % len(self.portals)]
-        title = self.rng.choice(KEYS)
+        generation = int((time.monotonic() - self.started) // GENERATION_SECONDS)
+        title = f"key/{generation}/{self.rng.randrange(KEYS_PER_GENERATION)}"
         f = self.rng.choices(["create", "write", "delete", "read", "cached"],
                              weights=[2, 3, 1, 3, 3])[0]
         value = f"p{self.process}-{self.count}"
@@ -204,9 +209,11 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
     wait_for(lambda: admin.CreateClient(pb.CreateClientRequest(cid=CID, data="{}"), timeout=5),
              30, "the test client to be created")
     portals = [p for p in stack.portals if "client" in p.spec["services"]]
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
     watchers = [Watcher(run, p) for p in portals]
-    workers = [Client(run, i, portals, seed * 1000 + i, deadline) for i in range(clients)]
+    workers = [Client(run, i, portals, seed * 1000 + i, deadline, started)
+               for i in range(clients)]
     nemesis = Nemesis(run, stack, seed, deadline)
     for thread in [*watchers, *workers, nemesis]:
         thread.start()
@@ -238,11 +245,12 @@ def heal(stack: Stack) -> None:
     stack.wait_converged(timeout=60)
 
 
-def final_state(stack: Stack) -> dict[str, tuple[Any, int] | None]:
+def final_state(stack: Stack, run: Run) -> dict[str, tuple[Any, int] | None]:
     """Every key's value and revision, read LINEARIZABLE after the run."""
     portal = next(p for p in stack.portals if "client" in p.spec["services"])
     state: dict[str, tuple[Any, int] | None] = {}
-    for title in KEYS:
+    titles = sorted({op.key.split("/", 1)[1] for op in run.history.ops})
+    for title in titles:
         try:
             t = portal.client.GetTask(pb.TaskRef(cid=CID, title=title,
                                                  consistency=pb.LINEARIZABLE), timeout=10)
