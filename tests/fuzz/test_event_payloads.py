@@ -335,7 +335,16 @@ def test_forged_well_formed_event_is_trusted_known_limit(ev_world: FuzzStack,
     what happens today; it must change when events are authenticated."""
     env = ev_world
     title = "forged: known limit"
+    received = [p.status().events_received for p in env.client_portals[1:]]
     real = make_task(env, title)
+    # The real task.created must have reached the other portals first: arriving after
+    # the forged event, it would (correctly) drop the forged entry as unverified, and
+    # this test pins what a forged event does on its own.
+    wait_for(lambda: all(p.status().events_received > n
+                         for p, n in zip(env.client_portals[1:], received)),
+             10, "the real event on every other client portal")
+    for portal in env.client_portals:
+        portal.client.GetTask(pb.TaskRef(cid=EV_CID, title=title), timeout=CALL_TIMEOUT)
     before = env.counters()
     forged = task_event(title=title, revision=real.revision + 1_000_000)
     publish(env, topic_of(forged), forged)
