@@ -47,16 +47,20 @@ class PortalOperations:
 
     # -- shared ------------------------------------------------------------------
 
-    async def _apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
-        command.at = command.at or utc_now()
-        return await self.replicas.apply(command, timeout)
+    async def _commit(self, event: str, op: int, request_id: str, timeout: float, cid: str,
+                      title: str | None = None, **fields: Any) -> tuple[pb.ApplyResponse, Any]:
+        """Commit one command, then update the cache and publish `event`.
 
-    def _changed(self, event: str, cid: str, answer: pb.ApplyResponse, at: str,
-                 title: str | None = None) -> dict | None:
+        Returns the replicas' answer and the record after the change (None for
+        deletions)."""
+        at = utc_now()
+        command = pb.Command(request_id=_request_id(request_id), op=op, cid=cid,
+                             title=title or "", at=at, **fields)
+        answer = await self.replicas.apply(command, timeout)
         record = json.loads(answer.record) if answer.record else None
         self.coherence.local_change(events.make_event(
             event, cid, answer.revision, self.portal_id, at, title=title, record=record))
-        return record
+        return answer, record
 
     async def _read(self, key: Key, kind: int, cid: str, title: str, linearizable: bool,
               timeout: float) -> dict | None:
@@ -90,15 +94,14 @@ class PortalOperations:
         for _ in range(5 if generated else 1):
             the_cid = str(10**19 + secrets.randbelow(9 * 10**19)) if generated else cid
             domain.validate_cid(the_cid)
-            command = pb.Command(request_id=_request_id(request_id), op=pb.CREATE_CLIENT,
-                                 cid=the_cid, data=data)
             try:
-                answer = await self._apply(command, timeout)
+                _, record = await self._commit("client.created", pb.CREATE_CLIENT, request_id,
+                                               timeout, the_cid, data=data)
             except AlreadyExists:
                 if generated and not request_id:
                     continue
                 raise
-            return self._changed("client.created", the_cid, answer, command.at)  # type: ignore[return-value]
+            return record
         raise AlreadyExists("could not generate an unused CID; give one")
 
     async def get_client(self, cid: str, linearizable: bool, timeout: float) -> dict:
@@ -111,16 +114,13 @@ class PortalOperations:
     async def update_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.parse_client_data(data)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.UPDATE_CLIENT, cid=cid,
-                             data=data)
-        answer = await self._apply(command, timeout)
-        return self._changed("client.updated", cid, answer, command.at)  # type: ignore[return-value]
+        _, record = await self._commit("client.updated", pb.UPDATE_CLIENT, request_id, timeout,
+                                       cid, data=data)
+        return record
 
     async def delete_client(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_CLIENT, cid=cid)
-        answer = await self._apply(command, timeout)
-        self._changed("client.deleted", cid, answer, command.at)
+        answer, _ = await self._commit("client.deleted", pb.DELETE_CLIENT, request_id, timeout, cid)
         return answer
 
     async def list_clients(self, page_token: str, limit: int,
@@ -139,10 +139,9 @@ class PortalOperations:
         domain.validate_cid(cid)
         domain.validate_title(title)
         domain.validate_description(description)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.CREATE_TASK, cid=cid,
-                             title=title, description=description)
-        answer = await self._apply(command, timeout)
-        return self._changed("task.created", cid, answer, command.at, title)  # type: ignore[return-value]
+        _, record = await self._commit("task.created", pb.CREATE_TASK, request_id, timeout, cid,
+                                       title, description=description)
+        return record
 
     async def get_task(self, cid: str, title: str, linearizable: bool, timeout: float) -> dict:
         domain.validate_cid(cid)
@@ -158,26 +157,22 @@ class PortalOperations:
         domain.validate_cid(cid)
         domain.validate_title(title)
         domain.validate_task_update(description, status)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.UPDATE_TASK, cid=cid,
-                             title=title, description=description, status=status)
-        answer = await self._apply(command, timeout)
-        return self._changed("task.updated", cid, answer, command.at, title)  # type: ignore[return-value]
+        _, record = await self._commit("task.updated", pb.UPDATE_TASK, request_id, timeout, cid,
+                                       title, description=description, status=status)
+        return record
 
     async def delete_task(self, cid: str, title: str, request_id: str,
                     timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
         domain.validate_title(title)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_TASK, cid=cid,
-                             title=title)
-        answer = await self._apply(command, timeout)
-        self._changed("task.deleted", cid, answer, command.at, title)
+        answer, _ = await self._commit("task.deleted", pb.DELETE_TASK, request_id, timeout, cid,
+                                       title)
         return answer
 
     async def delete_all_tasks(self, cid: str, request_id: str, timeout: float) -> pb.ApplyResponse:
         domain.validate_cid(cid)
-        command = pb.Command(request_id=_request_id(request_id), op=pb.DELETE_ALL_TASKS, cid=cid)
-        answer = await self._apply(command, timeout)
-        self._changed("task.cleared", cid, answer, command.at)
+        answer, _ = await self._commit("task.cleared", pb.DELETE_ALL_TASKS, request_id, timeout,
+                                       cid)
         return answer
 
     async def list_tasks(self, cid: str, page_token: str, limit: int, status: str,
