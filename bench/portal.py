@@ -89,7 +89,6 @@ import json
 import math
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -108,7 +107,8 @@ import grpc  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from bench.replica import (  # noqa: E402
-    CLK_TCK, BudgetExceeded, Call, EchoServer, RunResult, echo_call, fmt, json_safe, median, nproc,
+    CLK_TCK, BudgetExceeded, Call, EchoServer, RunResult, echo_call, finish, fmt, json_safe, median,
+    nproc,
     percentile, proc_cpu_seconds, run_load, scan_process_logs, summarize)
 from daemons.core import events  # noqa: E402
 from proto import portal_pb2 as pb  # noqa: E402
@@ -933,16 +933,7 @@ def main(argv: list[str] | None = None) -> int:
             report["anomalies"].append(
                 f"{elections - 1} leader election(s) after the first (see log events by phase)")
         report["wall_s"] = time.perf_counter() - wall0
-        if ok:
-            print_report(report)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(json_safe(report), fh, indent=2, default=str)
-            print(f"figures written to {args.json}")
-        if args.keep or report["anomalies"] or not ok:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(report, ok, print_report, args.json, args.keep, workdir)
     all_pass = all(t["pass"] for t in report.get("targets", []))
     return 0 if ok and all_pass else (1 if ok else 2)
 

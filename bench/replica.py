@@ -624,6 +624,21 @@ def print_report(report: dict[str, Any]) -> None:
 # ---- main -------------------------------------------------------------------------------
 
 
+def finish(report: dict[str, Any], ok: bool, print_report: Callable[[dict[str, Any]], None],
+           json_path: str | None, keep: bool, workdir: str) -> None:
+    """Print the report, write --json, keep or remove the work directory."""
+    if ok:
+        print_report(report)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(json_safe(report), fh, indent=2, default=str)
+        print(f"figures written to {json_path}")
+    if keep or report["anomalies"] or not ok:
+        print(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 class BudgetExceeded(Exception):
     pass
 
@@ -774,16 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             if info["counts"].get("critical"):
                 report["anomalies"].append(f"{rid}: {info['counts']['critical']} CRITICAL log lines")
         report["wall_s"] = time.perf_counter() - wall0
-        if ok:
-            print_report(report)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(json_safe(report), fh, indent=2, default=str)
-            print(f"figures written to {args.json}")
-        if args.keep or report["anomalies"] or not ok:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(report, ok, print_report, args.json, args.keep, workdir)
     all_pass = all(t["pass"] for t in report.get("targets", []))
     return 0 if ok and all_pass else (1 if ok else 2)
 
