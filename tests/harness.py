@@ -142,7 +142,10 @@ class ReplicaCluster:
              "grpc_port": ports[2 * i + 1], "data_dir": f"data/replica-{i + 1}"}
             for i in range(size)
         ]
+        # Tests of other features run in the explicit unauthenticated mode;
+        # tests/integration/test_security.py runs the secured stack.
         doc: dict[str, Any] = {"cluster": {"name": "test"}, "log_level": "info",
+                               "security": {"auth": "cid-only"},
                                "raft": dict(raft or {}), "replicas": self.specs}
         doc.update(self.extra)
         self.config_path = os.path.join(workdir, "cluster.yaml")

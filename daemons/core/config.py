@@ -23,6 +23,7 @@ from daemons.core.errors import ConfigError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PORTAL_SERVICES = ("admin", "client")
 FSYNC_POLICIES = ("always", "interval", "never")
+AUTH_MODES = ("token", "cid-only")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,44 @@ class Broker:
     port: int = 1883
     username: str | None = None
     password: str | None = None
+    # Each daemon logs in as its own id with the password in <password_dir>/<id>
+    # (written by tarefa-secrets); overrides username/password when set.
+    password_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """gRPC TLS: a CA and, in cert_dir, <name>.crt + <name>.key per daemon id
+    (and `tarefa` for the CLI/operator). Replicas require client certificates."""
+
+    ca_file: str
+    cert_dir: str
+
+    def cert_pair(self, name: str) -> tuple[str, str]:
+        base = os.path.join(self.cert_dir, name)
+        return base + ".crt", base + ".key"
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may do what; see README "Security model"."""
+
+    auth: str = "token"
+    admin_token_file: str | None = None
+    admin_token: str | None = None
+    raft_password_file: str | None = None
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource bounds answered with RESOURCE_EXHAUSTED; None = unlimited."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_watch_streams: int = 1000
+    max_watch_streams_per_client: int = 16
+    client_write_rate: float | None = None
+    client_write_burst: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +152,8 @@ class Cluster:
     portals: tuple[PortalSpec, ...] = ()
     listener: ListenerSpec | None = None
     grace_seconds: float = 5.0
+    security: Security = field(default_factory=Security)
+    limits: Limits = field(default_factory=Limits)
 
     def replica(self, replica_id: str) -> ReplicaSpec:
         for spec in self.replicas:
@@ -171,6 +212,21 @@ class _Checker:
 
     def optional_string(self, value: Any, path: str) -> str | None:
         return None if value is None else self.string(value, path)
+
+    def optional_path(self, value: Any, path: str) -> str | None:
+        return None if value is None else self.path_value(value, path)
+
+    def optional_positive_int(self, value: Any, path: str) -> int | None:
+        return None if value is None else self.positive_int(value, path)
+
+    def optional_rate(self, value: Any, path: str) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value < 1e9:
+            self.fail(path, f"must be a number of operations per second > 0, or null (got {value!r})")
+            return None
+        return float(value)
 
     def port(self, value: Any, path: str) -> int | None:
         if not _is_int(value) or not 1 <= value <= 65535:
@@ -257,7 +313,18 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
         "raft": lambda v, p: c.mapping(v, p, _raft_checks(c)),
         "broker": lambda v, p: c.mapping(v, p, {
             "host": c.string, "port": c.port,
-            "username": c.optional_string, "password": c.optional_string}),
+            "username": c.optional_string, "password": c.optional_string,
+            "password_dir": c.optional_path}),
+        "security": lambda v, p: c.mapping(v, p, {
+            "auth": c.choice(AUTH_MODES), "admin_token_file": c.optional_path,
+            "admin_token": c.optional_string, "raft_password_file": c.optional_path,
+            "tls": lambda tv, tp: None if tv is None else c.mapping(tv, tp, {
+                "ca_file": c.path_value, "cert_dir": c.path_value},
+                required=("ca_file", "cert_dir"))}),
+        "limits": lambda v, p: c.mapping(v, p, {
+            "max_message_bytes": c.positive_int, "max_watch_streams": c.positive_int,
+            "max_watch_streams_per_client": c.positive_int,
+            "client_write_rate": c.optional_rate, "client_write_burst": c.optional_positive_int}),
         "replicas": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
             "id": c.string, "host": c.string, "raft_port": c.port, "grpc_port": c.port,
             "data_dir": c.path_value}, required=("id", "host", "raft_port", "grpc_port",
@@ -288,6 +355,12 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
     portals = tuple(PortalSpec(**p) for p in (top.get("portals") or [])
                     if _complete(p, PortalSpec))
     listener = ListenerSpec(**top["listener"]) if "listener" in top else None
+    security = _security(c, top.get("security", {}), complain=isinstance(raw, dict))
+    limits = Limits(**top.get("limits", {}))
+    given_limits = raw.get("limits") if isinstance(raw, dict) else None
+    if limits.client_write_burst is not None and isinstance(given_limits, dict) \
+            and given_limits.get("client_write_rate") is None:
+        c.fail("limits.client_write_burst", "needs client_write_rate")
     _check_unique(c, raw)
 
     if c.problems:
@@ -302,7 +375,24 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
         portals=portals,
         listener=listener,
         grace_seconds=top.get("grace_seconds", 5.0),
+        security=security,
+        limits=limits,
     )
+
+
+def _security(c: _Checker, raw: dict, complain: bool) -> Security:
+    values = dict(raw)
+    tls = values.pop("tls", None)
+    if isinstance(tls, dict):
+        values["tls"] = TlsSettings(**tls) if _complete(tls, TlsSettings) else None
+    security = Security(**values)
+    if security.auth == "token" and complain:
+        if (security.admin_token is None) == (security.admin_token_file is None):
+            c.fail("security", "auth: token needs exactly one of admin_token_file or admin_token "
+                               "(or auth: cid-only, the unauthenticated compatibility mode)")
+        if security.admin_token is not None and len(security.admin_token) < 16:
+            c.fail("security.admin_token", "must be at least 16 characters")
+    return security
 
 
 def _list(c: _Checker, value: Any, path: str,

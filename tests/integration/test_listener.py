@@ -35,6 +35,7 @@ class Env:
             "cluster": {"name": CLUSTER},
             "log_level": "info",
             "grace_seconds": 2,
+            "security": {"auth": "cid-only"},
             "broker": {"host": "127.0.0.1", "port": broker_port},
             # The listener needs none of them, but a cluster file always names its replicas.
             "replicas": [{"id": f"replica-{i + 1}", "host": "127.0.0.1",

@@ -11,7 +11,8 @@ import sys
 import pytest
 import yaml
 
-from daemons.core.config import Broker, RaftSettings, load_cluster, parse_cluster
+from daemons.core.config import (Broker, Limits, RaftSettings, Security, TlsSettings,
+                                 load_cluster, parse_cluster)
 from daemons.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,15 +65,25 @@ def test_shipped_cluster_file_loads():
     assert cluster.portals[0].cache_entries == 10000 and cluster.portals[0].cache_ttl == 30.0
     assert cluster.listener is not None
     assert cluster.listener.audit_log == os.path.join(ROOT, "run", "audit", "audit.jsonl")
-    assert cluster.broker == Broker("127.0.0.1", 1883, None, None)
+    assert cluster.broker == Broker("127.0.0.1", 1883, None, None,
+                                    os.path.join(ROOT, "run", "secrets", "mqtt"))
+    # the default stack is secured: tokens, TLS, Raft password, per-daemon MQTT logins
+    secrets = os.path.join(ROOT, "run", "secrets")
+    assert cluster.security == Security(
+        auth="token", admin_token_file=os.path.join(secrets, "admin.token"),
+        raft_password_file=os.path.join(secrets, "raft.password"),
+        tls=TlsSettings(os.path.join(secrets, "tls", "ca.crt"), os.path.join(secrets, "tls")))
+    assert cluster.limits == Limits(client_write_rate=500.0, client_write_burst=1000)
     assert cluster.raft == RaftSettings()  # the file spells out the defaults
     assert isinstance(cluster.raft.compaction_min_seconds, float)
 
 
 def test_minimal_file_gets_defaults():
-    raw = {"replicas": [{"id": f"r{i}", "host": "h", "raft_port": 1000 + i, "grpc_port": 2000 + i,
+    raw = {"security": {"auth": "cid-only"},
+           "replicas": [{"id": f"r{i}", "host": "h", "raft_port": 1000 + i, "grpc_port": 2000 + i,
                          "data_dir": f"d{i}"} for i in range(3)]}
     cluster = parse_cluster(raw, SOURCE, "/srv/tarefa")
+    assert cluster.security == Security(auth="cid-only") and cluster.limits == Limits()
     assert cluster.raft == RaftSettings() and cluster.broker == Broker()
     assert cluster.portals == () and cluster.listener is None
     assert cluster.name == "tarefa" and cluster.log_level == "info"
@@ -413,3 +424,63 @@ def test_replica_check_config_refuses_an_unknown_id():
     done = run_replica("--config", SHIPPED, "--id", "replica-7", "--check-config")
     assert done.returncode == 2
     assert "no replica with id 'replica-7'" in done.stderr
+
+
+# ---- security and limits --------------------------------------------------------------------
+
+
+def test_authentication_is_the_default_and_needs_an_admin_token(raw):
+    del raw["security"]
+    assert only_problem(raw) == (
+        "cluster.yaml: security: auth: token needs exactly one of admin_token_file or "
+        "admin_token (or auth: cid-only, the unauthenticated compatibility mode)")
+
+
+def test_admin_token_and_file_are_exclusive(raw):
+    raw["security"]["admin_token"] = "x" * 32
+    assert "exactly one of admin_token_file or admin_token" in only_problem(raw)
+
+
+def test_inline_admin_token_must_be_long(raw):
+    raw["security"]["admin_token_file"] = None
+    raw["security"]["admin_token"] = "short"
+    assert only_problem(raw) == "cluster.yaml: security.admin_token: must be at least 16 characters"
+
+
+def test_auth_mode_choice(raw):
+    raw["security"]["auth"] = "none"
+    assert only_problem(raw) == (
+        "cluster.yaml: security.auth: must be one of token, cid-only (got 'none')")
+
+
+def test_tls_needs_both_paths(raw):
+    del raw["security"]["tls"]["cert_dir"]
+    assert only_problem(raw) == "cluster.yaml: security.tls.cert_dir: required"
+
+
+def test_tls_null_means_plaintext(raw):
+    raw["security"]["tls"] = None
+    assert parse_cluster(raw, SOURCE, "/etc/tarefa").security.tls is None
+
+
+def test_tls_cert_pair_paths(raw):
+    tls = parse_cluster(raw, SOURCE, "/etc/tarefa").security.tls
+    assert tls.cert_pair("replica-1") == ("/etc/run/secrets/tls/replica-1.crt",
+                                          "/etc/run/secrets/tls/replica-1.key")
+
+
+@pytest.mark.parametrize("value", [0, -1, "fast", True])
+def test_write_rate_must_be_positive(raw, value):
+    raw["limits"]["client_write_rate"] = value
+    assert "cluster.yaml: limits.client_write_rate: must be a number of operations per second" \
+        in only_problem(raw)
+
+
+def test_burst_needs_a_rate(raw):
+    raw["limits"]["client_write_rate"] = None
+    assert only_problem(raw) == "cluster.yaml: limits.client_write_burst: needs client_write_rate"
+
+
+def test_unknown_security_key(raw):
+    raw["security"]["password"] = "x"
+    assert only_problem(raw).startswith("cluster.yaml: security.password: unknown key")

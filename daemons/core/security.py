@@ -1,0 +1,100 @@
+"""Secrets and TLS material named by the cluster file, and gRPC over them.
+
+Every daemon and the CLI read secret files and build gRPC credentials here,
+so the rules live in one place: a secret file must not be readable by group
+or others, is read once at start, and its content never reaches a log line
+or an error message (only its path does). With `security.tls` null the same
+calls give plaintext servers and channels.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+import grpc
+
+from daemons.core.config import Limits, TlsSettings
+from daemons.core.errors import ConfigError
+
+# Names of the certificate pairs that are not a daemon id.
+CLI_CERT = "tarefa"
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The first line of a secret file; refuse files others can read."""
+    try:
+        info = os.stat(path)
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise ConfigError([f"{path}: {what} file is readable by group or others "
+                               f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"])
+        with open(path, encoding="utf-8") as handle:
+            value = handle.readline().strip()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the {what} file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: the {what} file is not UTF-8 text"]) from None
+    if not value:
+        raise ConfigError([f"{path}: the {what} file is empty"])
+    return value
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the {what}: {exc.strerror}"]) from None
+
+
+class TlsMaterial:
+    """The CA plus one certificate pair, read once (a daemon's or the CLI's)."""
+
+    def __init__(self, tls: TlsSettings, name: str) -> None:
+        cert_path, key_path = tls.cert_pair(name)
+        self.ca = _read_bytes(tls.ca_file, "TLS CA certificate")
+        self.cert = _read_bytes(cert_path, f"TLS certificate of {name}")
+        if os.path.exists(key_path) and stat.S_IMODE(os.stat(key_path).st_mode) & 0o077:
+            raise ConfigError([f"{key_path}: TLS key of {name} is readable by group or others; "
+                               "chmod 600 it"])
+        self.key = _read_bytes(key_path, f"TLS key of {name}")
+
+    def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=require_client_auth)
+
+    def channel_credentials(self, present_certificate: bool) -> grpc.ChannelCredentials:
+        if present_certificate:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca,
+                                                private_key=self.key, certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(root_certificates=self.ca)
+
+
+def load_tls(tls: TlsSettings | None, name: str) -> TlsMaterial | None:
+    return None if tls is None else TlsMaterial(tls, name)
+
+
+def message_options(limits: Limits) -> list[tuple[str, Any]]:
+    """gRPC options bounding message size (larger ones get RESOURCE_EXHAUSTED)."""
+    return [("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes)]
+
+
+def add_port(server: Any, address: str, material: TlsMaterial | None,
+             require_client_auth: bool = False) -> int:
+    """Bind `server` to `address`, with TLS when the cluster file names certificates."""
+    if material is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, material.server_credentials(require_client_auth))
+
+
+def open_channel(address: str, material: TlsMaterial | None, aio: bool = False,
+                 present_certificate: bool = False,
+                 options: list[tuple[str, Any]] | None = None) -> Any:
+    """A channel to `address`: TLS verified against the cluster CA when configured."""
+    module = grpc.aio if aio else grpc
+    if material is None:
+        return module.insecure_channel(address, options=options)
+    return module.secure_channel(address, material.channel_credentials(present_certificate),
+                                 options=options)
