@@ -18,6 +18,7 @@ import grpc
 from client.output import Printer, client_dict, event_dict, task_dict
 from daemons.core.config import Cluster, load_cluster
 from daemons.core.errors import ConfigError
+from daemons.core.security import CLI_CERT, TlsMaterial, load_tls, open_channel
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
 
@@ -47,6 +48,22 @@ class Session:
         self.printer = Printer(args.json)
         self.timeout = args.timeout
         self._cluster: Cluster | None = None
+        self._tls: TlsMaterial | None | bool = False  # False: not loaded yet
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A channel to a portal: TLS against the cluster file's CA when it names one."""
+        if self._tls is False:
+            try:
+                tls = load_cluster(self.args.config).security.tls
+            except ConfigError as exc:
+                if not self.args.portal:
+                    raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+                tls = None  # --portal without a usable cluster file: plaintext
+            try:
+                self._tls = load_tls(tls, None)
+            except ConfigError as exc:
+                raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+        return open_channel(address, self._tls or None)
 
     def addresses(self, service: str) -> list[str]:
         if self.args.portal:
@@ -66,7 +83,7 @@ class Session:
                       "client": portal_pb2_grpc.ClientPortalStub}[service]
         down = []
         for address in self.addresses(service):
-            with grpc.insecure_channel(address) as channel:
+            with self.channel(address) as channel:
                 try:
                     grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
                 except grpc.FutureTimeoutError:
@@ -81,7 +98,7 @@ class Session:
 
     def stream(self, method: str, request: Any) -> Any:
         address = self.addresses("client")[0]
-        channel = grpc.insecure_channel(address)
+        channel = self.channel(address)
         try:
             grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
         except grpc.FutureTimeoutError:
@@ -206,7 +223,12 @@ def cluster_status(s: Session, a: argparse.Namespace) -> None:
         cluster = load_cluster(a.config)
     except ConfigError as exc:
         raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
-    rows = collect_status(cluster, timeout=min(s.timeout, 2.0))
+    try:
+        # Replicas take only mutual TLS: the operator's certificate pair is `tarefa`.
+        tls = load_tls(cluster.security.tls, CLI_CERT)
+    except ConfigError as exc:
+        raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+    rows = collect_status(cluster, timeout=min(s.timeout, 2.0), tls=tls)
     if s.printer.as_json:
         s.printer.document({"daemons": rows})
     else:

@@ -8,12 +8,14 @@ from typing import Any
 import grpc
 
 from daemons.core.config import Cluster
+from daemons.core.security import TlsMaterial, open_channel
 from proto import listener_pb2, listener_pb2_grpc, portal_pb2, portal_pb2_grpc
 from proto import replica_pb2, replica_pb2_grpc
 
 
-def _call(address: str, make_stub: Any, method: str, request: Any, timeout: float) -> Any:
-    with grpc.insecure_channel(address) as channel:
+def _call(address: str, make_stub: Any, method: str, request: Any, timeout: float,
+          tls: TlsMaterial | None) -> Any:
+    with open_channel(address, tls, present_certificate=True) as channel:
         return getattr(make_stub(channel), method)(request, timeout=timeout)
 
 
@@ -26,7 +28,8 @@ def _failed(row: dict[str, Any], exc: grpc.RpcError) -> dict[str, Any]:
     return row
 
 
-def collect_status(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
+def collect_status(cluster: Cluster, timeout: float,
+                   tls: TlsMaterial | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     broker = _row("broker", "broker", f"{cluster.broker.host}:{cluster.broker.port}")
     try:
@@ -39,7 +42,7 @@ def collect_status(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
         row = _row(spec.id, "replica", spec.grpc_address)
         try:
             st = _call(spec.grpc_address, replica_pb2_grpc.ReplicaStub, "Status",
-                       replica_pb2.StatusRequest(), timeout)
+                       replica_pb2.StatusRequest(), timeout, tls)
             row.update(reachable=True, role=st.role, leader=st.leader, term=st.term,
                        commit_index=st.commit_index, applied_index=st.applied_index,
                        revision=st.revision, journal_bytes=st.journal_bytes,
@@ -53,7 +56,7 @@ def collect_status(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
         row = _row(portal.id, "portal", portal.address)
         try:
             st = _call(portal.address, portal_pb2_grpc.PortalStatusStub, "Status",
-                       portal_pb2.PortalStatusRequest(), timeout)
+                       portal_pb2.PortalStatusRequest(), timeout, tls)
             lookups = st.cache_hits + st.cache_misses
             row.update(reachable=True, role="+".join(st.services),
                        broker_connected=st.broker_connected, cache_entries=st.cache_entries,
@@ -71,7 +74,7 @@ def collect_status(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
         row = _row(spec.id, "listener", address)
         try:
             st = _call(address, listener_pb2_grpc.ListenerStatusStub, "Status",
-                       listener_pb2.ListenerStatusRequest(), timeout)
+                       listener_pb2.ListenerStatusRequest(), timeout, tls)
             row.update(reachable=True, broker_connected=st.broker_connected,
                        events_written=st.events_written, rejects=st.rejects,
                        duplicates=st.duplicates, out_of_order=st.out_of_order)

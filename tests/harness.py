@@ -21,9 +21,16 @@ from typing import Any, Callable
 import grpc
 import yaml
 
+from daemons.core.config import load_cluster
+from daemons.core.provision import MOSQUITTO_ACL, MOSQUITTO_PASSWD, Provisioner
+from daemons.core.security import CLI_CERT, load_tls, open_channel, read_secret_file
 from proto import replica_pb2, replica_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SECURE = {"auth": "token", "admin_token_file": "secrets/admin.token",
+          "raft_password_file": "secrets/raft.password",
+          "tls": {"ca_file": "secrets/tls/ca.crt", "cert_dir": "secrets/tls"}}
 
 
 def free_ports(count: int) -> list[int]:
@@ -117,7 +124,8 @@ class ReplicaProcess(DaemonProcess):
         self.cluster = cluster
         self.spec = spec
         self.grpc_address = f"127.0.0.1:{spec['grpc_port']}"
-        self.channel = grpc.insecure_channel(self.grpc_address)
+        # Replicas want mutual TLS when secured: tests present the CLI's pair.
+        self.channel = open_channel(self.grpc_address, cluster.tls, present_certificate=True)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
 
     def argv(self) -> list[str]:
@@ -132,8 +140,9 @@ class ReplicaCluster:
     """Three (or more) real replica processes on loopback."""
 
     def __init__(self, workdir: str, size: int = 3, raft: dict | None = None,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, secure: bool = False) -> None:
         self.workdir = workdir
+        self.secure = secure
         os.makedirs(workdir, exist_ok=True)
         ports = free_ports(2 * size)
         self.extra = extra or {}
@@ -148,9 +157,22 @@ class ReplicaCluster:
                                "security": {"auth": "cid-only"},
                                "raft": dict(raft or {}), "replicas": self.specs}
         doc.update(self.extra)
+        if secure:
+            # Everything the shipped cluster file turns on, with tarefa-secrets'
+            # material under <workdir>/secrets.
+            doc["security"] = SECURE
+            doc.setdefault("broker", {})["password_dir"] = "secrets/mqtt"
         self.config_path = os.path.join(workdir, "cluster.yaml")
         with open(self.config_path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(doc, fh, sort_keys=False)
+        self.config = load_cluster(self.config_path)
+        self.tls = None
+        self.admin_token: str | None = None
+        if secure:
+            Provisioner(self.config).run()
+            self.tls = load_tls(self.config.security.tls, CLI_CERT)
+            self.admin_token = read_secret_file(self.config.security.admin_token_file or "",
+                                                "admin token")
         self.members = [ReplicaProcess(self, spec) for spec in self.specs]
 
     def data_dir(self, member: ReplicaProcess) -> str:
@@ -345,12 +367,16 @@ def mosquitto_binary() -> str:
 class MosquittoProcess(DaemonProcess):
     """A real Mosquitto broker on a free loopback port."""
 
-    def __init__(self, workdir: str, port: int) -> None:
+    def __init__(self, workdir: str, port: int, auth_dir: str | None = None) -> None:
         super().__init__(workdir, "broker")
         self.port = port
         self.conf_path = os.path.join(workdir, "mosquitto.conf")
+        # auth_dir: tarefa-secrets' MQTT directory -> logins and ACLs, no anonymous access.
+        access = "allow_anonymous true\n" if auth_dir is None else (
+            f"allow_anonymous false\npassword_file {os.path.join(auth_dir, MOSQUITTO_PASSWD)}\n"
+            f"acl_file {os.path.join(auth_dir, MOSQUITTO_ACL)}\n")
         with open(self.conf_path, "w", encoding="utf-8") as fh:
-            fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            fh.write(f"listener {port} 127.0.0.1\n{access}persistence false\n"
                      "log_dest stdout\nuser root\n")
 
     def argv(self) -> list[str]:
@@ -370,7 +396,7 @@ class PortalProcess(DaemonProcess):
         self.stack = stack
         self.spec = spec
         self.address = f"127.0.0.1:{spec['port']}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = open_channel(self.address, stack.tls)
         from proto import portal_pb2_grpc
 
         self.admin = portal_pb2_grpc.AdminPortalStub(self.channel)
@@ -394,7 +420,8 @@ class PortalProcess(DaemonProcess):
 class Stack(ReplicaCluster):
     """Broker + three replicas + an admin portal + two client portals."""
 
-    def __init__(self, workdir: str, raft: dict | None = None, cache_ttl: float = 30.0) -> None:
+    def __init__(self, workdir: str, raft: dict | None = None, cache_ttl: float = 30.0,
+                 secure: bool = False, extra: dict | None = None) -> None:
         broker_port, admin, client1, client2 = free_ports(4)
         portals = [
             {"id": "portal-admin", "host": "127.0.0.1", "port": admin, "services": ["admin"]},
@@ -403,9 +430,11 @@ class Stack(ReplicaCluster):
             {"id": "portal-client-2", "host": "127.0.0.1", "port": client2,
              "services": ["client"], "cache_ttl": cache_ttl},
         ]
-        super().__init__(workdir, raft=raft, extra={
-            "broker": {"host": "127.0.0.1", "port": broker_port}, "portals": portals})
-        self.broker = MosquittoProcess(workdir, broker_port)
+        super().__init__(workdir, raft=raft, secure=secure, extra={
+            "broker": {"host": "127.0.0.1", "port": broker_port}, "portals": portals,
+            **(extra or {})})
+        self.broker = MosquittoProcess(workdir, broker_port,
+                                       self.config.broker.password_dir if secure else None)
         self.portals = [PortalProcess(self, spec) for spec in portals]
 
     def portal(self, portal_id: str) -> PortalProcess:

@@ -25,7 +25,8 @@ OnConnection = Callable[[bool], None]
 class EventBus:
     def __init__(self, broker: Broker, client_id: str, subscriptions: list[str],
                  on_message: OnMessage, on_connection: OnConnection,
-                 persistent_session: bool = False) -> None:
+                 persistent_session: bool = False,
+                 login: tuple[str, str] | None = None) -> None:
         self.broker = broker
         self.client_id = client_id
         self._subscriptions = subscriptions
@@ -34,8 +35,8 @@ class EventBus:
         self._connected = threading.Event()
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=not persistent_session)
-        if broker.username is not None:
-            self._client.username_pw_set(broker.username, broker.password)
+        if login is not None:
+            self._client.username_pw_set(*login)
         self._client.reconnect_delay_set(min_delay=0.2, max_delay=2)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(100_000)

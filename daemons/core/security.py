@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from daemons.core.config import Limits, TlsSettings
+from daemons.core.config import Broker, Limits, TlsSettings
 from daemons.core.errors import ConfigError
 
 # Names of the certificate pairs that are not a daemon id.
@@ -40,6 +40,16 @@ def read_secret_file(path: str, what: str) -> str:
     return value
 
 
+def mqtt_login(broker: Broker, daemon_id: str) -> tuple[str, str] | None:
+    """(username, password) this daemon gives the broker; None = anonymous."""
+    if broker.password_dir is not None:
+        path = os.path.join(broker.password_dir, daemon_id)
+        return daemon_id, read_secret_file(path, f"MQTT password of {daemon_id}")
+    if broker.username is not None:
+        return broker.username, broker.password or ""
+    return None
+
+
 def _read_bytes(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -49,11 +59,16 @@ def _read_bytes(path: str, what: str) -> bytes:
 
 
 class TlsMaterial:
-    """The CA plus one certificate pair, read once (a daemon's or the CLI's)."""
+    """The CA plus one certificate pair, read once (a daemon's or the CLI's);
+    with name None only the CA (enough to call a portal, which needs no
+    client certificate)."""
 
-    def __init__(self, tls: TlsSettings, name: str) -> None:
-        cert_path, key_path = tls.cert_pair(name)
+    def __init__(self, tls: TlsSettings, name: str | None) -> None:
         self.ca = _read_bytes(tls.ca_file, "TLS CA certificate")
+        self.cert = self.key = b""
+        if name is None:
+            return
+        cert_path, key_path = tls.cert_pair(name)
         self.cert = _read_bytes(cert_path, f"TLS certificate of {name}")
         if os.path.exists(key_path) and stat.S_IMODE(os.stat(key_path).st_mode) & 0o077:
             raise ConfigError([f"{key_path}: TLS key of {name} is readable by group or others; "
@@ -71,7 +86,7 @@ class TlsMaterial:
         return grpc.ssl_channel_credentials(root_certificates=self.ca)
 
 
-def load_tls(tls: TlsSettings | None, name: str) -> TlsMaterial | None:
+def load_tls(tls: TlsSettings | None, name: str | None) -> TlsMaterial | None:
     return None if tls is None else TlsMaterial(tls, name)
 
 

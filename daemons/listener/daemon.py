@@ -32,6 +32,7 @@ from daemons.core.config import Cluster, ListenerSpec
 from daemons.core.errors import ConfigError, InvalidArgument, TarefaError
 from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
+from daemons.core.security import add_port, load_tls, mqtt_login
 from daemons.listener.audit import AuditLog
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
@@ -82,6 +83,7 @@ class ListenerDaemon(Daemon):
                  fatal: Callable[[int], Any] = os._exit) -> None:
         self.spec = listener_spec(cluster)
         super().__init__(self.spec.id, cluster)
+        self.tls = load_tls(cluster.security.tls, self.spec.id)
         self.follow = follow
         self._fatal = fatal
         self.audit = AuditLog(self.spec.audit_log, fsync=self.spec.fsync,
@@ -91,7 +93,8 @@ class ListenerDaemon(Daemon):
                               dedupe_window=self.spec.dedupe_window)
         self.bus = EventBus(cluster.broker, session_client_id(cluster, self.spec),
                             [events.subscription(cluster.name)], self.on_message,
-                            self.on_connection, persistent_session=True)
+                            self.on_connection, persistent_session=True,
+                            login=mqtt_login(cluster.broker, self.spec.id))
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
 
@@ -103,7 +106,7 @@ class ListenerDaemon(Daemon):
                                                              thread_name_prefix="grpc"))
         listener_pb2_grpc.add_ListenerStatusServicer_to_server(StatusServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.server.add_insecure_port(self.spec.address) == 0:
+        if add_port(self.server, self.spec.address, self.tls) == 0:
             raise TarefaError(f"cannot bind gRPC {self.spec.address}")
         self.server.start()
         for name in ("", STATUS_SERVICE):

@@ -15,6 +15,7 @@ from daemons.core.errors import ConfigError, TarefaError
 from daemons.core.lifecycle import Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.rpc import add_service
+from daemons.core.security import add_port, load_tls, message_options, mqtt_login
 from daemons.portal.cache import PortalCache
 from daemons.portal.coherence import Coherence
 from daemons.portal.operations import PortalOperations
@@ -39,15 +40,17 @@ class PortalDaemon(Daemon):
     def __init__(self, cluster: Cluster, portal_id: str) -> None:
         super().__init__(portal_id, cluster)
         self.spec = portal_spec(cluster, portal_id)
+        self.tls = load_tls(cluster.security.tls, portal_id)
         self.cache = PortalCache(self.spec.cache_entries, self.spec.cache_ttl)
         self.coherence = Coherence(portal_id, cluster.name, self.cache)
-        self.replicas = ReplicaClient(cluster, portal_id)
+        self.replicas = ReplicaClient(cluster, portal_id, self.tls)
         self.ops = PortalOperations(portal_id, self.replicas, self.coherence)
         # A portal that serves no tasks has no use for task events.
         topics = [events.subscription(cluster.name)] if "client" in self.spec.services \
             else [events.client_subscription(cluster.name)]
         self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}", topics,
-                            self.coherence.on_message, self.coherence.on_connection)
+                            self.coherence.on_message, self.coherence.on_connection,
+                            login=mqtt_login(cluster.broker, portal_id))
         self.coherence.bus = self.bus
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
@@ -70,7 +73,7 @@ class PortalDaemon(Daemon):
 
     async def _serve(self) -> None:
         await self.replicas.start()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=message_options(self.cluster.limits))
         names = ["tarefa.portal.PortalStatus"]
         if "admin" in self.spec.services:
             add_service(self.server, portal_pb2, "AdminPortal",
@@ -84,7 +87,7 @@ class PortalDaemon(Daemon):
                     StatusServicer(self.daemon_id, self.spec.services, self.ops))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.server.add_insecure_port(self.spec.address) == 0:
+        if add_port(self.server, self.spec.address, self.tls) == 0:
             raise TarefaError(f"cannot bind gRPC {self.spec.address}")
         await self.server.start()
         for name in ["", *names]:

@@ -25,6 +25,7 @@ import grpc
 
 from daemons.core.config import Cluster
 from daemons.core.errors import TarefaError, Unavailable, error_from_code
+from daemons.core.security import TlsMaterial, message_options, open_channel
 from proto import replica_pb2 as pb
 from proto import replica_pb2_grpc
 
@@ -40,8 +41,10 @@ MAX_GROUPS_IN_FLIGHT = 2
 class ReplicaClient:
     """Create and use on the portal's event loop."""
 
-    def __init__(self, cluster: Cluster, owner: str) -> None:
+    def __init__(self, cluster: Cluster, owner: str, tls: TlsMaterial | None = None) -> None:
         self.owner = owner
+        self._tls = tls
+        self._options = message_options(cluster.limits)
         self.ids = [spec.id for spec in cluster.replicas]
         self._addresses = [spec.grpc_address for spec in cluster.replicas]
         self._channels: list[grpc.aio.Channel] = []
@@ -55,7 +58,9 @@ class ReplicaClient:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._channels = [grpc.aio.insecure_channel(a) for a in self._addresses]
+        # Mutual TLS when configured: the portal proves itself with its own certificate.
+        self._channels = [open_channel(a, self._tls, aio=True, present_certificate=True,
+                                       options=self._options) for a in self._addresses]
         self._stubs = [replica_pb2_grpc.ReplicaStub(ch) for ch in self._channels]
         self._poller = asyncio.get_running_loop().create_task(self._poll_leader())
 

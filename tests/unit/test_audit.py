@@ -376,6 +376,9 @@ def daemon(raw, tmp_path):
     doc = copy.deepcopy(raw)
     doc["cluster"]["name"] = "test"
     doc["listener"]["audit_log"] = str(tmp_path / "audit.jsonl")
+    # No secrets in tmp_path: the handler under test needs no TLS or broker login.
+    doc["security"] = {"auth": "cid-only"}
+    doc["broker"]["password_dir"] = None
     codes: list[int] = []
 
     def fatal(code: int) -> None:
