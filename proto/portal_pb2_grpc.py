@@ -59,6 +59,11 @@ class AdminPortalStub:
                 request_serializer=proto_dot_portal__pb2.ListClientsRequest.SerializeToString,
                 response_deserializer=proto_dot_portal__pb2.ListClientsResponse.FromString,
                 _registered_method=True)
+        self.RotateSecret = channel.unary_unary(
+                '/tarefa.portal.AdminPortal/RotateSecret',
+                request_serializer=proto_dot_portal__pb2.RotateSecretRequest.SerializeToString,
+                response_deserializer=proto_dot_portal__pb2.RotateSecretResponse.FromString,
+                _registered_method=True)
 
 
 class AdminPortalServicer:
@@ -94,6 +99,13 @@ class AdminPortalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateSecret(self, request, context):
+        """Issue a new secret for the client; the old one stops working everywhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminPortalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_AdminPortalServicer_to_server(servicer, server):
                     servicer.ListClients,
                     request_deserializer=proto_dot_portal__pb2.ListClientsRequest.FromString,
                     response_serializer=proto_dot_portal__pb2.ListClientsResponse.SerializeToString,
+            ),
+            'RotateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecret,
+                    request_deserializer=proto_dot_portal__pb2.RotateSecretRequest.FromString,
+                    response_serializer=proto_dot_portal__pb2.RotateSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class AdminPortal:
             '/tarefa.portal.AdminPortal/ListClients',
             proto_dot_portal__pb2.ListClientsRequest.SerializeToString,
             proto_dot_portal__pb2.ListClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tarefa.portal.AdminPortal/RotateSecret',
+            proto_dot_portal__pb2.RotateSecretRequest.SerializeToString,
+            proto_dot_portal__pb2.RotateSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/replica.proto\x12\x0etarefa.replica\"\xbd\x01\n\x07\x43ommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x02op\x18\x02 \x01(\x0e\x32\x12.tarefa.replica.Op\x12\x0b\n\x03\x63id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06status\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02\x61t\x18\x08 \x01(\tB\x0e\n\x0c_descriptionB\t\n\x07_status\"[\n\rApplyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\t\x12\x15\n\rdeleted_tasks\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"9\n\x0c\x43ommandBatch\x12)\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x17.tarefa.replica.Command\"_\n\rCommandResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x08response\x18\x03 \x01(\x0b\x32\x1d.tarefa.replica.ApplyResponse\"D\n\x12\x41pplyBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tarefa.replica.CommandResult\"~\n\nGetRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.tarefa.replica.Kind\x12\x0b\n\x03\x63id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x30\n\x0b\x63onsistency\x18\x04 \x01(\x0e\x32\x1b.tarefa.replica.Consistency\"/\n\x0bGetResponse\x12\x0e\n\x06record\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xa3\x01\n\x0bScanRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.tarefa.replica.Kind\x12\x0b\n\x03\x63id\x18\x02 \x01(\t\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x30\n\x0b\x63onsistency\x18\x06 \x01(\x0e\x32\x1b.tarefa.replica.Consistency\"?\n\x0cScanResponse\x12\x0f\n\x07records\x18\x01 \x03(\t\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"<\n\nPeerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\"\xa1\x02\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x15\n\rjournal_bytes\x18\x08 \x01(\x04\x12)\n\x05peers\x18\t \x03(\x0b\x32\x1a.tarefa.replica.PeerStatus\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x15\n\rraft_warnings\x18\x0b \x01(\x04\x12\x16\n\x0eraft_criticals\x18\x0c \x01(\x04\x12\x13\n\x0blog_entries\x18\r \x01(\x04*\x9a\x01\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x11\n\rCREATE_CLIENT\x10\x01\x12\x11\n\rUPDATE_CLIENT\x10\x02\x12\x11\n\rDELETE_CLIENT\x10\x03\x12\x0f\n\x0b\x43REATE_TASK\x10\x04\x12\x0f\n\x0bUPDATE_TASK\x10\x05\x12\x0f\n\x0b\x44\x45LETE_TASK\x10\x06\x12\x14\n\x10\x44\x45LETE_ALL_TASKS\x10\x07*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01*2\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x43LIENT\x10\x01\x12\x08\n\x04TASK\x10\x02\x32\xe6\x02\n\x07Replica\x12?\n\x05\x41pply\x12\x17.tarefa.replica.Command\x1a\x1d.tarefa.replica.ApplyResponse\x12N\n\nApplyBatch\x12\x1c.tarefa.replica.CommandBatch\x1a\".tarefa.replica.ApplyBatchResponse\x12>\n\x03Get\x12\x1a.tarefa.replica.GetRequest\x1a\x1b.tarefa.replica.GetResponse\x12\x41\n\x04Scan\x12\x1b.tarefa.replica.ScanRequest\x1a\x1c.tarefa.replica.ScanResponse\x12G\n\x06Status\x12\x1d.tarefa.replica.StatusRequest\x1a\x1e.tarefa.replica.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/replica.proto\x12\x0etarefa.replica\"\xe9\x01\n\x07\x43ommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x02op\x18\x02 \x01(\x0e\x32\x12.tarefa.replica.Op\x12\x0b\n\x03\x63id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06status\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02\x61t\x18\x08 \x01(\t\x12*\n\x06secret\x18\t \x01(\x0b\x32\x1a.tarefa.replica.SecretHashB\x0e\n\x0c_descriptionB\t\n\x07_status\"I\n\nSecretHash\x12\x0c\n\x04salt\x18\x01 \x01(\x0c\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\x12\t\n\x01n\x18\x03 \x01(\r\x12\t\n\x01r\x18\x04 \x01(\r\x12\t\n\x01p\x18\x05 \x01(\r\"[\n\rApplyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\t\x12\x15\n\rdeleted_tasks\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"9\n\x0c\x43ommandBatch\x12)\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x17.tarefa.replica.Command\"_\n\rCommandResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x08response\x18\x03 \x01(\x0b\x32\x1d.tarefa.replica.ApplyResponse\"D\n\x12\x41pplyBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tarefa.replica.CommandResult\"~\n\nGetRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.tarefa.replica.Kind\x12\x0b\n\x03\x63id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x30\n\x0b\x63onsistency\x18\x04 \x01(\x0e\x32\x1b.tarefa.replica.Consistency\"/\n\x0bGetResponse\x12\x0e\n\x06record\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xa3\x01\n\x0bScanRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.tarefa.replica.Kind\x12\x0b\n\x03\x63id\x18\x02 \x01(\t\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x30\n\x0b\x63onsistency\x18\x06 \x01(\x0e\x32\x1b.tarefa.replica.Consistency\"?\n\x0cScanResponse\x12\x0f\n\x07records\x18\x01 \x03(\t\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"<\n\nPeerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\"\xa1\x02\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x15\n\rjournal_bytes\x18\x08 \x01(\x04\x12)\n\x05peers\x18\t \x03(\x0b\x32\x1a.tarefa.replica.PeerStatus\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x15\n\rraft_warnings\x18\x0b \x01(\x04\x12\x16\n\x0eraft_criticals\x18\x0c \x01(\x04\x12\x13\n\x0blog_entries\x18\r \x01(\x04*\xad\x01\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x11\n\rCREATE_CLIENT\x10\x01\x12\x11\n\rUPDATE_CLIENT\x10\x02\x12\x11\n\rDELETE_CLIENT\x10\x03\x12\x0f\n\x0b\x43REATE_TASK\x10\x04\x12\x0f\n\x0bUPDATE_TASK\x10\x05\x12\x0f\n\x0b\x44\x45LETE_TASK\x10\x06\x12\x14\n\x10\x44\x45LETE_ALL_TASKS\x10\x07\x12\x11\n\rROTATE_SECRET\x10\x08*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01*>\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x43LIENT\x10\x01\x12\x08\n\x04TASK\x10\x02\x12\n\n\x06SECRET\x10\x03\x32\xe6\x02\n\x07Replica\x12?\n\x05\x41pply\x12\x17.tarefa.replica.Command\x1a\x1d.tarefa.replica.ApplyResponse\x12N\n\nApplyBatch\x12\x1c.tarefa.replica.CommandBatch\x1a\".tarefa.replica.ApplyBatchResponse\x12>\n\x03Get\x12\x1a.tarefa.replica.GetRequest\x1a\x1b.tarefa.replica.GetResponse\x12\x41\n\x04Scan\x12\x1b.tarefa.replica.ScanRequest\x1a\x1c.tarefa.replica.ScanResponse\x12G\n\x06Status\x12\x1d.tarefa.replica.StatusRequest\x1a\x1e.tarefa.replica.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.replica_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OP']._serialized_start=1330
-  _globals['_OP']._serialized_end=1484
-  _globals['_CONSISTENCY']._serialized_start=1486
-  _globals['_CONSISTENCY']._serialized_end=1535
-  _globals['_KIND']._serialized_start=1537
-  _globals['_KIND']._serialized_end=1587
+  _globals['_OP']._serialized_start=1449
+  _globals['_OP']._serialized_end=1622
+  _globals['_CONSISTENCY']._serialized_start=1624
+  _globals['_CONSISTENCY']._serialized_end=1673
+  _globals['_KIND']._serialized_start=1675
+  _globals['_KIND']._serialized_end=1737
   _globals['_COMMAND']._serialized_start=40
-  _globals['_COMMAND']._serialized_end=229
-  _globals['_APPLYRESPONSE']._serialized_start=231
-  _globals['_APPLYRESPONSE']._serialized_end=322
-  _globals['_COMMANDBATCH']._serialized_start=324
-  _globals['_COMMANDBATCH']._serialized_end=381
-  _globals['_COMMANDRESULT']._serialized_start=383
-  _globals['_COMMANDRESULT']._serialized_end=478
-  _globals['_APPLYBATCHRESPONSE']._serialized_start=480
-  _globals['_APPLYBATCHRESPONSE']._serialized_end=548
-  _globals['_GETREQUEST']._serialized_start=550
-  _globals['_GETREQUEST']._serialized_end=676
-  _globals['_GETRESPONSE']._serialized_start=678
-  _globals['_GETRESPONSE']._serialized_end=725
-  _globals['_SCANREQUEST']._serialized_start=728
-  _globals['_SCANREQUEST']._serialized_end=891
-  _globals['_SCANRESPONSE']._serialized_start=893
-  _globals['_SCANRESPONSE']._serialized_end=956
-  _globals['_STATUSREQUEST']._serialized_start=958
-  _globals['_STATUSREQUEST']._serialized_end=973
-  _globals['_PEERSTATUS']._serialized_start=975
-  _globals['_PEERSTATUS']._serialized_end=1035
-  _globals['_STATUSRESPONSE']._serialized_start=1038
-  _globals['_STATUSRESPONSE']._serialized_end=1327
-  _globals['_REPLICA']._serialized_start=1590
-  _globals['_REPLICA']._serialized_end=1948
+  _globals['_COMMAND']._serialized_end=273
+  _globals['_SECRETHASH']._serialized_start=275
+  _globals['_SECRETHASH']._serialized_end=348
+  _globals['_APPLYRESPONSE']._serialized_start=350
+  _globals['_APPLYRESPONSE']._serialized_end=441
+  _globals['_COMMANDBATCH']._serialized_start=443
+  _globals['_COMMANDBATCH']._serialized_end=500
+  _globals['_COMMANDRESULT']._serialized_start=502
+  _globals['_COMMANDRESULT']._serialized_end=597
+  _globals['_APPLYBATCHRESPONSE']._serialized_start=599
+  _globals['_APPLYBATCHRESPONSE']._serialized_end=667
+  _globals['_GETREQUEST']._serialized_start=669
+  _globals['_GETREQUEST']._serialized_end=795
+  _globals['_GETRESPONSE']._serialized_start=797
+  _globals['_GETRESPONSE']._serialized_end=844
+  _globals['_SCANREQUEST']._serialized_start=847
+  _globals['_SCANREQUEST']._serialized_end=1010
+  _globals['_SCANRESPONSE']._serialized_start=1012
+  _globals['_SCANRESPONSE']._serialized_end=1075
+  _globals['_STATUSREQUEST']._serialized_start=1077
+  _globals['_STATUSREQUEST']._serialized_end=1092
+  _globals['_PEERSTATUS']._serialized_start=1094
+  _globals['_PEERSTATUS']._serialized_end=1154
+  _globals['_STATUSRESPONSE']._serialized_start=1157
+  _globals['_STATUSRESPONSE']._serialized_end=1446
+  _globals['_REPLICA']._serialized_start=1740
+  _globals['_REPLICA']._serialized_end=2098
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,9 @@ LevelDB key layout (all keys are bytes):
 
     c/<cidkey>                 client record (JSON)
     t/<cidkey>/<title utf-8>   task record (JSON)
+    s/<cidkey>                 the client's secret record (JSON: salted scrypt
+                               hash and parameters, never the secret); apart
+                               from c/ so that no read of clients carries it
     m/applied                  last applied Raft index (decimal)
     m/revision                 global revision (decimal)
     m/log/<index:020d>         request ids applied at that Raft index (JSON list)
@@ -40,6 +43,7 @@ _CID_RE = re.compile(r"[1-9][0-9]*")
 
 CLIENT_PREFIX = b"c/"
 TASK_PREFIX = b"t/"
+SECRET_PREFIX = b"s/"
 META_APPLIED = b"m/applied"
 META_REVISION = b"m/revision"
 META_LOG_PREFIX = b"m/log/"
@@ -166,6 +170,29 @@ def json_depth(value: object) -> int:
     return deepest
 
 
+# Client secret hashes: what a replica accepts (the portal chooses within it).
+SALT_BYTES = (16, 64)
+HASH_BYTES = (32, 64)
+SCRYPT_N = (2**10, 2**20)
+SCRYPT_R = (1, 32)
+SCRYPT_P = (1, 16)
+
+
+def validate_secret_hash(salt: object, digest: object, n: object, r: object,
+                         p: object) -> None:
+    """A client secret record's fields (bytes and scrypt parameters), never the secret."""
+    for name, value, (low, high) in (("secret.salt", salt, SALT_BYTES),
+                                     ("secret.hash", digest, HASH_BYTES)):
+        if not isinstance(value, bytes) or not low <= len(value) <= high:
+            raise InvalidArgument(f"{name}: {low} to {high} bytes")
+    for name, value, (low, high) in (("secret.n", n, SCRYPT_N), ("secret.r", r, SCRYPT_R),
+                                     ("secret.p", p, SCRYPT_P)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise InvalidArgument(f"{name}: an integer from {low} to {high}")
+    if n & (n - 1):  # type: ignore[operator]
+        raise InvalidArgument("secret.n: must be a power of 2")
+
+
 def validate_request_id(request_id: object) -> str:
     if not isinstance(request_id, str) or not request_id:
         raise InvalidArgument("request_id: required")
@@ -197,6 +224,10 @@ def task_prefix(cid: str) -> bytes:
 
 def task_key(cid: str, title: str) -> bytes:
     return task_prefix(cid) + title.encode("utf-8")
+
+
+def secret_key(cid: str) -> bytes:
+    return SECRET_PREFIX + cid_key(cid)
 
 
 def cid_from_client_key(key: bytes) -> str:

@@ -18,7 +18,7 @@ from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, Tarefa
 from daemons.replica.storage import BatchView
 
 OPS = ("create_client", "update_client", "delete_client", "create_task", "update_task",
-       "delete_task", "delete_all_tasks")
+       "delete_task", "delete_all_tasks", "rotate_secret")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,11 @@ class Outcome:
 
 
 def fingerprint(cmd: Any) -> str:
-    """What a request id stands for: the command without its timestamp."""
+    """What a request id stands for: the command without its timestamp.
+
+    A secret record is left out on purpose: a portal makes a new one for every
+    call, so a caller's retry of CreateClient/RotateSecret with the same request
+    id must still count as the same command (it gets the first answer)."""
     if not isinstance(cmd, dict):
         return ""
     what = [cmd.get(k) for k in ("op", "cid", "title", "data", "description", "status")]
@@ -86,16 +90,47 @@ def _require_at(cmd: dict) -> str:
     return at
 
 
+def _secret_record(cmd: dict, cid: str, revision: int) -> dict | None:
+    """The stored form of the command's secret hash (hex), validated; None if absent."""
+    secret = cmd.get("secret")
+    if secret is None:
+        return None
+    if not isinstance(secret, dict):
+        raise InvalidArgument("secret: must be a mapping")
+    try:
+        salt, digest = bytes.fromhex(secret.get("salt")), bytes.fromhex(secret.get("hash"))
+    except (TypeError, ValueError):
+        raise InvalidArgument("secret.salt, secret.hash: must be hexadecimal text") from None
+    n, r, p = secret.get("n"), secret.get("r"), secret.get("p")
+    domain.validate_secret_hash(salt, digest, n, r, p)
+    return {"cid": cid, "salt": salt.hex(), "hash": digest.hex(), "n": n, "r": r, "p": p,
+            "revision": revision}
+
+
 def create_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     data = domain.parse_client_data(cmd.get("data"))
     at = _require_at(cmd)
+    secret = _secret_record(cmd, cid, revision)  # absent in auth: cid-only mode
     key = domain.client_key(cid)
     if view.get(key) is not None:
         raise AlreadyExists(f"client {cid} already exists")
     record = {"cid": cid, "data": data, "created_at": at, "updated_at": at, "revision": revision}
     view.put(key, _dump(record))
+    if secret is not None:
+        view.put(domain.secret_key(cid), _dump(secret))
     return record, 0
+
+
+def rotate_secret(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+    """Replace the client's secret record; the client record itself is unchanged."""
+    cid = domain.validate_cid(cmd.get("cid"))
+    secret = _secret_record(cmd, cid, revision)
+    if secret is None:
+        raise InvalidArgument("secret: required")
+    _require_client(view, cid)
+    view.put(domain.secret_key(cid), _dump(secret))
+    return None, 0
 
 
 def update_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
@@ -119,6 +154,7 @@ def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict | Non
     cid = domain.validate_cid(cmd.get("cid"))
     _require_client(view, cid)
     view.delete(domain.client_key(cid))
+    view.delete(domain.secret_key(cid))
     return None, _delete_tasks(view, cid)
 
 
@@ -185,6 +221,7 @@ HANDLERS: dict[str, Callable[[BatchView, dict, int], tuple[dict | None, int]]] =
     "update_task": update_task,
     "delete_task": delete_task,
     "delete_all_tasks": delete_all_tasks,
+    "rotate_secret": rotate_secret,
 }
 
 

@@ -44,6 +44,10 @@ def command_from_proto(msg: replica_pb2.Command) -> dict[str, Any]:
         command["description"] = msg.description
     if msg.HasField("status"):
         command["status"] = msg.status
+    if op in ("create_client", "rotate_secret") and msg.HasField("secret"):
+        # Hex text: the command must survive JSON (dedupe table) and the Raft log.
+        command["secret"] = {"salt": msg.secret.salt.hex(), "hash": msg.secret.hash.hex(),
+                             "n": msg.secret.n, "r": msg.secret.r, "p": msg.secret.p}
     return command
 
 
@@ -122,8 +126,10 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         elif request.kind == replica_pb2.TASK:
             title = domain.validate_title(request.title)
             key, what = domain.task_key(cid, title), f"task {title!r} of client {cid}"
+        elif request.kind == replica_pb2.SECRET:
+            key, what = domain.secret_key(cid), f"secret record of client {cid}"
         else:
-            raise InvalidArgument("kind: CLIENT or TASK")
+            raise InvalidArgument("kind: CLIENT, TASK or SECRET")
         await self._barrier(request.consistency, context)
         value, revision = self.storage.read(key)
         if value is None:
