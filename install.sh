@@ -60,4 +60,9 @@ else
     say ".venv up to date"
 fi
 mkdir -p run/log
+# The default stack is secured (config/cluster.yaml): admin token, Raft password,
+# a local CA with a certificate per daemon, MQTT logins and ACLs. Only what is
+# missing is created; nothing is overwritten. Delete a file and re-run to rotate it.
+say "creating missing secrets and certificates under run/secrets (tarefa-secrets)"
+.venv/bin/tarefa-secrets --config config/cluster.yaml || die "tarefa-secrets failed"
 say "done"

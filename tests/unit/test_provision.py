@@ -1,0 +1,136 @@
+"""tarefa-secrets: creates exactly what the cluster file names, safely, once."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import os
+import stat
+
+import pytest
+import yaml
+from cryptography import x509
+
+from daemons.core.config import parse_cluster
+from daemons.core.errors import ConfigError
+from daemons.core.provision import MOSQUITTO_ACL, MOSQUITTO_PASSWD, Provisioner, main, \
+    mosquitto_hash
+from daemons.core.security import read_secret_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def cluster_file(tmp_path):
+    with open(os.path.join(ROOT, "config", "cluster.yaml"), encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw = copy.deepcopy(raw)
+    path = tmp_path / "etc" / "cluster.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_creates_every_secret_once_with_private_modes(cluster_file, tmp_path, capsys):
+    assert main(["--config", str(cluster_file)]) == 0
+    secrets = tmp_path / "run" / "secrets"
+    daemons = ["replica-1", "replica-2", "replica-3", "portal-admin", "portal-client-1",
+               "portal-client-2", "listener"]
+    private = [secrets / "admin.token", secrets / "raft.password", secrets / "tls" / "ca.key"]
+    private += [secrets / "tls" / f"{d}.key" for d in [*daemons, "tarefa"]]
+    private += [secrets / "mqtt" / d for d in daemons[3:]]
+    private += [secrets / "mqtt" / MOSQUITTO_PASSWD, secrets / "mqtt" / MOSQUITTO_ACL]
+    for path in private:
+        assert mode(path) == 0o600, path
+    for path in [secrets / "tls" / "ca.crt", *[secrets / "tls" / f"{d}.crt" for d in daemons]]:
+        assert mode(path) == 0o644, path
+    assert mode(secrets) == 0o700
+    token = read_secret_file(str(secrets / "admin.token"), "admin token")
+    assert len(token) >= 40
+    out = capsys.readouterr().out
+    assert token not in out and "admin.token" in out  # paths are printed, secrets never
+
+    before = {p: p.read_bytes() for p in secrets.rglob("*") if p.is_file()}
+    assert main(["--config", str(cluster_file)]) == 0
+    assert "every secret the cluster file names exists" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in secrets.rglob("*") if p.is_file()} == before
+
+
+def test_certificates_chain_to_the_ca_and_name_the_host(cluster_file, tmp_path):
+    raw = yaml.safe_load(cluster_file.read_text())
+    raw["portals"][1]["host"] = "10.1.2.3"
+    raw["portals"][2]["host"] = "portal.example"
+    cluster = parse_cluster(raw, str(cluster_file), str(cluster_file.parent))
+    Provisioner(cluster).run()
+    tls = tmp_path / "run" / "secrets" / "tls"
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    for name, extra in (("portal-client-1", "10.1.2.3"), ("portal-client-2", "portal.example"),
+                        ("replica-1", None)):
+        cert = x509.load_pem_x509_certificate((tls / f"{name}.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = {str(v) for v in sans.get_values_for_type(x509.DNSName)} | \
+            {str(v) for v in sans.get_values_for_type(x509.IPAddress)}
+        assert {"localhost", "127.0.0.1"} <= names
+        if extra:
+            assert extra in names
+
+
+def test_acl_lets_portals_write_and_the_listener_only_read(cluster_file, tmp_path):
+    main(["--config", str(cluster_file)])
+    acl = (tmp_path / "run" / "secrets" / "mqtt" / MOSQUITTO_ACL).read_text()
+    assert "user portal-client-1\ntopic readwrite tarefa/tarefa/#" in acl
+    assert "user listener\ntopic read tarefa/tarefa/#" in acl
+    users = (tmp_path / "run" / "secrets" / "mqtt" / MOSQUITTO_PASSWD).read_text().split("\n")
+    assert [u.split(":")[0] for u in users if u] == [
+        "portal-admin", "portal-client-1", "portal-client-2", "listener"]
+    password = read_secret_file(str(tmp_path / "run" / "secrets" / "mqtt" / "listener"), "x")
+    assert password not in acl and password not in "\n".join(users)
+
+
+def test_mosquitto_hash_is_pbkdf2_sha512():
+    salt = b"0123456789ab"
+    entry = mosquitto_hash("pw", salt)
+    _, seven, iterations, salt64, digest64 = entry.split("$")
+    assert seven == "7" and base64.b64decode(salt64) == salt
+    assert base64.b64decode(digest64) == hashlib.pbkdf2_hmac("sha512", b"pw", salt,
+                                                             int(iterations))
+
+
+def test_a_ca_certificate_without_its_key_is_refused(cluster_file, tmp_path):
+    main(["--config", str(cluster_file)])
+    os.unlink(tmp_path / "run" / "secrets" / "tls" / "ca.key")
+    raw = yaml.safe_load(cluster_file.read_text())
+    with pytest.raises(ConfigError, match="must both exist or both be absent"):
+        Provisioner(parse_cluster(raw, str(cluster_file), str(cluster_file.parent))).run()
+
+
+def test_deleting_a_secret_and_rerunning_rotates_only_it(cluster_file, tmp_path):
+    main(["--config", str(cluster_file)])
+    secrets = tmp_path / "run" / "secrets"
+    raft = (secrets / "raft.password").read_text()
+    token = (secrets / "admin.token").read_text()
+    os.unlink(secrets / "admin.token")
+    main(["--config", str(cluster_file)])
+    assert (secrets / "admin.token").read_text() != token
+    assert (secrets / "raft.password").read_text() == raft
+
+
+def test_group_readable_secret_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("s3cr3t-value-that-must-not-leak\n")
+    os.chmod(path, 0o640)
+    with pytest.raises(ConfigError) as info:
+        read_secret_file(str(path), "admin token")
+    assert str(path) in info.value.message and "chmod 600" in info.value.message
+    assert "s3cr3t" not in info.value.message
+    os.chmod(path, 0o600)
+    assert read_secret_file(str(path), "admin token") == "s3cr3t-value-that-must-not-leak"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_secret_file(str(path), "admin token")
