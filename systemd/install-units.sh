@@ -5,6 +5,11 @@
 #     in drop-ins made with `systemctl edit`),
 #   - /etc/tarefa/ (root:tarefa 0750) and, only when none exists yet,
 #     /etc/tarefa/cluster.yaml from cluster.one-host.yaml,
+#   - the secrets that file names (`tarefa-secrets --owner tarefa`: only the
+#     missing ones), readable by tarefa only, e.g. /etc/tarefa/secrets/,
+#   - where the broker's address is local: /etc/mosquitto/conf.d/tarefa.conf
+#     and copies of the MQTT password and ACL files for Mosquitto, refreshed
+#     on every run (mosquitto.service is restarted if it runs and they changed),
 #   - then `systemctl daemon-reload`.
 # With --enable it also enables tarefa.target and every daemon of the cluster
 # file whose `host` is an address of this machine (and mosquitto.service when
@@ -85,11 +90,71 @@ else
         "(edit it for several machines: see $here/README.md)"
 fi
 
+# The secrets the cluster file names (security: and broker.password_dir):
+# tarefa-secrets makes whatever is missing and never overwrites; the helper
+# then gives them to tarefa (directories root:tarefa 0750, secrets 0600,
+# certificates 0644, the CA key root-only). Under --root the file's absolute
+# /etc/tarefa/... paths are moved under DIR, and ownership comes from
+# DIR/etc/passwd. See install-helper.py for the details.
+uid=$(awk -F: '$1 == "tarefa" { print $3 }' "$root/etc/passwd")
+broker_host= broker_port= broker_local= mqtt_passwd= mqtt_acl=
+owner=(--owner tarefa)          # a user of this machine: not under --root
+[ -n "$root" ] && owner=(--root "$root")
+secrets_out=$("$code/.venv/bin/python" "$here/install-helper.py" secrets "${owner[@]}" \
+    --config "$config" --uid "$uid" --gid "$gid") \
+    || die "secrets not made (see above): fix that, then re-run"
+eval "$secrets_out"
+
+# Mosquitto (Debian's mosquitto.service), where the broker's address is local:
+# per-daemon logins only, from copies of tarefa-secrets' files that the
+# mosquitto user can read (it drops root before reading them) and that
+# newer Mosquitto releases accept (owned by it, not readable by others).
+# The per-daemon passwords are the source of truth: every run refreshes them.
+mosquitto_changed=0
+refresh() {  # refresh SRC DST OWNER MODE: copy when different, note it
+    if ! cmp -s "$1" "$2" || [ "$(stat -c %u:%g:%a "$2")" != "$3:$4" ]; then
+        install -m "$4" -o "${3%%:*}" -g "${3##*:}" "$1" "$2"
+        mosquitto_changed=1
+        say "wrote $2"
+    fi
+}
+mosquitto_ids=$(awk -F: '$1 == "mosquitto" { print $3 ":" $4 }' "$root/etc/passwd")
+if [ -z "$mqtt_passwd" ]; then
+    say "broker.password_dir is not set: Mosquitto left as it is"
+elif [ "$broker_local" != 1 ]; then
+    say "the broker ($broker_host) is not an address of this machine: no Mosquitto config here"
+elif [ -z "$mosquitto_ids" ]; then
+    say "warning: no mosquitto user in $root/etc/passwd (is Debian's mosquitto package" \
+        "installed?): $root/etc/mosquitto/conf.d/tarefa.conf not written"
+else
+    install -d -m 0755 "$root/etc/mosquitto/conf.d"
+    refresh "$mqtt_passwd" "$root/etc/mosquitto/tarefa.passwd" "$mosquitto_ids" 600
+    refresh "$mqtt_acl" "$root/etc/mosquitto/tarefa.acl" "$mosquitto_ids" 600
+    snippet=$(mktemp)
+    cat >"$snippet" <<CONF
+# Written by install-units.sh from $config (broker: and broker.password_dir);
+# re-run it instead of editing this file: it is overwritten. The two files
+# below are copies of tarefa-secrets' ${mqtt_passwd#"$root"} and ${mqtt_acl#"$root"}.
+listener $broker_port $broker_host
+allow_anonymous false
+password_file /etc/mosquitto/tarefa.passwd
+acl_file /etc/mosquitto/tarefa.acl
+CONF
+    refresh "$snippet" "$root/etc/mosquitto/conf.d/tarefa.conf" 0:0 644
+    rm -f "$snippet"
+fi
+
 if [ -n "$root" ]; then
     say "--root given: systemd not reloaded"
 elif [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     say "systemctl daemon-reload done"
+    # New logins or a new listener line: a running broker must restart to
+    # use them (try-restart never starts a stopped one).
+    if [ "$mosquitto_changed" = 1 ] && systemctl --quiet is-active mosquitto.service; then
+        systemctl try-restart mosquitto.service
+        say "Mosquitto's configuration changed: restarted mosquitto.service"
+    fi
 else
     say "systemd is not running on this machine: nothing reloaded"
 fi
@@ -98,44 +163,8 @@ fi
 
 # Which daemons live here: those whose host is an address this machine can
 # bind. The cluster file is validated first (exit 2 lists every problem).
-local_units=$(cd "$code" && "$code/.venv/bin/python" - "$root$config" <<'PY'
-import socket
-import sys
-
-from daemons.core.config import load_cluster
-from daemons.core.errors import ConfigError
-
-
-def is_local(host: str) -> bool:
-    try:
-        addresses = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    for family, kind, _, _, address in addresses:
-        try:
-            with socket.socket(family, kind) as sock:
-                sock.bind((address[0], 0))
-            return True
-        except OSError:
-            continue
-    return False
-
-
-try:
-    cluster = load_cluster(sys.argv[1])
-except ConfigError as exc:
-    for problem in exc.problems:
-        print(f"Error: {problem}", file=sys.stderr)
-    sys.exit(2)
-units = [f"tarefa-replica@{r.id}.service" for r in cluster.replicas if is_local(r.host)]
-units += [f"tarefa-portal@{p.id}.service" for p in cluster.portals if is_local(p.host)]
-if cluster.listener is not None and is_local(cluster.listener.host):
-    units.append("tarefa-listener.service")
-if is_local(cluster.broker.host):
-    units.append("mosquitto.service")
-print("\n".join(units))
-PY
-) || die "cannot read $root$config (see above): fix it, then re-run with --enable"
+local_units=$("$code/.venv/bin/python" "$here/install-helper.py" local-units \
+    --config "$root$config") || die "cannot read $root$config (see above): fix it, then re-run with --enable"
 
 tarefa_units=$(grep '^tarefa-' <<<"$local_units" || true)
 [ -n "$tarefa_units" ] \

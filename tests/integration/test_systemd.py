@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -473,6 +474,7 @@ def test_install_units_stages_user_units_config_and_enables_local_daemons(tmp_pa
     tool("systemd-sysusers")
     tool("systemctl")
     root = tmp_path / "root"
+    staged_mosquitto_user(root)
     first = install_units(str(root), "--enable")
     assert first.returncode == 0, first.stdout + first.stderr
 
@@ -492,6 +494,8 @@ def test_install_units_stages_user_units_config_and_enables_local_daemons(tmp_pa
                            + [f"tarefa-portal@{p.id}.service" for p in one_host.portals]
                            + ["tarefa-listener.service"])
     assert (root / "etc/systemd/system/multi-user.target.wants/tarefa.target").is_symlink()
+    check_secrets(root)
+    check_mosquitto(root, MOSQUITTO_UID, MOSQUITTO_UID)
 
     # Re-running is safe and never overwrites the operator's cluster file.
     config.write_text(config.read_text().replace("name: tarefa", "name: edited"))
@@ -507,11 +511,224 @@ def test_install_units_stages_user_units_config_and_enables_local_daemons(tmp_pa
     (other / "etc/tarefa/cluster.yaml").write_text(local)
     third = install_units(str(other), "--enable")
     assert third.returncode == 0, third.stdout + third.stderr
+    assert "no mosquitto user" in third.stdout, "no Debian mosquitto in that root"
+    assert not (other / "etc/mosquitto").exists()
     assert sorted(os.listdir(other / "etc/systemd/system/tarefa.target.wants")) == [
         "tarefa-listener.service", "tarefa-portal@portal-admin.service",
         "tarefa-replica@replica-1.service"]
 
-    # A host named by no daemon is refused rather than silently enabling nothing.
+    # Certificates name their daemon's host: changing it in the cluster file
+    # without making new ones is refused, naming the files to delete.
     (other / "etc/tarefa/cluster.yaml").write_text(multi)
+    stale = install_units(str(other))
+    assert stale.returncode == 1 and "replica-1.crt does not name 192.0.2.11" in stale.stderr
+    shutil.rmtree(other / "etc/tarefa/secrets/tls")
+
+    # A host named by no daemon is refused rather than silently enabling nothing.
     nothing = install_units(str(other), "--enable")
     assert nothing.returncode == 1 and "no daemon" in nothing.stderr
+
+
+# ---- install-units.sh: secrets and Mosquitto ------------------------------
+
+MOSQUITTO_UID = 4242  # the staged root's mosquitto user, unless the host's is used
+
+
+def staged_mosquitto_user(root, line: str | None = None) -> int:
+    """Give a staged root the mosquitto user Debian's package creates (before
+    install-units.sh runs: systemd-sysusers then adds tarefa to the file)."""
+    line = line or f"mosquitto:x:{MOSQUITTO_UID}:{MOSQUITTO_UID}::/var/lib/mosquitto:" \
+                   "/usr/sbin/nologin"
+    uid, gid = int(line.split(":")[2]), int(line.split(":")[3])
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/passwd").write_text(line.strip() + "\n")
+    (root / "etc/group").write_text(f"mosquitto:x:{gid}:\n")
+    return uid
+
+
+def staged_ids(root) -> tuple[int, int]:
+    passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").open()}
+    return int(passwd["tarefa"][2]), int(passwd["tarefa"][3])
+
+
+def owner_mode(path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def mosquitto_conf(root) -> dict[str, str]:
+    lines = (root / "etc/mosquitto/conf.d/tarefa.conf").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_install_units_makes_secrets_the_daemons_and_mosquitto_can_read():
+    need_root("install-units.sh")
+    tool("systemd-sysusers")
+    # Under /tmp with mode 0755 (pytest's tmp_path is root-only): the staged
+    # tarefa and mosquitto users must be able to walk to their files.
+    workdir = tempfile.mkdtemp(prefix="tarefa-install-")
+    os.chmod(workdir, 0o755)
+    root = pathlib.Path(workdir) / "root"
+    try:
+        host_mosquitto = subprocess.run(["getent", "passwd", "mosquitto"], capture_output=True,
+                                        text=True).stdout
+        assert host_mosquitto, "Debian's mosquitto package is missing: run ./install.sh"
+        mosquitto_uid = staged_mosquitto_user(root, host_mosquitto)
+        mosquitto_gid = int(host_mosquitto.split(":")[3])
+        first = install_units(str(root))
+        assert first.returncode == 0, first.stdout + first.stderr
+        check_secrets(root, as_tarefa=True)
+        check_mosquitto(root, mosquitto_uid, mosquitto_gid)
+        check_daemons_accept_the_staged_file(root)
+
+        # Re-running keeps every secret, and refreshes Mosquitto's copies from
+        # the per-daemon passwords (the source of truth): rotate one login.
+        mqtt = root / "etc/tarefa/secrets/mqtt"
+        secrets_before = {p: p.read_bytes() for p in (root / "etc/tarefa/secrets").rglob("*")
+                          if p.is_file()}
+        copy = root / "etc/mosquitto/tarefa.passwd"
+        copy.chmod(0o644)
+        unchanged = install_units(str(root))
+        assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
+        assert {p: p.read_bytes() for p in secrets_before} == secrets_before
+        assert owner_mode(copy) == (mosquitto_uid, mosquitto_gid, 0o600), "mode restored"
+        old_copy = copy.read_bytes()
+        (mqtt / "portal-admin").unlink()
+        rotated = install_units(str(root))
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert copy.read_bytes() != old_copy
+        assert copy.read_bytes() == (mqtt / "mosquitto.passwd").read_bytes()
+        check_secrets(root, as_tarefa=True)
+        check_mosquitto(root, mosquitto_uid, mosquitto_gid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_secrets(root, as_tarefa: bool = False) -> None:
+    """Owners and modes of every secret; with as_tarefa (root must then be
+    reachable by others) also that the daemons' user reads them."""
+    uid, gid = staged_ids(root)
+    secrets = root / "etc/tarefa/secrets"
+    cluster = load_cluster(str(root / "etc/tarefa/cluster.yaml"))
+    assert cluster.security.tls is not None and cluster.broker.password_dir is not None
+    assert cluster.security.tls.cert_dir == "/etc/tarefa/secrets/tls"
+    assert cluster.broker.password_dir == "/etc/tarefa/secrets/mqtt"
+    for directory in (secrets, secrets / "tls", secrets / "mqtt"):
+        assert owner_mode(directory) == (0, gid, 0o750), directory
+    daemons = [r.id for r in cluster.replicas] + [p.id for p in cluster.portals] + ["listener"]
+    readable = [secrets / "admin.token", secrets / "raft.password"]
+    readable += [secrets / "tls" / f"{d}.key" for d in [*daemons, "tarefa"]]
+    readable += [secrets / "mqtt" / d for d in daemons if not d.startswith("replica-")]
+    readable += [secrets / "mqtt" / "mosquitto.passwd", secrets / "mqtt" / "mosquitto.acl"]
+    for path in readable:
+        assert owner_mode(path) == (uid, gid, 0o600), path
+    for path in [secrets / "tls/ca.crt", *(secrets / "tls" / f"{d}.crt" for d in daemons)]:
+        assert owner_mode(path) == (uid, gid, 0o644), path
+    assert owner_mode(secrets / "tls/ca.key") == (0, 0, 0o600), "the CA key is root's only"
+    assert not list(secrets.glob("mqtt/replica-*")), "replicas do not use MQTT"
+    assert not list((root / "etc/tarefa").glob(".cluster.secrets.*")), "temporary copy left"
+
+    if not as_tarefa:
+        return
+    # As the daemons' user: every secret reads, the CA key does not.
+    as_user = [tool("setpriv"), f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "cat"]
+    read = subprocess.run([*as_user, *map(str, readable)], capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr
+    refused = subprocess.run([*as_user, str(secrets / "tls/ca.key")], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+def check_mosquitto(root, uid: int, gid: int) -> None:
+    conf = mosquitto_conf(root)
+    assert conf == {"listener": "1883 127.0.0.1", "allow_anonymous": "false",
+                    "password_file": "/etc/mosquitto/tarefa.passwd",
+                    "acl_file": "/etc/mosquitto/tarefa.acl"}
+    mqtt = root / "etc/tarefa/secrets/mqtt"
+    for key, source in (("password_file", "mosquitto.passwd"), ("acl_file", "mosquitto.acl")):
+        copy = root / conf[key].lstrip("/")
+        assert copy.read_bytes() == (mqtt / source).read_bytes(), copy
+        assert owner_mode(copy) == (uid, gid, 0o600), copy
+
+
+def check_daemons_accept_the_staged_file(root) -> None:
+    """--check-config of every daemon on the staged file, its /etc/tarefa paths
+    moved under the staged root (the secrets are there, not in /etc)."""
+    staged = root / "etc/tarefa/cluster.yaml"
+    moved = root / "etc/tarefa/cluster.rooted.yaml"
+    moved.write_text(staged.read_text().replace("/etc/tarefa/", f"{root}/etc/tarefa/"))
+    moved.chmod(0o600)
+    cluster = load_cluster(str(moved))
+    assert cluster.security.admin_token_file == f"{root}/etc/tarefa/secrets/admin.token"
+    bin_dir = os.path.join(ROOT, ".venv", "bin")
+    for argv in ([f"{bin_dir}/tarefa-replica", "--id", cluster.replicas[0].id],
+                 [f"{bin_dir}/tarefa-portal", "--id", cluster.portals[0].id],
+                 [f"{bin_dir}/tarefa-listener"]):
+        check = subprocess.run([*argv, "--config", str(moved), "--check-config"],
+                               capture_output=True, text=True, timeout=60, cwd="/")
+        assert check.returncode == 0, f"{argv}\n{check.stdout}{check.stderr}"
+    moved.unlink()
+
+
+def test_staged_mosquitto_config_lets_each_daemon_in_and_nobody_else():
+    """The snippet and the copies, as Debian's Mosquitto reads them: started as
+    root, it drops to the mosquitto user before opening the password file."""
+    need_root("install-units.sh")
+    mosquitto = "/usr/sbin/mosquitto"
+    assert os.access(mosquitto, os.X_OK), "Debian's mosquitto package is missing: ./install.sh"
+    workdir = tempfile.mkdtemp(prefix="tarefa-mosquitto-")
+    os.chmod(workdir, 0o755)
+    root = pathlib.Path(workdir) / "root"
+    broker = None
+    try:
+        host_mosquitto = subprocess.run(["getent", "passwd", "mosquitto"], capture_output=True,
+                                        text=True).stdout
+        assert host_mosquitto, "Debian's mosquitto package is missing: run ./install.sh"
+        staged_mosquitto_user(root, host_mosquitto)
+        done = install_units(str(root))
+        assert done.returncode == 0, done.stdout + done.stderr
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        conf = mosquitto_conf(root)
+        test_conf = pathlib.Path(workdir) / "mosquitto.conf"
+        test_conf.write_text("".join(
+            f"{key} {value.replace('/etc/', f'{root}/etc/')}\n" for key, value in conf.items()
+            if key != "listener") + f"listener {port} 127.0.0.1\nlog_dest stderr\n")
+        log = open(pathlib.Path(workdir) / "mosquitto.log", "wb")
+        broker = subprocess.Popen([mosquitto, "-c", str(test_conf)], stdout=log,
+                                  stderr=subprocess.STDOUT)
+        password = (root / "etc/tarefa/secrets/mqtt/portal-admin").read_text().strip()
+        deadline = time.monotonic() + WAIT
+        while mqtt_connack(port, "portal-admin", password) is None:
+            assert broker.poll() is None, (pathlib.Path(workdir) / "mosquitto.log").read_text()
+            assert time.monotonic() < deadline, "Mosquitto did not start"
+            time.sleep(0.2)
+        assert mqtt_connack(port, "portal-admin", password) == 0
+        assert mqtt_connack(port, "portal-admin", "wrong") not in (0, None)
+        assert mqtt_connack(port, None, None) not in (0, None), "anonymous refused"
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def mqtt_connack(port: int, user: str | None, password: str | None) -> int | None:
+    """The CONNACK reason code, or None if nothing listens yet."""
+    import paho.mqtt.client as mqtt
+
+    answers: list[int] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{os.getpid()}")
+    if user is not None:
+        client.username_pw_set(user, password)
+    client.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason.value)
+    try:
+        client.connect("127.0.0.1", port, keepalive=5)
+    except OSError:
+        return None
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    client.disconnect()
+    return answers[0] if answers else None
