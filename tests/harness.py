@@ -472,13 +472,13 @@ class ListenerProcess(DaemonProcess):
     """`tarefa-listener` as a real process; with follow=True its stdout goes to its own file."""
 
     def __init__(self, workdir: str, config_path: str, port: int, follow: bool = False,
-                 name: str = "listener") -> None:
+                 name: str = "listener", tls: Any = None) -> None:
         super().__init__(workdir, name)
         self.config_path = config_path
         self.follow = follow
         self.stdout_path = os.path.join(workdir, f"{name}.stdout")
         self.address = f"127.0.0.1:{port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = open_channel(self.address, tls)
         from grpc_health.v1 import health_pb2_grpc
 
         from proto import listener_pb2_grpc

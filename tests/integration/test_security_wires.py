@@ -28,25 +28,30 @@ from daemons.core.provision import Provisioner
 from daemons.core.security import CLI_CERT, load_tls, open_channel, read_secret_file
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc, replica_pb2, replica_pb2_grpc
-from tests.harness import ROOT, SECURE, Stack, free_ports, wait_for
+from tests.harness import ROOT, SECURE, ListenerProcess, Stack, free_ports, wait_for
 
 TIMEOUT = 5
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    # The listener is only named (for its read-only MQTT login); it is not started.
-    listener = {"id": "listener", "host": "127.0.0.1", "port": free_ports(1)[0],
+    port = free_ports(1)[0]
+    listener = {"id": "listener", "host": "127.0.0.1", "port": port,
                 "audit_log": "audit/audit.jsonl"}
     s = Stack(str(tmp_path_factory.mktemp("secure")), secure=True,
               extra={"listener": listener})
+    s.listener = ListenerProcess(s.workdir, s.config_path, port, tls=s.tls)  # type: ignore[attr-defined]
     try:
         s.start()
+        s.listener.start()  # type: ignore[attr-defined]
+        s.listener.wait_ready()  # type: ignore[attr-defined]
         yield s
     except BaseException:
         print(s.dump_logs())
         raise
     finally:
+        s.listener.terminate()  # type: ignore[attr-defined]
+        s.listener.channel.close()  # type: ignore[attr-defined]
         s.stop()
 
 
