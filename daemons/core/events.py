@@ -16,7 +16,10 @@ Payload (JSON object, schema 1):
      "record": {...the task after the change...}}
 
 `record` is absent for deletions (`client.deleted`, `task.deleted`,
-`task.cleared`); `title` is absent for client events and `task.cleared`.
+`task.cleared`) and for `client.secret_rotated` (a rotation of the client's
+secret: it carries the CID and revision only, never the secret or its hash;
+portals drop their cached secret record of that client on it); `title` is
+absent for client events and `task.cleared`.
 
 `decode` validates everything a receiver relies on: the envelope (schema is
 the integer 1, known event name, CID, title, revision in 1..2**63-1, origin
@@ -46,10 +49,13 @@ MAX_DEPTH = domain.DATA_MAX_DEPTH + 2
 TASK_FIELDS = ("cid", "title", "description", "status", "created_at", "updated_at",
                "revision")
 CLIENT_FIELDS = ("cid", "data", "created_at", "updated_at", "revision")
-CLIENT_EVENTS = ("client.created", "client.updated", "client.deleted")
+CLIENT_EVENTS = ("client.created", "client.updated", "client.deleted", "client.secret_rotated")
 TASK_EVENTS = ("task.created", "task.updated", "task.deleted", "task.cleared")
 EVENTS = CLIENT_EVENTS + TASK_EVENTS
 DELETIONS = ("client.deleted", "task.deleted", "task.cleared")
+# Events that carry no record: deletions, and secret rotations (whose record,
+# the hash, must never leave the replicas and the portals).
+WITHOUT_RECORD = DELETIONS + ("client.secret_rotated",)
 
 
 def topic_root(cluster_name: str) -> str:
@@ -194,7 +200,7 @@ def decode(payload: bytes, topic: str | None = None,
     if needs_title:
         domain.validate_title(event.get("title"))
     record = event.get("record")
-    if kind in DELETIONS:
+    if kind in WITHOUT_RECORD:
         if record is not None:
             raise InvalidArgument(f"record: must be absent for {kind}")
     else:

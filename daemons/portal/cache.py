@@ -4,9 +4,10 @@ The invariant (DESIGN.md): a portal never serves a value older than one
 whose change event it has already received or produced. So the cache keeps,
 per key, the highest revision it has seen in an event or write (the
 "high-water mark"), and refuses to cache a read taken at an older store
-revision. Keys are ("client", cid) or ("task", cid, title); deleting a
+revision. Keys are ("client", cid), ("task", cid, title) or ("secret", cid)
+(the client's secret record: salted hash, never the secret); deleting a
 client or clearing its tasks raises a per-client mark that covers every
-task of that client.
+task (and the secret record) of that client.
 
 High-water marks are kept in their own LRU (4x the entry bound); when one is
 evicted its revision raises a global floor instead, so forgetting a mark
@@ -44,6 +45,10 @@ def client_key(cid: str) -> Key:
 
 def task_key(cid: str, title: str) -> Key:
     return ("task", cid, title)
+
+
+def secret_key(cid: str) -> Key:
+    return ("secret", cid)
 
 
 def _scope(key: Key) -> Key:

@@ -14,6 +14,11 @@ the real change of another key that carries the same revision. Changes this
 portal committed are applied as `verified` (see cache.py), and reads from
 the replicas are reconciled with the marks by `settle_read`, which drops
 marks a forged event left above the store's revision, with a WARNING.
+
+A client's cached secret record (see auth.py) is dropped, and its mark
+raised, by `client.created`, `client.deleted` and `client.secret_rotated`:
+a read of the record older than such an event is never cached nor used, and
+WatchTasks streams of that client are told of a rotation (they end).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from daemons.core import events
 from daemons.core.errors import InvalidArgument
-from daemons.portal.cache import Key, PortalCache, Token, client_key, task_key
+from daemons.portal.cache import Key, PortalCache, Token, client_key, secret_key, task_key
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +119,19 @@ class Coherence:
                 self._seen.popitem(last=False)
         kind, cid, revision = event["event"], event["cid"], event["revision"]
         record = event.get("record")
-        if kind.startswith("client."):
+        if kind == "client.secret_rotated":
+            self.cache.apply_change(secret_key(cid), None, revision, verified)
+        elif kind.startswith("client."):
             self.cache.apply_change(client_key(cid), record, revision, verified)
+            if kind != "client.updated":  # the secret record changed with the client
+                self.cache.apply_change(secret_key(cid), None, revision, verified)
             if kind == "client.deleted":
                 self.cache.drop_client(cid, revision, verified)
         elif kind == "task.cleared":
             self.cache.drop_client(cid, revision, verified)
         else:
             self.cache.apply_change(task_key(cid, event["title"]), record, revision, verified)
-        if kind.startswith("task.") or kind == "client.deleted":
+        if kind.startswith("task.") or kind in ("client.deleted", "client.secret_rotated"):
             with self._lock:
                 watchers = list(self._watchers.get(cid, ()))
             for watcher in watchers:

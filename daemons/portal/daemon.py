@@ -16,8 +16,10 @@ from daemons.core.lifecycle import Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.rpc import add_service
 from daemons.core.security import add_port, load_tls, message_options, mqtt_login
+from daemons.portal.auth import Authenticator, SecretHasher, admin_token
 from daemons.portal.cache import PortalCache
 from daemons.portal.coherence import Coherence
+from daemons.portal.limits import PortalLimits
 from daemons.portal.operations import PortalOperations
 from daemons.portal.replicas import ReplicaClient
 from daemons.portal.service import AdminServicer, ClientServicer, StatusServicer
@@ -44,7 +46,16 @@ class PortalDaemon(Daemon):
         self.cache = PortalCache(self.spec.cache_entries, self.spec.cache_ttl)
         self.coherence = Coherence(portal_id, cluster.name, self.cache)
         self.replicas = ReplicaClient(cluster, portal_id, self.tls)
-        self.ops = PortalOperations(portal_id, self.replicas, self.coherence)
+        security = cluster.security
+        self.hasher = SecretHasher()
+        self.ops = PortalOperations(portal_id, self.replicas, self.coherence, self.hasher,
+                                    issue_secrets=security.auth == "token")
+        # Only a portal serving admin needs (and reads) the admin token: read
+        # once here, a missing or readable-by-others file is a ConfigError (exit 2).
+        token = admin_token(security) if "admin" in self.spec.services else None
+        self.auth = Authenticator(portal_id, security.auth, token, self.hasher,
+                                  self.ops.secret_record)
+        self.limits = PortalLimits(cluster.limits)
         # A portal that serves no tasks has no use for task events.
         topics = [events.subscription(cluster.name)] if "client" in self.spec.services \
             else [events.client_subscription(cluster.name)]
@@ -77,14 +88,17 @@ class PortalDaemon(Daemon):
         names = ["tarefa.portal.PortalStatus"]
         if "admin" in self.spec.services:
             add_service(self.server, portal_pb2, "AdminPortal",
-                        AdminServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT))
+                        AdminServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT, self.auth,
+                                      self.limits))
             names.append("tarefa.portal.AdminPortal")
         if "client" in self.spec.services:
             add_service(self.server, portal_pb2, "ClientPortal",
-                        ClientServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT))
+                        ClientServicer(self.daemon_id, self.ops, DEFAULT_TIMEOUT, self.auth,
+                                       self.limits))
             names.append("tarefa.portal.ClientPortal")
         add_service(self.server, portal_pb2, "PortalStatus",
-                    StatusServicer(self.daemon_id, self.spec.services, self.ops))
+                    StatusServicer(self.daemon_id, self.spec.services, self.ops, self.auth,
+                                   self.limits))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if add_port(self.server, self.spec.address, self.tls) == 0:
@@ -111,5 +125,6 @@ class PortalDaemon(Daemon):
                     timeout=grace + 5)
         finally:
             self.bus.stop()
+            self.hasher.close()
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._loop_thread.join(5)

@@ -6,6 +6,10 @@ commit updates the cache and publishes the change event. Reads come from the
 cache when it may serve (connected to the broker, entry fresh) and otherwise
 from the replicas with a linearizable read, cached only if no newer change
 has been seen meanwhile.
+
+Client secrets: CreateClient (when `issue_secrets`, i.e. `auth: token`) and
+RotateSecret make a new secret here and send only its salted scrypt hash to
+the replicas; the secret is returned to the caller once and kept nowhere.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 from daemons.core import domain, events
 from daemons.core.clock import utc_now
 from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from daemons.portal.cache import Key, client_key, task_key
+from daemons.portal.auth import SecretHasher, new_secret
+from daemons.portal.cache import Key, client_key, secret_key, task_key
 from daemons.portal.coherence import Coherence
 from daemons.portal.replicas import ReplicaClient
 from proto import replica_pb2 as pb
@@ -39,11 +44,14 @@ def _limit(limit: int) -> int:
 
 
 class PortalOperations:
-    def __init__(self, portal_id: str, replicas: ReplicaClient, coherence: Coherence) -> None:
+    def __init__(self, portal_id: str, replicas: ReplicaClient, coherence: Coherence,
+                 hasher: SecretHasher | None = None, issue_secrets: bool = False) -> None:
         self.portal_id = portal_id
         self.replicas = replicas
         self.coherence = coherence
         self.cache = coherence.cache
+        self.hasher = hasher or SecretHasher()
+        self.issue_secrets = issue_secrets
 
     # -- shared ------------------------------------------------------------------
 
@@ -88,21 +96,45 @@ class PortalOperations:
 
     # -- admin -------------------------------------------------------------------
 
-    async def create_client(self, cid: str, data: str, request_id: str, timeout: float) -> dict:
+    async def create_client(self, cid: str, data: str, request_id: str,
+                            timeout: float) -> tuple[dict, str]:
+        """(the new client's record, its secret): the secret is "" in cid-only mode
+        and when the replicas answer a retry of an already applied request id."""
         generated = not cid
         domain.parse_client_data(data)
+        if not generated:
+            domain.validate_cid(cid)
+        secret, hashed = "", None
+        if self.issue_secrets:
+            secret = new_secret()
+            hashed = await self.hasher.make(secret)
         for _ in range(5 if generated else 1):
             the_cid = str(10**19 + secrets.randbelow(9 * 10**19)) if generated else cid
-            domain.validate_cid(the_cid)
             try:
-                _, record = await self._commit("client.created", pb.CREATE_CLIENT, request_id,
-                                               timeout, the_cid, data=data)
+                answer, record = await self._commit("client.created", pb.CREATE_CLIENT,
+                                                    request_id, timeout, the_cid, data=data,
+                                                    secret=hashed)
             except AlreadyExists:
                 if generated and not request_id:
                     continue
                 raise
-            return record
+            # A duplicate's first answer gave the secret; this one was not stored.
+            return record, "" if answer.duplicate else secret
         raise AlreadyExists("could not generate an unused CID; give one")
+
+    async def rotate_secret(self, cid: str, request_id: str, timeout: float) -> tuple[str, int]:
+        """Give client `cid` a new secret; (the secret, or "" for a duplicate; revision)."""
+        domain.validate_cid(cid)
+        secret = new_secret()
+        hashed = await self.hasher.make(secret)
+        answer, _ = await self._commit("client.secret_rotated", pb.ROTATE_SECRET, request_id,
+                                       timeout, cid, secret=hashed)
+        return "" if answer.duplicate else secret, answer.revision
+
+    async def secret_record(self, cid: str, timeout: float, linearizable: bool = False
+                            ) -> dict | None:
+        """Client `cid`'s secret record (salt, hash, parameters), None if it has none."""
+        return await self._read(secret_key(cid), pb.SECRET, cid, "", linearizable, timeout)
 
     async def get_client(self, cid: str, linearizable: bool, timeout: float) -> dict:
         domain.validate_cid(cid)

@@ -1,15 +1,24 @@
-"""The portal's gRPC servicers: proto <-> PortalOperations, errors -> status codes."""
+"""The portal's gRPC servicers: proto <-> PortalOperations, errors -> status codes.
+
+Every AdminPortal and ClientPortal call first proves who calls (auth.py:
+the admin token, or the secret of the request's client), then passes the
+limits (limits.py: WatchTasks streams, client write rate), and only then
+does anything else.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
+from daemons.core import domain
 from daemons.core.errors import TarefaError
 from daemons.core.rpc import boundary, call_timeout, grpc_code, reject_undecodable
+from daemons.portal.auth import Authenticator
+from daemons.portal.limits import PortalLimits
 from daemons.portal.operations import PortalOperations
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
@@ -17,10 +26,10 @@ from proto import portal_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-def client_message(record: dict) -> pb.Client:
+def client_message(record: dict, secret: str = "") -> pb.Client:
     return pb.Client(cid=record["cid"], data=json.dumps(record["data"], ensure_ascii=False),
                      created_at=record["created_at"], updated_at=record["updated_at"],
-                     revision=record["revision"])
+                     revision=record["revision"], secret=secret)
 
 
 def task_message(record: dict) -> pb.Task:
@@ -30,58 +39,94 @@ def task_message(record: dict) -> pb.Task:
 
 
 class _Servicer:
-    def __init__(self, portal_id: str, ops: PortalOperations, default_timeout: float) -> None:
+    def __init__(self, portal_id: str, ops: PortalOperations, default_timeout: float,
+                 auth: Authenticator, limits: PortalLimits) -> None:
         self.daemon_id = portal_id
         self.ops = ops
         self.default_timeout = default_timeout
+        self.auth = auth
+        self.limits = limits
 
     def timeout(self, context: Any) -> float:
         return call_timeout(context, self.default_timeout)
 
 
-class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
-    @boundary
-    async def CreateClient(self, request: pb.CreateClientRequest, context: Any) -> pb.Client:
-        return client_message(await self.ops.create_client(request.cid, request.data,
-                                                     request.request_id, self.timeout(context)))
+def admin_only(method: Callable) -> Callable:
+    """An AdminPortal method: the admin token is checked first, even before the
+    request is decoded; then `boundary` as for any call."""
+    inner = boundary(method)
 
-    @boundary
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            self.auth.admin(context, method.__name__)
+        except TarefaError as exc:
+            await context.abort(grpc_code(exc), exc.message)
+        return await inner(self, request, context)
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
+    @admin_only
+    async def CreateClient(self, request: pb.CreateClientRequest, context: Any) -> pb.Client:
+        record, secret = await self.ops.create_client(request.cid, request.data,
+                                                      request.request_id, self.timeout(context))
+        return client_message(record, secret)
+
+    @admin_only
     async def GetClient(self, request: pb.ClientRef, context: Any) -> pb.Client:
         return client_message(await self.ops.get_client(
             request.cid, request.consistency == pb.LINEARIZABLE, self.timeout(context)))
 
-    @boundary
+    @admin_only
     async def UpdateClient(self, request: pb.UpdateClientRequest, context: Any) -> pb.Client:
         return client_message(await self.ops.update_client(request.cid, request.data,
                                                      request.request_id, self.timeout(context)))
 
-    @boundary
+    @admin_only
     async def DeleteClient(self, request: pb.DeleteClientRequest, context: Any) -> pb.DeleteResponse:
         answer = await self.ops.delete_client(request.cid, request.request_id, self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
 
-    @boundary
+    @admin_only
     async def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
         records, next_token = await self.ops.list_clients(request.page_token, request.limit,
                                                     self.timeout(context))
         return pb.ListClientsResponse(clients=[client_message(r) for r in records],
                                       next=next_token)
 
+    @admin_only
+    async def RotateSecret(self, request: pb.RotateSecretRequest,
+                           context: Any) -> pb.RotateSecretResponse:
+        secret, revision = await self.ops.rotate_secret(request.cid, request.request_id,
+                                                        self.timeout(context))
+        return pb.RotateSecretResponse(cid=request.cid, secret=secret, revision=revision)
+
 
 class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
+    async def _caller(self, context: Any, method: str, cid: str, write: bool = False) -> None:
+        """The call must carry client `cid`'s secret; a write must fit its rate."""
+        await self.auth.client(context, method, cid, self.timeout(context))
+        if write:
+            domain.validate_cid(cid)  # a bucket only for a well-formed CID
+            self.limits.writes.take(cid)
+
     @boundary
     async def CreateTask(self, request: pb.CreateTaskRequest, context: Any) -> pb.Task:
+        await self._caller(context, "CreateTask", request.cid, write=True)
         return task_message(await self.ops.create_task(request.cid, request.title, request.description,
                                                  request.request_id, self.timeout(context)))
 
     @boundary
     async def GetTask(self, request: pb.TaskRef, context: Any) -> pb.Task:
+        await self._caller(context, "GetTask", request.cid)
         return task_message(await self.ops.get_task(request.cid, request.title,
                                               request.consistency == pb.LINEARIZABLE,
                                               self.timeout(context)))
 
     @boundary
     async def UpdateTask(self, request: pb.UpdateTaskRequest, context: Any) -> pb.Task:
+        await self._caller(context, "UpdateTask", request.cid, write=True)
         return task_message(await self.ops.update_task(
             request.cid, request.title,
             request.description if request.HasField("description") else None,
@@ -90,12 +135,14 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
 
     @boundary
     async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
+        await self._caller(context, "ListTasks", request.cid)
         records, next_token = await self.ops.list_tasks(request.cid, request.page_token, request.limit,
                                                   request.status, self.timeout(context))
         return pb.ListTasksResponse(tasks=[task_message(r) for r in records], next=next_token)
 
     @boundary
     async def DeleteTask(self, request: pb.DeleteTaskRequest, context: Any) -> pb.DeleteResponse:
+        await self._caller(context, "DeleteTask", request.cid, write=True)
         answer = await self.ops.delete_task(request.cid, request.title, request.request_id,
                                       self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision)
@@ -103,12 +150,26 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
     @boundary
     async def DeleteAllTasks(self, request: pb.DeleteAllTasksRequest,
                        context: Any) -> pb.DeleteResponse:
+        await self._caller(context, "DeleteAllTasks", request.cid, write=True)
         answer = await self.ops.delete_all_tasks(request.cid, request.request_id, self.timeout(context))
         return pb.DeleteResponse(revision=answer.revision, deleted_tasks=answer.deleted_tasks)
 
     async def WatchTasks(self, request: pb.WatchTasksRequest,
                          context: Any) -> AsyncIterator[pb.TaskEvent]:
         await reject_undecodable(request, context)
+        try:
+            await self.auth.client(context, "WatchTasks", request.cid, self.default_timeout)
+            self.limits.watch.acquire(request.cid)
+        except TarefaError as exc:
+            await context.abort(grpc_code(exc), exc.message)
+        try:
+            async for message in self._watch(request, context):
+                yield message
+        finally:
+            self.limits.watch.release(request.cid)
+
+    async def _watch(self, request: pb.WatchTasksRequest,
+                     context: Any) -> AsyncIterator[pb.TaskEvent]:
         try:
             await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
@@ -121,6 +182,12 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                 if watcher.overflowed:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         "watcher fell too far behind; watch again and re-list")
+                if event["event"] == "client.secret_rotated":
+                    if self.auth.enforcing:  # the stream was opened with the old secret
+                        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                            "the client's secret was rotated; watch again with "
+                                            "the new one")
+                    continue
                 record = event.get("record")
                 yield pb.TaskEvent(
                     event=event["event"], cid=event["cid"], title=event.get("title", ""),
@@ -131,13 +198,18 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
 
 
 class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
-    def __init__(self, portal_id: str, services: tuple[str, ...], ops: PortalOperations) -> None:
+    def __init__(self, portal_id: str, services: tuple[str, ...], ops: PortalOperations,
+                 auth: Authenticator, limits: PortalLimits) -> None:
         self.portal_id = portal_id
         self.services = services
         self.ops = ops
+        self.auth = auth
+        self.limits = limits
 
     async def Status(self, request: pb.PortalStatusRequest,
                      context: Any) -> pb.PortalStatusResponse:
         await reject_undecodable(request, context)
         return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
-                                       **self.ops.status())
+                                       auth_refused=self.auth.refused,
+                                       watch_streams=self.limits.watch.open,
+                                       limited=self.limits.refused, **self.ops.status())
