@@ -17,6 +17,12 @@ Tarefa is not installed in /opt/tarefa:
   ExecStart= (prefix and config path substituted), with NOTIFY_SOCKET naming
   an AF_UNIX datagram socket this test binds, as systemd's is. The sender's
   PID is read from SCM_CREDENTIALS, so NotifyAccess=main holds too.
+- install-units.sh --root DIR runs tarefa-secrets on the staged cluster
+  file with its /etc/tarefa paths moved under DIR; the tests check owners
+  and modes, read every secret as the staged tarefa uid (and fail to read
+  the CA key), run --check-config of each daemon on the staged file, and
+  start the real Mosquitto on the staged snippet and copies (it drops to
+  the mosquitto user before reading them) to log in as a portal.
 - The sandbox cannot be applied by systemd here, so its file-system and
   privilege part is emulated with unshare/mount/setpriv: the whole tree
   read-only except the replica's data directory (ProtectSystem=strict +
@@ -184,6 +190,14 @@ def test_units_share_lifecycle_and_sandbox_settings():
     graces += [load_cluster(os.path.join(UNIT_DIR, e)).grace_seconds for e in EXAMPLES]
     reference = sandbox_block(SERVICES[0])
     assert ("ProtectSystem", "strict") in reference and ("NoNewPrivileges", "yes") in reference
+    # The daemons read /etc/tarefa/secrets (strict leaves it readable) but not the CA key.
+    for example in EXAMPLES:
+        tls = load_cluster(os.path.join(UNIT_DIR, example)).security.tls
+        assert tls is not None and tls.ca_file.startswith("/etc/tarefa/secrets/"), example
+        ca_key = os.path.join(os.path.dirname(tls.ca_file), "ca.key")
+        assert ("InaccessiblePaths", f"-{ca_key}") in reference, example
+    assert not [v for k, v in reference if k in ("InaccessiblePaths", "TemporaryFileSystem")
+                and "/etc/tarefa/secrets" in v and not v.endswith("ca.key")]
     for name in SERVICES:
         for key, value in expected.items():
             assert setting(name, key) == value, f"{name}: {key}"
@@ -513,6 +527,20 @@ def test_install_units_stages_user_units_config_and_enables_local_daemons(tmp_pa
     assert third.returncode == 0, third.stdout + third.stderr
     assert "no mosquitto user" in third.stdout, "no Debian mosquitto in that root"
     assert not (other / "etc/mosquitto").exists()
+
+    # The other hosts get a copy of the secrets without the CA key: accepted
+    # while every certificate is there, refused (naming it) once one is not.
+    tls = other / "etc/tarefa/secrets/tls"
+    (tls / "ca.key").unlink()
+    copied = install_units(str(other))
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    assert not (tls / "ca.key").exists() and "without its key" in copied.stderr
+    (tls / "replica-2.key").unlink()
+    lacking = install_units(str(other))
+    assert lacking.returncode == 1 and "replica-2.key missing" in lacking.stderr
+    shutil.rmtree(tls)
+    remade = install_units(str(other))
+    assert remade.returncode == 0 and (tls / "ca.key").exists(), remade.stderr
     assert sorted(os.listdir(other / "etc/systemd/system/tarefa.target.wants")) == [
         "tarefa-listener.service", "tarefa-portal@portal-admin.service",
         "tarefa-replica@replica-1.service"]
