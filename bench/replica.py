@@ -1,13 +1,16 @@
 """Benchmark the replica tier against a trivial gRPC echo server on the same machine.
 
     .venv/bin/python bench/replica.py [--repeat 3] [--duration 5] [--warmup 1]
-                                      [--raft KEY=VALUE ...] [--json FILE] [--keep]
+                                      [--raft KEY=VALUE ...] [--raft-password]
+                                      [--json FILE] [--keep]
 
 What it does, in order (a full default run takes about two minutes):
 
 1. Starts a 3-replica ReplicaCluster (tests/harness.py) in a temp dir with the
    default Raft settings (`raft: {}`; `--raft KEY=VALUE` overrides one key, the
-   value parsed as YAML), and bench/echo_server.py as a separate process (a sync
+   value parsed as YAML; `--raft-password` encrypts Raft traffic with a random
+   password in <workdir>/raft.password), and bench/echo_server.py as a separate
+   process (a sync
    grpc.server on ThreadPoolExecutor(128), like the replica daemon).
 2. Measures, `--repeat` times, interleaved so drift hits every figure alike:
      echo(1), echo(64)                 /bench.Echo/Echo, 16 bytes each way
@@ -564,6 +567,8 @@ def print_report(report: dict[str, Any]) -> None:
     raft = report["raft"]
     p(f"Raft settings ({'defaults' if not report['raft_overrides'] else 'overrides: ' + json.dumps(report['raft_overrides'])}):")
     p("  " + ", ".join(f"{k}={v}" for k, v in raft.items()))
+    p("Raft traffic: " + ("encrypted (security.raft_password_file)"
+                          if report.get("raft_password") else "clear text"))
     p(f"repeats={report['repeat']} (medians shown), warmup={report['warmup_s']}s, "
       f"duration={report['duration_s']}s per run; one shared channel per run")
     p("")
@@ -657,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failover-call-timeout", type=float, default=1.0,
                         help="deadline of each failover write attempt (s)")
     parser.add_argument("--no-failover", action="store_true")
+    parser.add_argument("--raft-password", action="store_true",
+                        help="encrypt Raft traffic (security.raft_password_file, a random "
+                             "password written in the work directory)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--budget", type=float, default=0,
@@ -679,9 +687,16 @@ def main(argv: list[str] | None = None) -> int:
         "nproc": nproc(), "python": sys.version.split()[0], "grpcio": grpc.__version__,
         "workdir": workdir, "raft": settings, "raft_overrides": raft_overrides,
         "repeat": args.repeat, "warmup_s": args.warmup, "duration_s": args.duration,
-        "measurements": {}, "anomalies": [],
+        "raft_password": args.raft_password, "measurements": {}, "anomalies": [],
     }
-    cluster = ReplicaCluster(workdir, size=3, raft=raft_overrides)
+    extra = None
+    if args.raft_password:
+        password_file = os.path.join(workdir, "raft.password")
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(uuid.uuid4().hex + uuid.uuid4().hex + "\n")
+        extra = {"security": {"auth": "cid-only", "raft_password_file": password_file}}
+    cluster = ReplicaCluster(workdir, size=3, raft=raft_overrides, extra=extra)
     echo = EchoServer()
     ok = False
     try:

@@ -15,7 +15,7 @@ from daemons.core.lifecycle import Daemon
 from daemons.core.log import LevelCounter
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
-from daemons.replica.state_machine import ReplicaStateMachine
+from daemons.replica.state_machine import ReplicaStateMachine, raft_password
 from daemons.replica.storage import Storage
 from proto import replica_pb2_grpc
 
@@ -28,6 +28,9 @@ class ReplicaDaemon(Daemon):
     def __init__(self, cluster: Cluster, replica_id: str) -> None:
         super().__init__(replica_id, cluster)
         self.spec = cluster.replica(replica_id)
+        # Read before anything opens or binds: a missing, empty or too-readable
+        # file exits 2 naming it (never its content).
+        self.raft_password = raft_password(cluster)
         self.raft_log = LevelCounter.attach("pysyncobj")
         self.storage: Storage | None = None
         self.node: ReplicaStateMachine | None = None
@@ -78,7 +81,8 @@ class ReplicaDaemon(Daemon):
         self.storage = Storage(self.spec.data_dir, on_corrupt=self._on_corrupt)
         log.info("%s: LevelDB %s at applied index %d, revision %d", self.daemon_id,
                  self.spec.data_dir, self.storage.applied_index(), self.storage.revision())
-        self.node = ReplicaStateMachine(self.cluster, self.spec, self.storage, self._on_fatal)
+        self.node = ReplicaStateMachine(self.cluster, self.spec, self.storage, self._on_fatal,
+                                        self.raft_password)
         self.proposer = Proposer(self.loop, self.node.apply_batch, raft.max_batch_commands,
                                  raft.max_inflight_batches, batch_timeout=2 * raft.apply_timeout)
         self._loop_thread.start()

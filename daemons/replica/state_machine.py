@@ -7,6 +7,12 @@ each request id's result. The guard `index <= stored applied index -> skip`
 makes journal replay after a crash a no-op; the request-id table makes client
 retries return the first answer. Facts behind these choices:
 shared/notes/pysyncobj.md.
+
+With `security.raft_password_file` every Raft message is encrypted and
+authenticated (PySyncObj's `password`, Fernet). PySyncObj closes a connection
+that fails to decrypt without a word; this module logs, rate-limited, that
+such connections happen and that no peer has been reachable for a while, so a
+member with the wrong password is diagnosable from either side.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import StorageCorrupt
+from daemons.core.security import read_secret_file
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
 from daemons.replica.storage import Storage
@@ -58,6 +65,12 @@ TICK_FAILURE_SECONDS = 2.0
 TICK_FAILURE_MIN_COUNT = 10
 RESYNC = ("stop this replica, remove its data_dir and start it again to resync it from "
           "its peers")
+
+# A connection that fails the password handshake, and a member that reaches no
+# peer, are logged at most once per this many seconds (a port scanner or a
+# misconfigured member retries every connection_retry seconds).
+PEER_WARNING_SECONDS = 30.0
+NO_PEER_WARNING_SECONDS = 10.0
 
 # PySyncObj's journal (pysyncobj/journal.py, format 1): a 40-byte header
 # (name 24, version 8, format 4, end of records 4), then records
@@ -124,7 +137,17 @@ def check_raft_files(data_dir: str) -> None:
             f"{RESYNC}")
 
 
-def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf:
+def raft_password(cluster: Cluster) -> str | None:
+    """The Raft password named by the cluster file, or None (clear-text Raft).
+
+    Read once, before anything binds; ConfigError names the file, never its content.
+    """
+    path = cluster.security.raft_password_file
+    return None if path is None else read_secret_file(path, "Raft password")
+
+
+def syncobj_conf(raft: RaftSettings, data_dir: str, password: str | None = None,
+                 **hooks: Any) -> SyncObjConf:
     options = {theirs: getattr(raft, ours) for ours, theirs in RAFT_OPTIONS.items()}
     raft_dir = os.path.join(data_dir, "raft")
     os.makedirs(raft_dir, exist_ok=True)
@@ -137,6 +160,9 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, **hooks: Any) -> SyncObjConf
         # early when a command is queued, so this does not add write latency.
         autoTickPeriod=0.01,
         appendEntriesBatchSizeBytes=APPEND_ENTRIES_BATCH_BYTES,
+        # None: clear text. Otherwise every message is a Fernet token under a key
+        # derived from it (PBKDF2, PySyncObj's fixed salt): see README.
+        password=password,
         **options,
         **hooks,
     )
@@ -146,7 +172,7 @@ class ReplicaStateMachine(SyncObj):
     """One Raft member applying Tarefa commands to its LevelDB."""
 
     def __init__(self, cluster: Cluster, spec: ReplicaSpec, storage: Storage,
-                 on_fatal: Callable[[Exception], None]) -> None:
+                 on_fatal: Callable[[Exception], None], password: str | None = None) -> None:
         self.spec = spec
         self.storage = storage
         self.applier = EntryApplier(storage, cluster.raft.dedupe_window)
@@ -156,8 +182,21 @@ class ReplicaStateMachine(SyncObj):
         self.snapshots_written = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
+        self.encrypted = password is not None
+        self.handshake_drops = 0
+        self._drops_logged = 0
+        self._drops_logged_at = 0.0
+        self._peers_checked_at = 0.0
+        self._alone_since: float | None = time.monotonic()
+        self._alone_warned = False
         check_raft_files(spec.data_dir)
-        conf = syncobj_conf(cluster.raft, spec.data_dir,
+        if self.encrypted:
+            log.info("%s: Raft traffic is encrypted and authenticated with the password "
+                     "in %s", spec.id, cluster.security.raft_password_file)
+        else:
+            log.warning("%s: Raft traffic is in clear text and unauthenticated "
+                        "(security.raft_password_file is not set)", spec.id)
+        conf = syncobj_conf(cluster.raft, spec.data_dir, password,
                             serializer=self._write_snapshot,
                             deserializer=self._read_snapshot,
                             onStateChanged=self._on_state_changed)
@@ -168,6 +207,61 @@ class ReplicaStateMachine(SyncObj):
         except Exception as exc:  # noqa: BLE001 - the journal is read here
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc
+        self._count_handshake_drops()
+
+    # -- connections that never authenticate -----------------------------------
+
+    def _count_handshake_drops(self) -> None:
+        """Count incoming Raft connections closed before the peer identified itself.
+
+        With a password that is what a peer with another password (or none)
+        looks like: PySyncObj's TcpConnection fails to decrypt its first message
+        and disconnects in a bare `except:` without logging (pysyncobj
+        tcp_connection.py, __processParseMessage). The transport keeps such a
+        connection in `_unknownConnections` until it names its node, and looks
+        up `_onDisconnected` when it accepts one, so wrapping it here sees them.
+        """
+        transport = self._SyncObj__transport  # type: ignore[attr-defined]
+        unknown = getattr(transport, "_unknownConnections", None)
+        original = getattr(transport, "_onDisconnected", None)
+        if unknown is None or original is None:
+            return  # another PySyncObj version: lose the diagnostic, not the replica
+
+        def on_disconnected(conn: Any) -> None:
+            if conn in unknown:
+                self.handshake_drops += 1
+            original(conn)
+
+        transport._onDisconnected = on_disconnected
+
+    def _check_peers(self) -> None:
+        """At most once a second: warn (rate-limited) about unauthenticated
+        connections and about reaching no peer at all."""
+        now = time.monotonic()
+        if now - self._peers_checked_at < 1.0:
+            return
+        self._peers_checked_at = now
+        drops = self.handshake_drops
+        if drops > self._drops_logged and now - self._drops_logged_at >= PEER_WARNING_SECONDS:
+            log.warning("%s: %d incoming Raft connection(s) closed before the peer identified "
+                        "itself%s", self.spec.id, drops - self._drops_logged,
+                        " (a member with another Raft password or none, or not a Raft peer)"
+                        if self.encrypted else "")
+            self._drops_logged, self._drops_logged_at = drops, now
+        if not self.otherNodes:
+            return
+        if any(self.isNodeConnected(node) for node in self.otherNodes):
+            if self._alone_warned:
+                log.info("%s: Raft peers reachable again", self.spec.id)
+            self._alone_since, self._alone_warned = None, False
+        elif self._alone_since is None:
+            self._alone_since = now
+        elif not self._alone_warned and now - self._alone_since >= NO_PEER_WARNING_SECONDS:
+            self._alone_warned = True
+            log.warning("%s: no Raft peer connected for %.0fs: peers down or unreachable%s",
+                        self.spec.id, now - self._alone_since,
+                        ", or their Raft password differs from ours" if self.encrypted
+                        else ", or they use a Raft password and we do not")
 
     # -- a tick that fails forever -------------------------------------------
 
@@ -192,6 +286,7 @@ class ReplicaStateMachine(SyncObj):
                     f"most likely damaged (it has no checksums): {RESYNC}"))
             raise
         self._tick_failures = 0
+        self._check_peers()
 
     # -- the replicated method ----------------------------------------------
 
