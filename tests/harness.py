@@ -75,14 +75,17 @@ class DaemonProcess:
         self.id = name
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.proc: subprocess.Popen | None = None
+        # Prepended to argv() at start, e.g. ["ip", "netns", "exec", NS] (which
+        # execs, so the PID is still the daemon's): tests/fault/netns.py.
+        self.prefix: list[str] = []
 
     def argv(self) -> list[str]:
         raise NotImplementedError
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.prefix + self.argv(), cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 
     @property
@@ -123,7 +126,7 @@ class ReplicaProcess(DaemonProcess):
         super().__init__(cluster.workdir, spec["id"])
         self.cluster = cluster
         self.spec = spec
-        self.grpc_address = f"127.0.0.1:{spec['grpc_port']}"
+        self.grpc_address = f"{spec['host']}:{spec['grpc_port']}"
         # Replicas want mutual TLS when secured: tests present the CLI's pair.
         self.channel = open_channel(self.grpc_address, cluster.tls, present_certificate=True)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
@@ -137,17 +140,25 @@ class ReplicaProcess(DaemonProcess):
 
 
 class ReplicaCluster:
-    """Three (or more) real replica processes on loopback."""
+    """Three (or more) real replica processes on loopback.
+
+    `hosts` (one address per replica, default 127.0.0.1) and `prefixes` (one
+    argv prefix per replica) let tests/fault/netns.py run each replica in its
+    own network namespace.
+    """
 
     def __init__(self, workdir: str, size: int = 3, raft: dict | None = None,
-                 extra: dict | None = None, secure: bool = False) -> None:
+                 extra: dict | None = None, secure: bool = False,
+                 hosts: list[str] | None = None,
+                 prefixes: list[list[str]] | None = None) -> None:
         self.workdir = workdir
         self.secure = secure
         os.makedirs(workdir, exist_ok=True)
         ports = free_ports(2 * size)
         self.extra = extra or {}
         self.specs = [
-            {"id": f"replica-{i + 1}", "host": "127.0.0.1", "raft_port": ports[2 * i],
+            {"id": f"replica-{i + 1}", "host": hosts[i] if hosts else "127.0.0.1",
+             "raft_port": ports[2 * i],
              "grpc_port": ports[2 * i + 1], "data_dir": f"data/replica-{i + 1}"}
             for i in range(size)
         ]
@@ -174,6 +185,8 @@ class ReplicaCluster:
             self.admin_token = read_secret_file(self.config.security.admin_token_file or "",
                                                 "admin token")
         self.members = [ReplicaProcess(self, spec) for spec in self.specs]
+        for member, prefix in zip(self.members, prefixes or []):
+            member.prefix = list(prefix)
 
     def data_dir(self, member: ReplicaProcess) -> str:
         return os.path.join(self.workdir, member.spec["data_dir"])
@@ -421,7 +434,9 @@ class Stack(ReplicaCluster):
     """Broker + three replicas + an admin portal + two client portals."""
 
     def __init__(self, workdir: str, raft: dict | None = None, cache_ttl: float = 30.0,
-                 secure: bool = False, extra: dict | None = None) -> None:
+                 secure: bool = False, extra: dict | None = None,
+                 hosts: list[str] | None = None,
+                 prefixes: list[list[str]] | None = None) -> None:
         broker_port, admin, client1, client2 = free_ports(4)
         portals = [
             {"id": "portal-admin", "host": "127.0.0.1", "port": admin, "services": ["admin"]},
@@ -432,7 +447,7 @@ class Stack(ReplicaCluster):
         ]
         super().__init__(workdir, raft=raft, secure=secure, extra={
             "broker": {"host": "127.0.0.1", "port": broker_port}, "portals": portals,
-            **(extra or {})})
+            **(extra or {})}, hosts=hosts, prefixes=prefixes)
         self.broker = MosquittoProcess(workdir, broker_port,
                                        self.config.broker.password_dir if secure else None)
         self.portals = [PortalProcess(self, spec) for spec in portals]

@@ -13,9 +13,15 @@ injects faults into a full stack; checkers then judge the history.
 - the nemesis: every few seconds one fault — SIGKILL a replica (leader
   favoured) and restart it, SIGSTOP the leader past the election timeout
   then SIGCONT, kill and restart the broker, kill and restart a client
-  portal.
+  portal;
+- with `network` (a tests/fault/netns.Topology, the replicas each in its own
+  network namespace) and `kinds=PARTITION_KINDS`, partitions instead:
+  isolate a replica from everyone (leader favoured), cut a replica off from
+  its peers while the portals still reach it (leader favoured: a deposed
+  leader keeps getting reads and writes), or cut the link between two
+  replicas only (a partial partition); each healed after a few seconds.
+  tests/fault/partition_run.py runs this inside the namespaces.
 
-Network partitions with namespaces are not injected (see README, limits).
 Every loop is bounded in count and time.
 """
 
@@ -40,6 +46,8 @@ KEYS_PER_GENERATION = 6
 # Clients move to fresh keys every GENERATION_SECONDS, which keeps each key's
 # history small enough for the linearizability search even in a long soak.
 GENERATION_SECONDS = 20.0
+PROCESS_KINDS = ("kill_replica", "pause_leader", "kill_broker", "kill_portal")
+PARTITION_KINDS = ("isolate_replica", "isolate_from_peers", "cut_link")
 UNCERTAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
 
@@ -146,12 +154,15 @@ class Watcher(threading.Thread):
 
 
 class Nemesis(threading.Thread):
-    def __init__(self, run: Run, stack: Stack, seed: int, deadline: float) -> None:
+    def __init__(self, run: Run, stack: Stack, seed: int, deadline: float,
+                 kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.run_ = run
         self.stack = stack
         self.rng = random.Random(seed)
         self.deadline = deadline
+        self.kinds = kinds
+        self.network = network
         self.error: BaseException | None = None
 
     def leader_or_random(self):  # type: ignore[no-untyped-def]
@@ -170,15 +181,16 @@ class Nemesis(threading.Thread):
             while not self.run_.stop.wait(self.rng.uniform(1.5, 3.0)):
                 if time.monotonic() > self.deadline:
                     return
-                self.inject(self.rng.choice(["kill_replica", "pause_leader", "kill_broker",
-                                             "kill_portal"]))
+                self.inject(self.rng.choice(self.kinds))
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
     def inject(self, kind: str) -> None:
         self.run_.faults[kind] += 1
         pause = self.rng.uniform(1.0, 2.5)
-        if kind == "kill_replica":
+        if kind in PARTITION_KINDS:
+            self.partition(kind)
+        elif kind == "kill_replica":
             member = self.leader_or_random()
             member.kill()
             time.sleep(pause)
@@ -201,8 +213,45 @@ class Nemesis(threading.Thread):
             portal.start()
             portal.wait_ready(timeout=30)
 
+    def partition(self, kind: str) -> None:
+        """Break the network for longer than leader_fallback_timeout (2 s) plus an
+        election, so a cut-off leader steps down and the others elect anew; heal."""
+        net = self.network
+        assert net is not None, "partition faults need a network (tests/fault/netns.py)"
+        members = self.stack.members
+        hold = self.rng.uniform(2.5, 5.0)
+        if kind == "cut_link":
+            i, j = self.rng.sample(range(len(members)), 2)
+            _note(f"{kind} {members[i].id} x {members[j].id} for {hold:.1f}s")
+            net.cut(i, j)
+            time.sleep(hold)
+            net.join(i, j)
+            return
+        i = members.index(self.leader_or_random())
+        _note(f"{kind} {members[i].id} for {hold:.1f}s")
+        if kind == "isolate_replica":
+            net.isolate(i)
+            time.sleep(hold)
+            net.reconnect(i)
+        else:  # isolate_from_peers: still reachable from the portals
+            others = [j for j in range(len(members)) if j != i]
+            try:
+                for j in others:
+                    net.cut(i, j)
+                time.sleep(hold)
+            finally:
+                for j in others:
+                    net.join(i, j)
 
-def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1) -> Run:
+
+def _note(what: str) -> None:
+    """A timestamped line on stdout (the partition runner's log) to match with daemon logs."""
+    print(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} nemesis: {what}",
+          flush=True)
+
+
+def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1,
+                   kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None) -> Run:
     """Create the client, run the workload under faults, heal, and return the record."""
     run = Run()
     admin = stack.portal("portal-admin").admin
@@ -214,7 +263,7 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
     watchers = [Watcher(run, p) for p in portals]
     workers = [Client(run, i, portals, seed * 1000 + i, deadline, started)
                for i in range(clients)]
-    nemesis = Nemesis(run, stack, seed, deadline)
+    nemesis = Nemesis(run, stack, seed, deadline, kinds, network)
     for thread in [*watchers, *workers, nemesis]:
         thread.start()
     for worker in workers:
@@ -225,6 +274,8 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
         watcher.cancel()
         watcher.join(10)
     assert not any(t.is_alive() for t in workers), "clients did not stop"
+    if network is not None:
+        network.heal()
     if nemesis.error is not None:
         raise nemesis.error
     heal(stack)
