@@ -13,6 +13,7 @@ from daemons.core.config import Cluster
 from daemons.core.errors import StorageCorrupt, TarefaError
 from daemons.core.lifecycle import Daemon
 from daemons.core.log import LevelCounter
+from daemons.core.security import add_port, load_tls, message_options
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
 from daemons.replica.state_machine import ReplicaStateMachine, raft_password
@@ -28,6 +29,9 @@ class ReplicaDaemon(Daemon):
     def __init__(self, cluster: Cluster, replica_id: str) -> None:
         super().__init__(replica_id, cluster)
         self.spec = cluster.replica(replica_id)
+        # Replicas take calls only from holders of a certificate of the
+        # cluster CA (portals, the operator's CLI): mutual TLS.
+        self.tls = load_tls(cluster.security.tls, replica_id)
         # Read before anything opens or binds: a missing, empty or too-readable
         # file exits 2 naming it (never its content).
         self.raft_password = raft_password(cluster)
@@ -96,7 +100,7 @@ class ReplicaDaemon(Daemon):
 
     async def _serve(self) -> None:
         assert self.node is not None and self.storage is not None and self.proposer is not None
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=message_options(self.cluster.limits))
         replica_pb2_grpc.add_ReplicaServicer_to_server(
             ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
                             self.cluster.raft.apply_timeout,
@@ -104,7 +108,8 @@ class ReplicaDaemon(Daemon):
             self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.server.add_insecure_port(self.spec.grpc_address) == 0:
+        if add_port(self.server, self.spec.grpc_address, self.tls,
+                    require_client_auth=True) == 0:
             raise TarefaError(f"cannot bind gRPC {self.spec.grpc_address}")
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
