@@ -1,8 +1,14 @@
 """`tarefa`: the thin CLI. Parse, call one RPC, print, exit with a named code.
 
 Exit codes: 0 ok; 1 the operation was refused (not found, already exists,
-...); 2 bad usage (arguments, or a value the portal rejects as invalid);
-3 the cluster or portal is unavailable.
+missing or wrong credentials, a limit reached, ...); 2 bad usage (arguments,
+a credentials file others can read, or a value the portal rejects as
+invalid); 3 the cluster or portal is unavailable.
+
+Credentials (client/credentials.py) travel as `authorization: Bearer ...`
+metadata: the admin token for `client` verbs, the client's secret for `task`
+verbs; they are never taken from the command line unless the user insists
+(--insecure-token / --insecure-secret).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Callable
 
 import grpc
 
+from client.credentials import Credentials, CredentialsError
 from client.output import Printer, client_dict, event_dict, task_dict
 from daemons.core.config import Cluster, load_cluster
 from daemons.core.errors import ConfigError
@@ -32,6 +39,12 @@ DEFAULT_CONFIG = os.path.join(ROOT, "config", "cluster.yaml")
 
 USAGE_CODES = {grpc.StatusCode.INVALID_ARGUMENT}
 UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+CREDENTIAL_HINTS = {
+    "admin": "give the admin token in TAREFA_TOKEN, or a credentials file (--credentials FILE "
+             "or TAREFA_CREDENTIALS, mode 0600) with a line token=...",
+    "client": "give the client's secret in TAREFA_SECRET, or a credentials file (--credentials "
+              "FILE or TAREFA_CREDENTIALS, mode 0600) with a line secret=...",
+}
 
 
 class CliError(Exception):
@@ -49,6 +62,24 @@ class Session:
         self.timeout = args.timeout
         self._cluster: Cluster | None = None
         self._tls: TlsMaterial | None | bool = False  # False: not loaded yet
+        self.credentials = Credentials(args.credentials, args.insecure_token,
+                                       args.insecure_secret)
+
+    def metadata(self, service: str) -> tuple[tuple[str, str], ...]:
+        """The credential for `service` as call metadata; none found -> send none
+        (fine with `auth: cid-only`; otherwise the portal answers UNAUTHENTICATED)."""
+        try:
+            if service == "admin":
+                try:
+                    cluster = load_cluster(self.args.config)
+                except ConfigError:
+                    cluster = None
+                credential = self.credentials.admin_token(cluster)
+            else:
+                credential = self.credentials.client_secret()
+        except CredentialsError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        return (("authorization", f"Bearer {credential}"),) if credential else ()
 
     def channel(self, address: str) -> grpc.Channel:
         """A channel to a portal: TLS against the cluster file's CA when it names one."""
@@ -82,6 +113,7 @@ class Session:
         stub_class = {"admin": portal_pb2_grpc.AdminPortalStub,
                       "client": portal_pb2_grpc.ClientPortalStub}[service]
         down = []
+        metadata = self.metadata(service)
         for address in self.addresses(service):
             with self.channel(address) as channel:
                 try:
@@ -90,25 +122,30 @@ class Session:
                     down.append(address)
                     continue
                 try:
-                    return getattr(stub_class(channel), method)(request, timeout=self.timeout)
+                    return getattr(stub_class(channel), method)(request, timeout=self.timeout,
+                                                                metadata=metadata)
                 except grpc.RpcError as exc:
-                    raise _rpc_error(exc, address) from None
+                    raise _rpc_error(exc, address, service) from None
         which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
         raise CliError(f"{which} not reachable ({service} service)", EXIT_UNAVAILABLE)
 
     def stream(self, method: str, request: Any) -> Any:
+        metadata = self.metadata("client")
         address = self.addresses("client")[0]
         channel = self.channel(address)
         try:
             grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
         except grpc.FutureTimeoutError:
             raise CliError(f"portal {address} is not reachable", EXIT_UNAVAILABLE) from None
-        return address, getattr(portal_pb2_grpc.ClientPortalStub(channel), method)(request)
+        return address, getattr(portal_pb2_grpc.ClientPortalStub(channel), method)(
+            request, metadata=metadata)
 
 
-def _rpc_error(exc: grpc.RpcError, address: str) -> CliError:
+def _rpc_error(exc: grpc.RpcError, address: str, service: str = "client") -> CliError:
     code = exc.code()
     message = exc.details() or code.name
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CliError(f"{message}\nHint: {CREDENTIAL_HINTS[service]}", EXIT_REFUSED)
     if code in USAGE_CODES:
         return CliError(message, EXIT_USAGE)
     if code in UNAVAILABLE_CODES:
@@ -124,10 +161,16 @@ def _consistency(args: argparse.Namespace) -> int:
     return pb.LINEARIZABLE if args.consistency == "linearizable" else pb.CACHED
 
 
-def _cid(args: argparse.Namespace) -> str:
+def _cid(args: argparse.Namespace, s: Session | None = None) -> str:
     cid = args.cid or os.environ.get("TAREFA_CID", "")
+    if not cid and s is not None:
+        try:
+            cid = s.credentials.cid() or ""
+        except CredentialsError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
     if not cid:
-        raise CliError("--cid is required (or set TAREFA_CID)", EXIT_USAGE)
+        raise CliError("--cid is required (or set TAREFA_CID, or cid=... in the credentials "
+                       "file)", EXIT_USAGE)
     return cid
 
 
@@ -136,7 +179,19 @@ def _cid(args: argparse.Namespace) -> str:
 def client_add(s: Session, a: argparse.Namespace) -> None:
     c = s.call("admin", "CreateClient", pb.CreateClientRequest(cid=a.cid or "", data=a.data,
                                                                request_id=_rid()))
-    s.printer.line(c.cid, client_dict(c))
+    if not c.secret:  # auth: cid-only
+        s.printer.line(c.cid, client_dict(c))
+        return
+    s.printer.line(f"{c.cid}\nsecret: {c.secret}", {**client_dict(c), "secret": c.secret})
+    print("Note: the secret is shown only this once; give it to the client (TAREFA_SECRET, "
+          "or secret=... in a mode-0600 credentials file)", file=sys.stderr)
+
+
+def client_rotate_secret(s: Session, a: argparse.Namespace) -> None:
+    r = s.call("admin", "RotateSecret", pb.RotateSecretRequest(cid=a.cid, request_id=_rid()))
+    s.printer.line(r.secret, {"cid": r.cid, "secret": r.secret, "revision": r.revision})
+    print(f"Note: client {r.cid}'s previous secret no longer works on any portal",
+          file=sys.stderr)
 
 
 def client_get(s: Session, a: argparse.Namespace) -> None:
@@ -163,17 +218,17 @@ def client_ls(s: Session, a: argparse.Namespace) -> None:
 
 def task_add(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(task_dict(s.call("client", "CreateTask", pb.CreateTaskRequest(
-        cid=_cid(a), title=a.title, description=a.description or "", request_id=_rid()))))
+        cid=_cid(a, s), title=a.title, description=a.description or "", request_id=_rid()))))
 
 
 def task_get(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(task_dict(s.call("client", "GetTask", pb.TaskRef(
-        cid=_cid(a), title=a.title, consistency=_consistency(a)))))
+        cid=_cid(a, s), title=a.title, consistency=_consistency(a)))))
 
 
 def task_ls(s: Session, a: argparse.Namespace) -> None:
     r = s.call("client", "ListTasks", pb.ListTasksRequest(
-        cid=_cid(a), status=a.status or "", page_token=a.page, limit=a.limit))
+        cid=_cid(a, s), status=a.status or "", page_token=a.page, limit=a.limit))
     s.printer.listing("tasks", [task_dict(t) for t in r.tasks],
                       ["title", "status", "revision", "updated_at", "description"], r.next)
 
@@ -182,31 +237,31 @@ def task_update(s: Session, a: argparse.Namespace) -> None:
     if a.description is None and a.status is None:
         raise CliError("give --description and/or --status", EXIT_USAGE)
     s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
-        cid=_cid(a), title=a.title, description=a.description, status=a.status,
+        cid=_cid(a, s), title=a.title, description=a.description, status=a.status,
         request_id=_rid()))))
 
 
 def task_done(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
-        cid=_cid(a), title=a.title, status="done", request_id=_rid()))))
+        cid=_cid(a, s), title=a.title, status="done", request_id=_rid()))))
 
 
 def task_rm(s: Session, a: argparse.Namespace) -> None:
-    r = s.call("client", "DeleteTask", pb.DeleteTaskRequest(cid=_cid(a), title=a.title,
+    r = s.call("client", "DeleteTask", pb.DeleteTaskRequest(cid=_cid(a, s), title=a.title,
                                                             request_id=_rid()))
     s.printer.line(f"deleted task {a.title!r} (revision {r.revision})",
-                   {"cid": _cid(a), "title": a.title, "revision": r.revision})
+                   {"cid": _cid(a, s), "title": a.title, "revision": r.revision})
 
 
 def task_clear(s: Session, a: argparse.Namespace) -> None:
-    r = s.call("client", "DeleteAllTasks", pb.DeleteAllTasksRequest(cid=_cid(a),
+    r = s.call("client", "DeleteAllTasks", pb.DeleteAllTasksRequest(cid=_cid(a, s),
                                                                     request_id=_rid()))
     s.printer.line(f"deleted {r.deleted_tasks} task(s) (revision {r.revision})",
-                   {"cid": _cid(a), "deleted_tasks": r.deleted_tasks, "revision": r.revision})
+                   {"cid": _cid(a, s), "deleted_tasks": r.deleted_tasks, "revision": r.revision})
 
 
 def task_watch(s: Session, a: argparse.Namespace) -> None:
-    address, events = s.stream("WatchTasks", pb.WatchTasksRequest(cid=_cid(a)))
+    address, events = s.stream("WatchTasks", pb.WatchTasksRequest(cid=_cid(a, s)))
     try:
         for event in events:
             s.printer.event(event_dict(event))
@@ -258,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portal", help="HOST:PORT of the portal to call (overrides --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="file with token=... (admin) and/or secret=..., cid=... lines, mode "
+                        "0600 (default $TAREFA_CREDENTIALS)")
+    p.add_argument("--insecure-token", metavar="TOKEN",
+                   help="the admin token on the command line, where `ps` shows it to every "
+                        "user: prefer TAREFA_TOKEN or --credentials")
+    p.add_argument("--insecure-secret", metavar="SECRET",
+                   help="the client's secret on the command line, where `ps` shows it to "
+                        "every user: prefer TAREFA_SECRET or --credentials")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="{client,task,cluster}")
 
     def verb(group: Any, name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -275,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     clients = kinds.add_parser("client", help="administer clients").add_subparsers(
         dest="verb", required=True)
-    v = verb(clients, "add", client_add, "register a client; prints its CID")
+    v = verb(clients, "add", client_add, "register a client; prints its CID (and its secret, "
+             "shown only this once)")
     v.add_argument("--cid", help="the CID (default: generated)")
     v.add_argument("data", help="client data, a JSON object")
     v = verb(clients, "get", client_get, "show a client")
@@ -285,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("cid")
     v.add_argument("data")
     v = verb(clients, "rm", client_rm, "delete a client and all its tasks")
+    v.add_argument("cid")
+    v = verb(clients, "rotate-secret", client_rotate_secret,
+             "issue a new secret for a client (prints it); the old one stops working")
     v.add_argument("cid")
     paging(verb(clients, "ls", client_ls, "list clients"))
 
