@@ -63,9 +63,12 @@ def test_stack_under_supervisord(tmp_path):
         [os.path.join(ROOT, ".venv", "bin", "supervisord"), "-n", "-c", conf],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    secret: dict[str, str] = {}  # the client's secret once made, for task verbs (TAREFA_SECRET)
+
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "client", "--config", config, *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+                              cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **secret})
 
     def supervisorctl(*args: str) -> str:
         return subprocess.run(ctl + list(args), capture_output=True, text=True,
@@ -73,8 +76,13 @@ def test_stack_under_supervisord(tmp_path):
 
     pids: list[int] = []
     try:
-        cid = wait_for(lambda: cli("client", "add", '{"name": "Ana"}').stdout.strip(), 30,
-                       "the stack to answer the CLI")
+        # The shipped stack runs auth: token; the operator's CLI finds the admin
+        # token through the cluster file, and the new client's secret is printed once.
+        added = json.loads(wait_for(lambda: cli("--json", "client", "add",
+                                                '{"name": "Ana"}').stdout.strip(), 30,
+                                    "the stack to answer the CLI"))
+        cid = added["cid"]
+        secret["TAREFA_SECRET"] = added["secret"]
         names = ("broker", "replica-1", "replica-2", "replica-3", "portal-admin",
                  "portal-client-1", "portal-client-2", "listener")
         # supervisord says RUNNING once a program has stayed up `startsecs`.
