@@ -147,7 +147,7 @@ def raft_password(cluster: Cluster) -> str | None:
 
 
 def syncobj_conf(raft: RaftSettings, data_dir: str, password: str | None = None,
-                 **hooks: Any) -> SyncObjConf:
+                 auto_tick: bool = True, **hooks: Any) -> SyncObjConf:
     options = {theirs: getattr(raft, ours) for ours, theirs in RAFT_OPTIONS.items()}
     raft_dir = os.path.join(data_dir, "raft")
     os.makedirs(raft_dir, exist_ok=True)
@@ -155,7 +155,7 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, password: str | None = None,
         journalFile=os.path.join(raft_dir, "journal"),
         fullDumpFile=os.path.join(raft_dir, "snapshot"),
         dynamicMembershipChange=False,
-        autoTick=True,
+        autoTick=auto_tick,  # False only in in-process tests, which tick by hand
         # A lone tick waits at most this long for I/O; the pipe notifier wakes it
         # early when a command is queued, so this does not add write latency.
         autoTickPeriod=0.01,
@@ -172,7 +172,8 @@ class ReplicaStateMachine(SyncObj):
     """One Raft member applying Tarefa commands to its LevelDB."""
 
     def __init__(self, cluster: Cluster, spec: ReplicaSpec, storage: Storage,
-                 on_fatal: Callable[[Exception], None], password: str | None = None) -> None:
+                 on_fatal: Callable[[Exception], None], password: str | None = None,
+                 auto_tick: bool = True) -> None:
         self.spec = spec
         self.storage = storage
         self.applier = EntryApplier(storage, cluster.raft.dedupe_window)
@@ -180,6 +181,10 @@ class ReplicaStateMachine(SyncObj):
         self._on_fatal = on_fatal
         self.journal_path = os.path.join(spec.data_dir, "raft", "journal")
         self.snapshots_written = 0
+        # append_entries whose already-held entries were skipped instead of
+        # truncated and re-appended (see _skip_matching_entries)
+        self.log_repairs_avoided = 0
+        self._keep_tail_after: int | None = None
         self._tick_failures = 0
         self._tick_failing_since = 0.0
         self.encrypted = password is not None
@@ -196,7 +201,7 @@ class ReplicaStateMachine(SyncObj):
         else:
             log.warning("%s: Raft traffic is in clear text and unauthenticated "
                         "(security.raft_password_file is not set)", spec.id)
-        conf = syncobj_conf(cluster.raft, spec.data_dir, password,
+        conf = syncobj_conf(cluster.raft, spec.data_dir, password, auto_tick,
                             serializer=self._write_snapshot,
                             deserializer=self._read_snapshot,
                             onStateChanged=self._on_state_changed)
@@ -303,10 +308,22 @@ class ReplicaStateMachine(SyncObj):
                       else StorageCorrupt(f"apply of Raft entry {index} failed: {exc!r}"))
             return None
 
-    # -- a fix to PySyncObj's leader ---------------------------------------------
+    # -- two fixes to PySyncObj's log replication ------------------------------------
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        """Keep a follower's next index from moving backwards on a success reply.
+        """Follower: truncate only on a real conflict. Leader: keep a follower's
+        next index from moving backwards on a success reply.
+
+        Follower side: PySyncObj deletes every entry after prevLogIdx whenever
+        it holds more, even when they equal the entries being sent (or when a
+        heartbeat carries none). A leader re-sends entries after a stale reset
+        reply (e.g. a replica healed from a partition answers several
+        heartbeats with the same reset before the entries arrive), and the
+        follower then truncated and re-appended entries it had acknowledged
+        and applied — CRITICAL "truncating already-applied log entries", and
+        for a moment fewer entries than it acknowledged. Raft's rule is to
+        delete only from the first entry whose term differs; see
+        `_skip_matching_entries`.
 
         PySyncObj 0.3.17 advances next index when it sends entries, then sets it
         back to the acknowledged position when an older success reply arrives
@@ -322,11 +339,63 @@ class ReplicaStateMachine(SyncObj):
         if isinstance(message, dict) and message.get("type") == "next_node_idx" \
                 and message.get("success") and not message.get("reset"):
             before = self._SyncObj__raftNextIndex.get(node)  # type: ignore[attr-defined]
-        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and "prevLogIdx" in message and message.get("transmission") is None \
+                and message.get("term", -1) >= self.raftCurrentTerm:
+            message = self._skip_matching_entries(message)
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+        finally:
+            self._keep_tail_after = None
         if before is not None:
             next_index = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
             if next_index.get(node, before) < before:
                 next_index[node] = before
+
+    def _skip_matching_entries(self, message: dict) -> dict:
+        """Drop the entries of an append_entries this follower already holds.
+
+        Entries are (command, index, term). Those matching the local log by
+        index and term are removed and prevLogIdx/prevLogTerm move to the last
+        of them, so PySyncObj's handler truncates only from the first
+        conflicting entry, as Raft prescribes. When nothing new remains but
+        the local log goes on past prevLogIdx, the handler is shown only the
+        entry at prevLogIdx (`_SyncObj__getEntries` below) so it keeps that
+        tail, and the leader's commit index is capped at prevLogIdx: the tail
+        is not yet known to match the leader's log, so it must not be
+        committed on this message's word (Raft: commit up to the last new
+        entry).
+        """
+        prev = message["prevLogIdx"]
+        local = self._SyncObj__getEntries(prev)  # type: ignore[attr-defined]
+        if not local or local[0][2] != message["prevLogTerm"] or len(local) == 1:
+            return message  # a reset reply or a plain append: PySyncObj's path is right
+        entries = message.get("entries") or []
+        matched = 0
+        while matched < len(entries) and matched + 1 < len(local) \
+                and local[matched + 1][1] == entries[matched][1] \
+                and local[matched + 1][2] == entries[matched][2]:
+            matched += 1
+        if entries and matched == 0:
+            return message  # the first entry conflicts: truncating from it is Raft
+        fixed = dict(message)
+        if matched:
+            fixed["entries"] = entries[matched:]
+            fixed["prevLogIdx"] = entries[matched - 1][1]
+            fixed["prevLogTerm"] = entries[matched - 1][2]
+        if not fixed.get("entries"):
+            self._keep_tail_after = fixed["prevLogIdx"]
+            fixed["commit_index"] = min(fixed["commit_index"], fixed["prevLogIdx"])
+        self.log_repairs_avoided += 1
+        return fixed
+
+    def _SyncObj__getEntries(self, from_index: Any, count: Any = None,  # noqa: N802
+                             maxSizeBytes: Any = None) -> Any:  # noqa: N803
+        entries = SyncObj._SyncObj__getEntries(self, from_index, count,  # type: ignore[attr-defined]
+                                               maxSizeBytes)
+        if from_index == self._keep_tail_after and count is None and maxSizeBytes is None:
+            return entries[:1]
+        return entries
 
     # -- snapshots (log compaction) ------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Regression: a follower truncated and re-appended entries it already held.
+
+Found by the partition nemesis (tests/fault/test_partition.py soak): a
+replica healed from a partition answered several heartbeats with the same
+reset reply; the leader re-sent entries after the stale one, and PySyncObj's
+follower deleted everything after prevLogIdx because it held more entries —
+CRITICAL "truncating already-applied log entries", and for a moment fewer
+entries than it had acknowledged. ReplicaStateMachine now truncates only
+from the first entry whose term differs (Raft's rule).
+
+These tests drive one real ReplicaStateMachine in-process (autoTick off, so
+nothing runs behind the test's back) with hand-made append_entries messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from daemons.core.config import parse_cluster
+from daemons.replica.storage import Storage
+from daemons.replica.state_machine import ReplicaStateMachine
+
+NOOP = b"\x01"
+
+
+@pytest.fixture
+def follower(tmp_path):
+    raw = {"security": {"auth": "cid-only"},
+           "replicas": [{"id": f"r{i}", "host": "127.0.0.1", "raft_port": 1 + i,
+                         "grpc_port": 11 + i, "data_dir": f"d{i}"} for i in range(3)]}
+    cluster = parse_cluster(raw, "cluster.yaml", str(tmp_path))
+    spec = cluster.replicas[0]
+    os.makedirs(spec.data_dir)
+    storage = Storage(spec.data_dir)
+    fatal: list[Exception] = []
+    sm = ReplicaStateMachine(cluster, spec, storage, fatal.append, auto_tick=False)
+    sm.fatal_errors = fatal  # type: ignore[attr-defined]
+    leader = next(iter(sm._SyncObj__otherNodes))
+    sm.leader_node = leader  # type: ignore[attr-defined]
+    yield sm
+    sm.destroy()
+    storage.close()
+
+
+def entries(sm: ReplicaStateMachine) -> list[tuple[int, int]]:
+    return [(e[1], e[2]) for e in sm._SyncObj__raftLog]  # type: ignore[attr-defined]
+
+
+def append(sm: ReplicaStateMachine, prev: tuple[int, int], new: list[tuple[int, int]],
+           commit: int, term: int = 1) -> None:
+    sm._SyncObj__onMessageReceived(sm.leader_node, {  # type: ignore[attr-defined]
+        "type": "append_entries", "term": term, "commit_index": commit,
+        "prevLogIdx": prev[0], "prevLogTerm": prev[1],
+        "entries": [(NOOP, index, t) for index, t in new]})
+
+
+def test_bug_follower_truncated_entries_it_already_held(follower, caplog):
+    append(follower, (1, 0), [(2, 1), (3, 1), (4, 1), (5, 1)], commit=1)
+    assert entries(follower) == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)]
+    log_object = follower._SyncObj__raftLog  # type: ignore[attr-defined]
+    held = list(log_object)
+    with caplog.at_level(logging.WARNING):
+        # A stale reset made the leader re-send from index 3 (entries 3..5 plus a new 6),
+        # then a heartbeat from an even older position, with nothing new.
+        append(follower, (2, 1), [(3, 1), (4, 1), (5, 1), (6, 1)], commit=4)
+        append(follower, (2, 1), [], commit=4)
+    assert entries(follower) == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
+    assert list(log_object)[:5] == held  # the very same entries, never deleted
+    assert not [r for r in caplog.records if r.levelno >= logging.CRITICAL]
+    assert follower.log_repairs_avoided == 2
+    assert follower.raftCommitIndex == 4
+
+
+def test_heartbeat_behind_the_log_does_not_commit_the_unconfirmed_tail(follower):
+    append(follower, (1, 0), [(2, 1), (3, 1), (4, 1)], commit=1)
+    # The leader confirms entries only up to 2 here; 3 and 4 are not known to match
+    # its log, so even a leader commit index of 4 must not commit them.
+    append(follower, (2, 1), [], commit=4)
+    assert entries(follower) == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert follower.raftCommitIndex == 2
+
+
+def test_a_conflicting_entry_still_truncates_from_itself(follower):
+    append(follower, (1, 0), [(2, 1), (3, 1), (4, 1)], commit=1)
+    # A leader of term 2 holds a different entry 3: Raft deletes 3.. and appends its own.
+    append(follower, (2, 1), [(3, 2)], commit=1, term=2)
+    assert entries(follower) == [(1, 0), (2, 1), (3, 2)]
+    # The same after a matching prefix: 3 matches, 4 conflicts.
+    append(follower, (3, 2), [(4, 2)], commit=1, term=2)
+    append(follower, (2, 1), [(3, 2), (4, 3)], commit=1, term=3)
+    assert entries(follower) == [(1, 0), (2, 1), (3, 2), (4, 3)]
+
+
+def test_a_gap_still_gets_a_reset(follower):
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    append(follower, (5, 1), [(6, 1)], commit=1)  # the follower lacks 3..5
+    assert entries(follower) == [(1, 0), (2, 1)]
