@@ -298,8 +298,10 @@ def _status_detail(row: dict[str, Any]) -> str:
         return (f"term={row['term']} commit={row['commit_index']} "
                 f"applied={row['applied_index']} rev={row['revision']}")
     if row["kind"] == "portal" and row["reachable"]:
-        return (f"cache={row['cache_entries']} hit_rate={row['cache_hit_rate']:.2f} "
-                f"broker={'up' if row['broker_connected'] else 'DOWN'}")
+        return (f"cache={row['cache_entries']} hits={row['cache_hit_rate']:.2f} "
+                f"broker={'up' if row['broker_connected'] else 'DOWN'} "
+                f"watch={row['watch_streams']} denied={row['auth_refused']} "
+                f"limited={row['limited']}")
     if row["kind"] == "listener" and row["reachable"]:
         return (f"events={row['events_written']} rejects={row['rejects']} "
                 f"broker={'up' if row['broker_connected'] else 'DOWN'}")

@@ -64,7 +64,8 @@ def collect_status(cluster: Cluster, timeout: float,
                        cache_hit_rate=st.cache_hits / lookups if lookups else 0.0,
                        events_received=st.events_received,
                        events_published=st.events_published,
-                       events_rejected=st.events_rejected)
+                       events_rejected=st.events_rejected, auth_refused=st.auth_refused,
+                       watch_streams=st.watch_streams, limited=st.limited)
         except grpc.RpcError as exc:
             _failed(row, exc)
         rows.append(row)

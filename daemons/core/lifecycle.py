@@ -97,7 +97,8 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
     if needs_id:
         parser.add_argument("--id", required=True, help="this daemon's id in the cluster file")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the cluster file (and the id) and exit")
+                        help="validate the cluster file, the id and the secret files this "
+                             "daemon reads, and exit")
     args = parser.parse_args(argv)
     daemon_id = getattr(args, "id", None) or prog
     try:

@@ -98,7 +98,12 @@ class ListenerDaemon(Daemon):
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
 
-    check = staticmethod(listener_spec)
+    @staticmethod
+    def check(cluster: Cluster, _daemon_id: str = "") -> None:
+        """--check-config: the spec and every secret the listener would read."""
+        spec = listener_spec(cluster)
+        load_tls(cluster.security.tls, spec.id)
+        mqtt_login(cluster.broker, spec.id)
 
     def start(self) -> None:
         self.audit.open()

@@ -73,7 +73,14 @@ class PortalDaemon(Daemon):
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
                                              daemon=True)
 
-    check = staticmethod(portal_spec)
+    @staticmethod
+    def check(cluster: Cluster, portal_id: str) -> None:
+        """--check-config: the spec and every secret this portal would read."""
+        spec = portal_spec(cluster, portal_id)
+        load_tls(cluster.security.tls, portal_id)
+        mqtt_login(cluster.broker, portal_id)
+        if "admin" in spec.services:
+            admin_token(cluster.security)
 
     def start(self) -> None:
         self._loop_thread.start()

@@ -53,7 +53,8 @@ class EntryApplier:
             mark = fingerprint(cmd)
             if prior is not None:
                 first = Outcome.from_json(prior, duplicate=True)
-                if first.fingerprint != mark:
+                # "": stored by an earlier version, which kept no fingerprint.
+                if first.fingerprint not in (mark, ""):
                     # Answering with another command's result would lie to the caller.
                     results.append(Outcome.failure(InvalidArgument(
                         "request_id: already used for a different command")))

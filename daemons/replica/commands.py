@@ -42,7 +42,12 @@ class Outcome:
 
     @classmethod
     def from_json(cls, raw: bytes, duplicate: bool = False) -> "Outcome":
-        ok, revision, record, deleted, code, message, fingerprint = json.loads(raw)
+        fields = json.loads(raw)
+        if len(fields) == 6:
+            # Written before outcomes carried a fingerprint (data dirs of earlier
+            # versions): "" means unknown, see EntryApplier.
+            fields.append("")
+        ok, revision, record, deleted, code, message, fingerprint = fields
         return cls(ok, revision, record, deleted, code, message, duplicate, fingerprint)
 
     @classmethod

@@ -51,7 +51,10 @@ class ReplicaDaemon(Daemon):
 
     @staticmethod
     def check(cluster: Cluster, replica_id: str) -> None:
+        """--check-config: the spec and every secret this replica would read."""
         cluster.replica(replica_id)
+        load_tls(cluster.security.tls, replica_id)
+        raft_password(cluster)
 
     def _on_fatal(self, exc: Exception) -> None:
         if self.fatal is None:

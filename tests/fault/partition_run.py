@@ -30,7 +30,8 @@ from tests.fault.checkers import (check_cache_monotonic, check_converged,
                                   check_linearizable, check_no_lost_or_duplicated)
 from tests.fault.history import History
 from tests.fault.netns import Topology
-from tests.fault.robustness import PARTITION_KINDS, final_state, run_robustness, summary
+from tests.fault.robustness import (PARTITION_KINDS, check_no_critical_lines, final_state,
+                                   run_robustness, summary)
 from tests.harness import Stack
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             check_linearizable(run.history),
             check_cache_monotonic(History.merged(run.history, run.cached), run.received),
             check_converged(stack.stop_and_digest()),
+            check_no_critical_lines(stack),
         ]
         report.update(
             summary=summary(run), faults=dict(run.faults),

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from proto import portal_pb2 as pb
+from tests.fault.checkers.verdict import Verdict
 from tests.fault.history import History
 from tests.harness import PortalProcess, Stack, wait_for
 
@@ -310,6 +311,19 @@ def final_state(stack: Stack, run: Run) -> dict[str, tuple[Any, int] | None]:
             assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
             state[_key(title)] = None
     return state
+
+
+def check_no_critical_lines(stack: Stack) -> Verdict:
+    """No daemon logged a CRITICAL line (PySyncObj's "truncating already-applied
+    log entries", a replica's fatal stop, ...): each is a real fault of ours or
+    of PySyncObj, even when the other checkers pass. Run after the stack stopped."""
+    lines = []
+    for process in [*stack.members, *stack.portals]:
+        lines += [f"{process.id}: {line}" for line in process.logs().splitlines()
+                  if " CRITICAL " in line]
+    return Verdict(ok=not lines, name="no CRITICAL log lines",
+                   summary=f"{len(lines)} CRITICAL lines in the daemons' logs",
+                   details=lines[:20])
 
 
 def summary(run: Run) -> str:

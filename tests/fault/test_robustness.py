@@ -17,7 +17,8 @@ import pytest
 from tests.fault.checkers import (check_cache_monotonic, check_converged,
                                   check_linearizable, check_no_lost_or_duplicated)
 from tests.fault.history import History
-from tests.fault.robustness import final_state, run_robustness, summary
+from tests.fault.robustness import (check_no_critical_lines, final_state, run_robustness,
+                                   summary)
 from tests.harness import Stack
 
 SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
@@ -37,6 +38,7 @@ def test_history_under_faults_is_correct(tmp_path, capsys):
             check_linearizable(run.history),
             check_cache_monotonic(History.merged(run.history, run.cached), run.received),
             check_converged(stack.stop_and_digest()),
+            check_no_critical_lines(stack),
         ]
     except BaseException as exc:
         stack.stop()

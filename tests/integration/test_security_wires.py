@@ -258,14 +258,21 @@ def test_daemon_refuses_a_secret_file_others_can_read(tmp_path):
             ("raft.password", ["daemons.replica", "--id", "replica-1"], "raft.password"),
             ("admin.token", ["daemons.portal", "--id", "portal-admin"], "admin.token")):
         path = tmp_path / "secrets" / name
+        command = [sys.executable, "-m", argv[0], "--config", str(config), *argv[1:]]
+        checked = subprocess.run([*command, "--check-config"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=60)
+        assert checked.returncode == 0, checked.stderr
         os.chmod(path, 0o644)
         try:
-            done = subprocess.run([sys.executable, "-m", argv[0], "--config", str(config),
-                                   *argv[1:]], cwd=ROOT, capture_output=True, text=True,
+            # --check-config reads the same secrets, so it catches this before a start does.
+            checked = subprocess.run([*command, "--check-config"], cwd=ROOT,
+                                     capture_output=True, text=True, timeout=60)
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                                   timeout=60)
         finally:
             os.chmod(path, 0o600)
-        assert done.returncode == 2, (name, done.stderr)
-        assert str(path) in done.stderr and "group or others" in done.stderr
-        if secret is not None:
-            assert read_secret_file(str(path), "x") not in done.stderr + done.stdout
+        for result in (checked, done):
+            assert result.returncode == 2, (name, result.stderr)
+            assert str(path) in result.stderr and "group or others" in result.stderr
+            if secret is not None:
+                assert read_secret_file(str(path), "x") not in result.stderr + result.stdout

@@ -531,3 +531,14 @@ def test_stored_records_are_strict_json(h):
             json.loads(out.record, parse_constant=lambda name: pytest.fail(f"{name} in record"))
     for key, value in h.records().items():
         json.loads(value, parse_constant=lambda name: pytest.fail(f"{name} stored at {key!r}"))
+
+
+def test_outcomes_stored_before_fingerprints_still_load():
+    """Data dirs of earlier versions hold 6-field outcomes; a replica replaying
+    their journal must read them (it stopped with 'expected 7, got 6')."""
+    from daemons.replica.commands import Outcome
+
+    old = b'[true,12,"{}",0,"",""]'
+    outcome = Outcome.from_json(old, duplicate=True)
+    assert (outcome.ok, outcome.revision, outcome.fingerprint, outcome.duplicate) == \
+        (True, 12, "", True)
