@@ -164,10 +164,19 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert "Unknown key 'ProtectSytem'" in verify([str(unit)], str(tmp_path))
 
 
-def test_units_run_the_console_scripts_with_their_cluster_file():
+def test_units_run_the_console_scripts_with_their_cluster_file(tmp_path):
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
         scripts = tomllib.load(fh)["project"]["scripts"]
-    example = os.path.join(UNIT_DIR, "cluster.multi-host.yaml")
+    # --check-config also reads the secrets the file names (/etc/tarefa/secrets):
+    # check a copy whose secrets live under tmp_path, made by tarefa-secrets.
+    example = str(tmp_path / "cluster.multi-host.yaml")
+    with open(os.path.join(UNIT_DIR, "cluster.multi-host.yaml"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert "/etc/tarefa/secrets/" in text
+    with open(example, "w", encoding="utf-8") as fh:
+        fh.write(text.replace("/etc/tarefa/secrets/", f"{tmp_path}/secrets/"))
+    subprocess.run([os.path.join(ROOT, ".venv", "bin", "tarefa-secrets"), "--config", example],
+                   check=True, capture_output=True, timeout=60)
     cluster = load_cluster(example)
     instances = {"tarefa-replica@.service": cluster.replicas[0].id,
                  "tarefa-portal@.service": cluster.portals[0].id,
