@@ -9,6 +9,7 @@ i.e. once the daemon really serves.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -26,6 +27,15 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 log = logging.getLogger(__name__)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop a daemon's gRPC runs on (replica and portal)."""
+    if os.environ.get("TAREFA_EVENT_LOOP", "uvloop") == "asyncio":
+        return asyncio.new_event_loop()
+    import uvloop
+
+    return uvloop.new_event_loop()
 
 
 def sd_notify(message: str) -> bool:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from daemons.core import events
 from daemons.core.config import Cluster, PortalSpec
 from daemons.core.errors import ConfigError, TarefaError
-from daemons.core.lifecycle import Daemon
+from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.mqtt import EventBus
 from daemons.core.rpc import add_service
 from daemons.core.security import add_port, load_tls, message_options, mqtt_login
@@ -61,14 +61,14 @@ class PortalDaemon(Daemon):
             else [events.client_subscription(cluster.name)]
         self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}", topics,
                             self.coherence.on_message, self.coherence.on_connection,
-                            login=mqtt_login(cluster.broker, portal_id))
+                            login=mqtt_login(cluster.broker, portal_id), no_local=True)
         self.coherence.bus = self.bus
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         # gRPC (servers and the replica client) runs on an asyncio loop in its
         # own thread; paho runs its own network thread; run() keeps the main
         # thread for signals.
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.coherence.loop = self.loop
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
                                              daemon=True)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from daemons.core.config import Cluster
 from daemons.core.errors import StorageCorrupt, TarefaError
-from daemons.core.lifecycle import Daemon
+from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.log import LevelCounter
 from daemons.core.security import add_port, load_tls, message_options
 from daemons.replica.proposer import Proposer
@@ -44,7 +44,7 @@ class ReplicaDaemon(Daemon):
         # gRPC runs on an asyncio loop in its own thread (cheaper per call than
         # a thread pool, and the proposer batches on it); run() keeps the main
         # thread for signals.
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
                                              daemon=True)
         self.fatal: Exception | None = None
