@@ -51,6 +51,10 @@ class BatchView:
         self._db = db
         self._storage = storage
         self.pending: dict[bytes, bytes | None] = {}
+        # What this view already read from the DB. Nothing else writes the DB while
+        # a view lives (one Raft entry's apply), so a second read of a key (e.g. the
+        # client record for every command of a batch) need not go to LevelDB.
+        self._read: dict[bytes, bytes | None] = {}
 
     def _guard(self, what: str) -> Any:
         if self._storage is not None:
@@ -60,8 +64,11 @@ class BatchView:
     def get(self, key: bytes) -> bytes | None:
         if key in self.pending:
             return self.pending[key]
+        if key in self._read:
+            return self._read[key]
         try:
-            return self._db.get(key, verify_checksums=True)
+            value = self._read[key] = self._db.get(key, verify_checksums=True)
+            return value
         except plyvel.Error as exc:
             if self._storage is None:
                 raise
