@@ -45,12 +45,15 @@ class ReplicaClient:
         self.owner = owner
         self._tls = tls
         self._options = message_options(cluster.limits)
+        # A group is one gRPC message: keep it well under the message limit
+        # (replicas refuse larger ones), whatever the size of its commands.
+        self._group_bytes = cluster.limits.max_message_bytes // 2
         self.ids = [spec.id for spec in cluster.replicas]
         self._addresses = [spec.grpc_address for spec in cluster.replicas]
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[replica_pb2_grpc.ReplicaStub] = []
         self._preferred = 0
-        self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float]] = \
+        self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float, int]] = \
             collections.deque()
         self._groups_in_flight = 0
         self._send_scheduled = False
@@ -103,7 +106,7 @@ class ReplicaClient:
     async def apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._queue.append((command, future, time.monotonic() + timeout))
+        self._queue.append((command, future, time.monotonic() + timeout, command.ByteSize()))
         if not self._send_scheduled:
             # Send at the end of this loop iteration, so that the writes of
             # every handler the loop runs now travel in one group.
@@ -114,7 +117,13 @@ class ReplicaClient:
     def _send_groups(self) -> None:
         self._send_scheduled = False
         while self._queue and self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
-            group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
+            command, future, deadline, size = self._queue.popleft()
+            group = [(command, future, deadline)]
+            while self._queue and len(group) < MAX_GROUP \
+                    and size + self._queue[0][3] < self._group_bytes:
+                command, future, deadline, cost = self._queue.popleft()
+                group.append((command, future, deadline))
+                size += cost
             self._groups_in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send_group(group))
             self._tasks.add(task)

@@ -107,7 +107,8 @@ class ReplicaDaemon(Daemon):
         replica_pb2_grpc.add_ReplicaServicer_to_server(
             ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
                             self.cluster.raft.apply_timeout,
-                            lambda: (self.raft_log.warnings, self.raft_log.criticals)),
+                            lambda: (self.raft_log.warnings, self.raft_log.criticals),
+                            page_bytes=self.cluster.limits.max_message_bytes // 2),
             self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

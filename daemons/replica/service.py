@@ -70,8 +70,13 @@ def _decode_token(token: str, prefix: bytes) -> bytes | None:
 class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     def __init__(self, replica_id: str, node: ReplicaStateMachine, storage: Storage,
                  proposer: Proposer, default_timeout: float,
-                 counters: Callable[[], tuple[int, int]]) -> None:
+                 counters: Callable[[], tuple[int, int]],
+                 page_bytes: int | None = None) -> None:
         self.daemon_id = replica_id
+        # A Scan page stays within this many bytes of records (half the message
+        # limit), so a page of large records never exceeds the gRPC limit of the
+        # replica's answer or of the portal's.
+        self.page_bytes = page_bytes
         self.node = node
         self.storage = storage
         self.proposer = proposer
@@ -160,7 +165,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         pairs, more, revision = self.storage.page(
             prefix, start_after, limit,
             keep=(lambda raw: json.loads(raw)["status"] == request.status)
-            if request.status else None)
+            if request.status else None, max_bytes=self.page_bytes)
         return replica_pb2.ScanResponse(
             records=[value.decode("utf-8") for _, value in pairs],
             next=_encode_token(pairs[-1][0]) if more and pairs else "",

@@ -195,15 +195,17 @@ class Storage:
         return value, int(revision) if revision is not None else 0
 
     def page(self, prefix: bytes, start_after: bytes | None, limit: int,
-             keep: Callable[[bytes], bool] | None = None,
+             keep: Callable[[bytes], bool] | None = None, max_bytes: int | None = None,
              ) -> tuple[list[tuple[bytes, bytes]], bool, int]:
-        """Up to `limit` pairs under `prefix` after `start_after` (that `keep` accepts).
+        """Up to `limit` pairs under `prefix` after `start_after` (that `keep` accepts),
+        and no more values than fit in `max_bytes` (at least one pair, though).
 
         Returns (pairs, more, revision): `more` says whether pairs remain past the
         last one returned; `revision` is the store's, read from the same snapshot.
         """
         out: list[tuple[bytes, bytes]] = []
         more = False
+        size = 0
         with self._guard("read"), self._db.snapshot() as snap:
             raw_revision = snap.get(domain.META_REVISION, verify_checksums=True)
             if start_after is None:
@@ -215,10 +217,12 @@ class Storage:
                 for key, value in it:
                     if keep is not None and not keep(value):
                         continue
-                    if len(out) >= limit:
+                    if len(out) >= limit or \
+                            (max_bytes is not None and out and size + len(value) > max_bytes):
                         more = True
                         break
                     out.append((key, value))
+                    size += len(value)
         return out, more, int(raw_revision) if raw_revision is not None else 0
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:

@@ -311,7 +311,7 @@ def test_cli_credentials_and_no_secret_anywhere(secured, tmp_path):
 def limited(tmp_path, request):
     s = Stack(str(tmp_path / "stack"), secure=True, extra={"limits": {
         "max_watch_streams": 3, "max_watch_streams_per_client": 2,
-        "client_write_rate": 2, "client_write_burst": 4}})
+        "client_write_rate": 2, "client_write_burst": 4, "max_message_bytes": 100_000}})
     start(s, request)
     yield s
     stop(s, request)
@@ -359,3 +359,13 @@ def test_limits_answer_resource_exhausted(limited):
                                      metadata=a), 3, "a token to come back", interval=0.2)
     status = portal.status_stub.Status(pb.PortalStatusRequest(), timeout=5)
     assert status.limited >= 3
+
+    # Messages: limits.max_message_bytes (100 kB here) bounds what a portal accepts,
+    # below the 64 KiB-description rule's own bound; nothing is written.
+    before = revision(limited)
+    code, message = code_of(stub.CreateTask, pb.CreateTaskRequest(
+        cid="8", title="big", description="x" * 150_000), b)
+    assert code == Code.RESOURCE_EXHAUSTED, (code, message)
+    assert answer(stub.CreateTask, pb.CreateTaskRequest(
+        cid="8", title="fits", description="x" * 60_000), b) == Code.OK
+    assert revision(limited) == before + 1

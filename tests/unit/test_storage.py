@@ -133,6 +133,17 @@ def test_page_more_is_exact(store, tasks):
     assert pairs == [] and more is False
 
 
+def test_page_is_bounded_by_bytes_but_never_empty(store, tasks):
+    prefix = domain.task_prefix("1")
+    # values are b"pending" (7 bytes) or b"done" (4): 7 + 4 = 11 fits in 12, + 7 does not
+    pairs, more, _ = store.page(prefix, None, 100, max_bytes=12)
+    assert [k for k, _ in pairs] == tasks[:2] and more is True
+    pairs, more, _ = store.page(prefix, None, 100, max_bytes=1)  # one pair even so
+    assert [k for k, _ in pairs] == tasks[:1] and more is True
+    pairs, more, _ = store.page(prefix, None, 100, max_bytes=10_000)
+    assert [k for k, _ in pairs] == tasks and more is False
+
+
 def test_page_does_not_leak_into_neighbouring_prefixes(store, tasks):
     prefix = domain.task_prefix("1")
     pairs, more, _ = store.page(prefix, tasks[-1], 10)
