@@ -60,21 +60,30 @@ class Session:
         self.args = args
         self.printer = Printer(args.json)
         self.timeout = args.timeout
-        self._cluster: Cluster | None = None
+        self._cluster: Cluster | ConfigError | None = None  # None: not read yet
         self._tls: TlsMaterial | None | bool = False  # False: not loaded yet
         self.credentials = Credentials(args.credentials, args.insecure_token,
                                        args.insecure_secret)
+
+    def cluster(self, required: bool = True) -> Cluster | None:
+        """The cluster file, read once; unusable -> CliError, or None if not `required`."""
+        if self._cluster is None:
+            try:
+                self._cluster = load_cluster(self.args.config)
+            except ConfigError as exc:
+                self._cluster = exc
+        if isinstance(self._cluster, ConfigError):
+            if required:
+                raise CliError("\n".join(self._cluster.problems), EXIT_USAGE)
+            return None
+        return self._cluster
 
     def metadata(self, service: str) -> tuple[tuple[str, str], ...]:
         """The credential for `service` as call metadata; none found -> send none
         (fine with `auth: cid-only`; otherwise the portal answers UNAUTHENTICATED)."""
         try:
             if service == "admin":
-                try:
-                    cluster = load_cluster(self.args.config)
-                except ConfigError:
-                    cluster = None
-                credential = self.credentials.admin_token(cluster)
+                credential = self.credentials.admin_token(self.cluster(required=False))
             else:
                 credential = self.credentials.client_secret()
         except CredentialsError as exc:
@@ -84,12 +93,9 @@ class Session:
     def channel(self, address: str) -> grpc.Channel:
         """A channel to a portal: TLS against the cluster file's CA when it names one."""
         if self._tls is False:
-            try:
-                tls = load_cluster(self.args.config).security.tls
-            except ConfigError as exc:
-                if not self.args.portal:
-                    raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
-                tls = None  # --portal without a usable cluster file: plaintext
+            # --portal without a usable cluster file: plaintext
+            cluster = self.cluster(required=not self.args.portal)
+            tls = cluster.security.tls if cluster is not None else None
             try:
                 self._tls = load_tls(tls, None)
             except ConfigError as exc:
@@ -99,10 +105,8 @@ class Session:
     def addresses(self, service: str) -> list[str]:
         if self.args.portal:
             return [self.args.portal]
-        try:
-            cluster = load_cluster(self.args.config)
-        except ConfigError as exc:
-            raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+        cluster = self.cluster()
+        assert cluster is not None
         found = [p.address for p in cluster.portals if service in p.services]
         if not found:
             raise CliError(f"{self.args.config}: no portal serves {service}", EXIT_USAGE)
@@ -274,10 +278,8 @@ def cluster_status(s: Session, a: argparse.Namespace) -> None:
     """One row per daemon of the cluster file; unreachable ones are rows too."""
     from client.status import collect_status
 
-    try:
-        cluster = load_cluster(a.config)
-    except ConfigError as exc:
-        raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+    cluster = s.cluster()
+    assert cluster is not None
     try:
         # Replicas take only mutual TLS: the operator's certificate pair is `tarefa`.
         tls = load_tls(cluster.security.tls, CLI_CERT)

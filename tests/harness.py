@@ -152,7 +152,6 @@ class ReplicaCluster:
                  hosts: list[str] | None = None,
                  prefixes: list[list[str]] | None = None) -> None:
         self.workdir = workdir
-        self.secure = secure
         os.makedirs(workdir, exist_ok=True)
         ports = free_ports(2 * size)
         self.extra = extra or {}

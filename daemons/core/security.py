@@ -22,13 +22,18 @@ from daemons.core.errors import ConfigError
 CLI_CERT = "tarefa"
 
 
+def _refuse_if_shared(path: str, what: str) -> None:
+    """ConfigError if group or others may read `path` (OSError if it is missing)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise ConfigError([f"{path}: {what} is readable by group or others "
+                           f"(mode {mode:04o}); chmod 600 it"])
+
+
 def read_secret_file(path: str, what: str) -> str:
     """The first line of a secret file; refuse files others can read."""
     try:
-        info = os.stat(path)
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise ConfigError([f"{path}: {what} file is readable by group or others "
-                               f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"])
+        _refuse_if_shared(path, f"{what} file")
         with open(path, encoding="utf-8") as handle:
             value = handle.readline().strip()
     except OSError as exc:
@@ -50,8 +55,10 @@ def mqtt_login(broker: Broker, daemon_id: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_bytes(path: str, what: str) -> bytes:
+def _read_bytes(path: str, what: str, private: bool = False) -> bytes:
     try:
+        if private:
+            _refuse_if_shared(path, what)
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
@@ -70,10 +77,7 @@ class TlsMaterial:
             return
         cert_path, key_path = tls.cert_pair(name)
         self.cert = _read_bytes(cert_path, f"TLS certificate of {name}")
-        if os.path.exists(key_path) and stat.S_IMODE(os.stat(key_path).st_mode) & 0o077:
-            raise ConfigError([f"{key_path}: TLS key of {name} is readable by group or others; "
-                               "chmod 600 it"])
-        self.key = _read_bytes(key_path, f"TLS key of {name}")
+        self.key = _read_bytes(key_path, f"TLS key of {name}", private=True)
 
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,

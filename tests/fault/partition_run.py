@@ -26,12 +26,8 @@ import os
 import sys
 import traceback
 
-from tests.fault.checkers import (check_cache_monotonic, check_converged,
-                                  check_linearizable, check_no_lost_or_duplicated)
-from tests.fault.history import History
 from tests.fault.netns import Topology
-from tests.fault.robustness import (PARTITION_KINDS, check_no_critical_lines, final_state,
-                                   run_robustness, summary)
+from tests.fault.robustness import PARTITION_KINDS, judge, run_robustness, summary
 from tests.harness import Stack
 
 
@@ -57,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         run = run_robustness(stack, args.seconds, clients=args.clients, seed=args.seed,
                              kinds=tuple(args.kinds.split(",")), network=topo)
-        state = final_state(stack, run)
-        verdicts = [
-            check_no_lost_or_duplicated(run.history, state),
-            check_linearizable(run.history),
-            check_cache_monotonic(History.merged(run.history, run.cached), run.received),
-            check_converged(stack.stop_and_digest()),
-            check_no_critical_lines(stack),
-        ]
+        verdicts = judge(stack, run)
         report.update(
             summary=summary(run), faults=dict(run.faults),
             acknowledged=sum(1 for o in run.history.ops if o.type == "ok"),

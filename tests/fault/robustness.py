@@ -38,6 +38,8 @@ from typing import Any
 import grpc
 
 from proto import portal_pb2 as pb
+from tests.fault.checkers import (check_cache_monotonic, check_converged,
+                                  check_linearizable, check_no_lost_or_duplicated)
 from tests.fault.checkers.verdict import Verdict
 from tests.fault.history import History
 from tests.harness import PortalProcess, Stack, wait_for
@@ -324,6 +326,25 @@ def check_no_critical_lines(stack: Stack) -> Verdict:
     return Verdict(ok=not lines, name="no CRITICAL log lines",
                    summary=f"{len(lines)} CRITICAL lines in the daemons' logs",
                    details=lines[:20])
+
+
+def judge(stack: Stack, run: Run) -> list[Verdict]:
+    """Every checker's verdict on a finished run; stops the replicas (to digest them)."""
+    state = final_state(stack, run)
+    return [
+        check_no_lost_or_duplicated(run.history, state),
+        check_linearizable(run.history),
+        check_cache_monotonic(History.merged(run.history, run.cached), run.received),
+        check_converged(stack.stop_and_digest()),
+        check_no_critical_lines(stack),
+    ]
+
+
+def verdict_line(summary_text: str, verdicts: list[Verdict]) -> str:
+    """The one line every fault run prints: its summary, then each verdict."""
+    return summary_text + "; verdicts: " + ", ".join(
+        f"{v.name}={'ok' if v.ok else 'UNKNOWN' if v.unknown else 'VIOLATION'}"
+        for v in verdicts)
 
 
 def summary(run: Run) -> str:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.fault.checkers import Verdict
 from tests.fault.netns import Topology, unavailable_reason
+from tests.fault.robustness import verdict_line
 from tests.fault.test_robustness import keep
 from tests.harness import ROOT
 
@@ -68,9 +69,7 @@ def test_history_under_partitions_is_correct(tmp_path, capsys):
         raise AssertionError(f"the partition run failed (exit {code}): {report['error']}\n"
                              f"logs and histories kept in {keep(workdir, None)}")
     verdicts = [Verdict(**v) for v in report["verdicts"]]
-    line = report["summary"] + "; verdicts: " + ", ".join(
-        f"{v.name}={'ok' if v.ok else 'UNKNOWN' if v.unknown else 'VIOLATION'}"
-        for v in verdicts)
+    line = verdict_line(report["summary"], verdicts)
     with capsys.disabled():  # the summary line belongs in every run's output
         print(f"\npartition ({SECONDS:.0f}s, seed {seed}): {line}")
     assert not leftovers, f"processes were left in the namespaces: {leftovers}"

@@ -14,11 +14,7 @@ import time
 
 import pytest
 
-from tests.fault.checkers import (check_cache_monotonic, check_converged,
-                                  check_linearizable, check_no_lost_or_duplicated)
-from tests.fault.history import History
-from tests.fault.robustness import (check_no_critical_lines, final_state, run_robustness,
-                                   summary)
+from tests.fault.robustness import judge, run_robustness, summary, verdict_line
 from tests.harness import Stack
 
 SECONDS = float(os.environ.get("TAREFA_SOAK_SECONDS", "60"))
@@ -32,14 +28,7 @@ def test_history_under_faults_is_correct(tmp_path, capsys):
     try:
         stack.start()
         run = run_robustness(stack, SECONDS, clients=6, seed=int(time.time()) % 1000)
-        state = final_state(stack, run)
-        verdicts = [
-            check_no_lost_or_duplicated(run.history, state),
-            check_linearizable(run.history),
-            check_cache_monotonic(History.merged(run.history, run.cached), run.received),
-            check_converged(stack.stop_and_digest()),
-            check_no_critical_lines(stack),
-        ]
+        verdicts = judge(stack, run)
     except BaseException as exc:
         stack.stop()
         kept = keep(workdir, run)
@@ -47,9 +36,7 @@ def test_history_under_faults_is_correct(tmp_path, capsys):
                              f"logs and histories kept in {kept}") from exc
     finally:
         stack.stop()
-    line = summary(run) + "; verdicts: " + ", ".join(
-        f"{v.name}={'ok' if v.ok else 'UNKNOWN' if v.unknown else 'VIOLATION'}"
-        for v in verdicts)
+    line = verdict_line(summary(run), verdicts)
     with capsys.disabled():  # the summary line belongs in every run's output
         print(f"\nrobustness ({SECONDS:.0f}s): {line}")
     assert sum(run.faults.values()) >= max(1, int(SECONDS // 6)), "the nemesis hardly ran"
