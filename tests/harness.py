@@ -33,15 +33,29 @@ SECURE = {"auth": "token", "admin_token_file": "secrets/admin.token",
           "tls": {"ca_file": "secrets/tls/ca.crt", "cert_dir": "secrets/tls"}}
 
 
+# Ports free_ports() already gave out in this process. A stack takes ports in
+# several calls (broker and portals, then replicas); once the first call's
+# sockets are closed the kernel may hand the same port out again, and the
+# cluster file then names one port twice (seen in CI: replicas[0].grpc_port
+# equal to broker.port). Never giving a port out twice rules that out.
+_GIVEN_OUT: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (bound briefly, then released)."""
+    """Distinct free TCP ports on 127.0.0.1 (bound briefly, then released), none
+    of them given out before by this process."""
     socks, ports = [], []
     try:
-        for _ in range(count):
+        while len(ports) < count:
+            if len(socks) > count + 5000:
+                raise RuntimeError(f"no {count} fresh free ports on 127.0.0.1")
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+            socks.append(s)  # held until the end, so one call never repeats a port
+            port = s.getsockname()[1]
+            if port not in _GIVEN_OUT:
+                ports.append(port)
+                _GIVEN_OUT.add(port)
     finally:
         for s in socks:
             s.close()
