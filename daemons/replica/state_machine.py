@@ -28,11 +28,14 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import StorageCorrupt
 from daemons.core.security import read_secret_file
+from daemons.replica import raft_wire
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
 from daemons.replica.storage import Storage
 
 log = logging.getLogger(__name__)
+
+raft_wire.install()  # cheaper framing of every Raft message (see raft_wire.py)
 
 # Our snake_case keys -> PySyncObj's SyncObjConf options (one table, one place).
 RAFT_OPTIONS = {
