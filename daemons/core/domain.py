@@ -79,7 +79,7 @@ def validate_title(title: object) -> str:
         raise InvalidArgument("title: required (1 to 256 characters)")
     if len(title) > TITLE_MAX_CHARS:
         raise InvalidArgument(f"title: at most {TITLE_MAX_CHARS} characters (got {len(title)})")
-    if not all(_title_char_ok(ch) for ch in title):
+    if not title.isprintable() and not all(_title_char_ok(ch) for ch in title):
         raise InvalidArgument("title: only printable characters (no control characters, "
                               "line separators or bidirectional overrides)")
     return title

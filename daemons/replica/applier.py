@@ -9,7 +9,6 @@ makes client retries return the first answer. Knows nothing of Raft itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -61,7 +60,7 @@ class EntryApplier:
                 else:
                     results.append(first)
                 continue
-            outcome = dataclasses.replace(execute(view, cmd, revision + 1), fingerprint=mark)
+            outcome = execute(view, cmd, revision + 1, mark)
             if outcome.ok:
                 revision = outcome.revision
             view.put(domain.request_key(rid), outcome.to_json())

@@ -37,8 +37,8 @@ class Outcome:
     fingerprint: str = field(default="", compare=False)
 
     def to_json(self) -> bytes:
-        return json.dumps([self.ok, self.revision, self.record, self.deleted_tasks, self.code,
-                           self.message, self.fingerprint], separators=(",", ":")).encode()
+        return _OUTCOME_JSON.encode([self.ok, self.revision, self.record, self.deleted_tasks,
+                                     self.code, self.message, self.fingerprint]).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, duplicate: bool = False) -> "Outcome":
@@ -51,8 +51,8 @@ class Outcome:
         return cls(ok, revision, record, deleted, code, message, duplicate, fingerprint)
 
     @classmethod
-    def failure(cls, exc: TarefaError) -> "Outcome":
-        return cls(ok=False, code=exc.code, message=exc.message)
+    def failure(cls, exc: TarefaError, fingerprint: str = "") -> "Outcome":
+        return cls(ok=False, code=exc.code, message=exc.message, fingerprint=fingerprint)
 
 
 def fingerprint(cmd: Any) -> str:
@@ -67,9 +67,21 @@ def fingerprint(cmd: Any) -> str:
     return hashlib.sha256(json.dumps(what, ensure_ascii=True).encode()).hexdigest()[:32]
 
 
+# Built once: json.dumps with any option builds a new JSONEncoder per call, a
+# noticeable share of an apply that runs on every replica for every write.
+_OUTCOME_JSON = json.JSONEncoder(separators=(",", ":"))
+_RECORD_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _dump(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _RECORD_JSON.encode(record).encode("utf-8")
+
+
+def _put(view: BatchView, key: bytes, record: dict) -> bytes:
+    """Stage `record` under `key`; return its stored bytes (the caller's answer too)."""
+    raw = _dump(record)
+    view.put(key, raw)
+    return raw
 
 
 def _load(raw: bytes) -> dict:
@@ -112,7 +124,7 @@ def _secret_record(cmd: dict, cid: str, revision: int) -> dict | None:
             "revision": revision}
 
 
-def create_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+def create_client(view: BatchView, cmd: dict, revision: int) -> tuple[bytes, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     data = domain.parse_client_data(cmd.get("data"))
     at = _require_at(cmd)
@@ -121,13 +133,13 @@ def create_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]
     if view.get(key) is not None:
         raise AlreadyExists(f"client {cid} already exists")
     record = {"cid": cid, "data": data, "created_at": at, "updated_at": at, "revision": revision}
-    view.put(key, _dump(record))
+    raw = _put(view, key, record)
     if secret is not None:
         view.put(domain.secret_key(cid), _dump(secret))
-    return record, 0
+    return raw, 0
 
 
-def rotate_secret(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+def rotate_secret(view: BatchView, cmd: dict, revision: int) -> tuple[bytes | None, int]:
     """Replace the client's secret record; the client record itself is unchanged."""
     cid = domain.validate_cid(cmd.get("cid"))
     secret = _secret_record(cmd, cid, revision)
@@ -138,14 +150,13 @@ def rotate_secret(view: BatchView, cmd: dict, revision: int) -> tuple[dict | Non
     return None, 0
 
 
-def update_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+def update_client(view: BatchView, cmd: dict, revision: int) -> tuple[bytes, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     data = domain.parse_client_data(cmd.get("data"))
     at = _require_at(cmd)
     record = _require_client(view, cid)
     record.update(data=data, updated_at=at, revision=revision)
-    view.put(domain.client_key(cid), _dump(record))
-    return record, 0
+    return _put(view, domain.client_key(cid), record), 0
 
 
 def _delete_tasks(view: BatchView, cid: str) -> int:
@@ -155,7 +166,7 @@ def _delete_tasks(view: BatchView, cid: str) -> int:
     return len(keys)
 
 
-def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[bytes | None, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     _require_client(view, cid)
     view.delete(domain.client_key(cid))
@@ -163,7 +174,7 @@ def delete_client(view: BatchView, cmd: dict, revision: int) -> tuple[dict | Non
     return None, _delete_tasks(view, cid)
 
 
-def create_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+def create_task(view: BatchView, cmd: dict, revision: int) -> tuple[bytes, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     title = domain.validate_title(cmd.get("title"))
     description = domain.validate_description(_field(cmd, "description", ""))
@@ -175,11 +186,10 @@ def create_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
         raise AlreadyExists(f"task {title!r} already exists for client {cid}")
     record = {"cid": cid, "title": title, "description": description, "status": status,
               "created_at": at, "updated_at": at, "revision": revision}
-    view.put(key, _dump(record))
-    return record, 0
+    return _put(view, key, record), 0
 
 
-def update_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
+def update_task(view: BatchView, cmd: dict, revision: int) -> tuple[bytes, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     title = domain.validate_title(cmd.get("title"))
     description = cmd.get("description")
@@ -197,11 +207,10 @@ def update_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict, int]:
     if status is not None:
         record["status"] = status
     record.update(updated_at=at, revision=revision)
-    view.put(key, _dump(record))
-    return record, 0
+    return _put(view, key, record), 0
 
 
-def delete_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+def delete_task(view: BatchView, cmd: dict, revision: int) -> tuple[bytes | None, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     title = domain.validate_title(cmd.get("title"))
     _require_client(view, cid)
@@ -212,13 +221,15 @@ def delete_task(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None,
     return None, 0
 
 
-def delete_all_tasks(view: BatchView, cmd: dict, revision: int) -> tuple[dict | None, int]:
+def delete_all_tasks(view: BatchView, cmd: dict, revision: int) -> tuple[bytes | None, int]:
     cid = domain.validate_cid(cmd.get("cid"))
     _require_client(view, cid)
     return None, _delete_tasks(view, cid)
 
 
-HANDLERS: dict[str, Callable[[BatchView, dict, int], tuple[dict | None, int]]] = {
+# A handler stages its effects and returns (the stored bytes of the record it
+# wrote or None, the number of tasks it deleted).
+HANDLERS: dict[str, Callable[[BatchView, dict, int], tuple[bytes | None, int]]] = {
     "create_client": create_client,
     "update_client": update_client,
     "delete_client": delete_client,
@@ -230,20 +241,24 @@ HANDLERS: dict[str, Callable[[BatchView, dict, int], tuple[dict | None, int]]] =
 }
 
 
-def execute(view: BatchView, cmd: Any, revision: int) -> Outcome:
-    """Stage one command's effects at `revision`; on failure stage nothing."""
+def execute(view: BatchView, cmd: Any, revision: int, mark: str = "") -> Outcome:
+    """Stage one command's effects at `revision`; on failure stage nothing.
+
+    `mark` is the command's fingerprint(), carried by the outcome either way."""
     if not isinstance(cmd, dict):
-        return Outcome.failure(InvalidArgument("command: must be a mapping"))
+        return Outcome.failure(InvalidArgument("command: must be a mapping"), mark)
     handler = HANDLERS.get(cmd.get("op"))  # type: ignore[arg-type]
     if handler is None:
-        return Outcome.failure(InvalidArgument(f"op: unknown operation {cmd.get('op')!r}"))
+        return Outcome.failure(InvalidArgument(f"op: unknown operation {cmd.get('op')!r}"),
+                               mark)
     try:
-        record, deleted = handler(view, cmd, revision)
-        encoded = _dump(record).decode("utf-8") if record is not None else ""
+        raw, deleted = handler(view, cmd, revision)
+        encoded = raw.decode("utf-8") if raw is not None else ""
     except TarefaError as exc:
-        return Outcome.failure(exc)
+        return Outcome.failure(exc, mark)
     except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
         # Handlers stage nothing before they are sure to succeed, so refusing
         # here leaves the view as it was; the same input fails on every replica.
-        return Outcome.failure(InvalidArgument(f"command cannot be applied: {exc}"))
-    return Outcome(ok=True, revision=revision, record=encoded, deleted_tasks=deleted)
+        return Outcome.failure(InvalidArgument(f"command cannot be applied: {exc}"), mark)
+    return Outcome(ok=True, revision=revision, record=encoded, deleted_tasks=deleted,
+                   fingerprint=mark)
