@@ -1,16 +1,29 @@
 """EventBus: the only module that imports paho-mqtt.
 
-Connects in the background and reconnects by itself (paho's network loop
-thread), subscribes on every (re)connection, publishes at QoS 1, and tells
-its owner when the connection comes and goes so a portal can stop serving
-cached reads while it may be missing events.
+Connects in the background and reconnects by itself, subscribes on every
+(re)connection, publishes at QoS 1, and tells its owner when the connection
+comes and goes so a portal can stop serving cached reads while it may be
+missing events.
+
+Two ways to run paho's network I/O:
+- its own thread (`loop=None`, the listener): paho's loop_start();
+- the owner's asyncio loop (`loop=...`, the portals): the socket is watched by
+  the loop (add_reader/add_writer), a publish from the loop is written at once,
+  keepalive runs from a 1 s timer, and only the blocking TCP connect runs in
+  the loop's executor. A portal publishes one event per write from its loop;
+  with paho's thread every publish also woke that thread through a socket pair
+  and every PUBACK was handled there, both contending with the loop for the
+  GIL. On the loop the portal's CPU per write went down (see README
+  "Performance").
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
@@ -21,12 +34,19 @@ log = logging.getLogger(__name__)
 OnMessage = Callable[[str, bytes], None]
 OnConnection = Callable[[bool], None]
 
+RECONNECT_MIN_DELAY = 0.2
+RECONNECT_MAX_DELAY = 2.0
+KEEPALIVE = 5
+MISC_PERIOD = 1.0  # loop mode: how often keepalive and timeouts are checked
+MAX_QUEUED = 100_000  # QoS 1 messages kept while the broker is away; then new ones drop
+
 
 class EventBus:
     def __init__(self, broker: Broker, client_id: str, subscriptions: list[str],
                  on_message: OnMessage, on_connection: OnConnection,
                  persistent_session: bool = False,
-                 login: tuple[str, str] | None = None, no_local: bool = False) -> None:
+                 login: tuple[str, str] | None = None, no_local: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         """`no_local`: the broker does not send this client its own publishes back
         (MQTT 5's No Local subscription option). A portal drops its own events
         anyway; not receiving them saves it a PUBLISH, a PUBACK and a JSON decode
@@ -49,15 +69,26 @@ class EventBus:
                                        clean_session=not persistent_session)
         if login is not None:
             self._client.username_pw_set(*login)
-        self._client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY,
+                                         max_delay=RECONNECT_MAX_DELAY)
         self._client.max_inflight_messages_set(1000)
-        self._client.max_queued_messages_set(100_000)
+        self._client.max_queued_messages_set(MAX_QUEUED)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe
         self._subscribe_mid: int | None = None
         self._stopping = False
         self._client.on_message = self._handle_message
+        self._loop = loop
+        if loop is not None:
+            self._client.on_socket_close = self._socket_closed
+        self._fd: int | None = None  # the socket the loop watches (loop mode)
+        self._writing = False
+        self._reconnecting = False  # reconnect() runs in the executor: hands off paho
+        self._held: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._delay = RECONNECT_MIN_DELAY
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop_thread: int | None = None
 
     @property
     def connected(self) -> bool:
@@ -65,25 +96,158 @@ class EventBus:
 
     def start(self) -> None:
         if self._no_local:
-            self._client.connect_async(self.broker.host, self.broker.port, keepalive=5,
+            self._client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE,
                                        clean_start=True)
         else:
-            self._client.connect_async(self.broker.host, self.broker.port, keepalive=5)
-        self._client.loop_start()
+            self._client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE)
+        if self._loop is None:
+            self._client.loop_start()
+        else:
+            self._loop.call_soon_threadsafe(self._begin)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
     def stop(self) -> None:
         self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._loop is None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            return
+        if self._loop.is_running() and threading.get_ident() != self._loop_thread:
+            done = threading.Event()
+
+            def stop_on_loop() -> None:
+                try:
+                    self._stop_on_loop()
+                finally:
+                    done.set()
+
+            self._loop.call_soon_threadsafe(stop_on_loop)
+            if done.wait(5):
+                return
+            log.warning("%s: the event loop did not stop the broker connection in time",
+                        self.client_id)
+        self._stop_on_loop()
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Queue a QoS 1 message; paho sends it (again) once connected."""
-        self._client.publish(topic, payload, qos=1)
+        if self._loop is None:
+            self._client.publish(topic, payload, qos=1)
+        elif threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.publish, topic, payload)
+        elif self._reconnecting:
+            # paho belongs to the executor until reconnect() returns
+            if len(self._held) < MAX_QUEUED:
+                self._held.append((topic, payload))
+        else:
+            self._client.publish(topic, payload, qos=1)  # written now if connected
+            self._sync()
 
-    # -- paho callbacks (network thread) -------------------------------------
+    # -- loop mode: paho's I/O on the owner's asyncio loop -------------------
+
+    def _begin(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self._timer = self._loop.call_later(MISC_PERIOD, self._misc)  # type: ignore[union-attr]
+        self._connect_later(0.0)
+
+    def _connect_later(self, delay: float) -> None:
+        if self._stopping or self._reconnecting:
+            return
+        self._reconnecting = True
+        self._loop.call_later(delay, self._connect)  # type: ignore[union-attr]
+
+    def _connect(self) -> None:
+        if self._stopping:
+            self._reconnecting = False
+            return
+        self._unwatch()
+        # The TCP connect blocks (up to paho's connect timeout for a host that
+        # does not answer): never on the loop. Until it returns the loop leaves
+        # paho alone; publishes wait in self._held.
+        future = self._loop.run_in_executor(None, self._client.reconnect)  # type: ignore
+        future.add_done_callback(self._connect_done)
+
+    def _connect_done(self, future: asyncio.Future) -> None:
+        self._reconnecting = False
+        error = future.exception()
+        if error is not None or self._client.socket() is None:
+            log.debug("%s: connecting to broker %s:%d failed: %r", self.client_id,
+                      self.broker.host, self.broker.port, error)
+            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
+            self._connect_later(delay)
+        elif self._stopping:
+            self._client.disconnect()
+        else:
+            self._watch()
+        while self._held and not self._reconnecting:
+            topic, payload = self._held.popleft()
+            self._client.publish(topic, payload, qos=1)
+        self._sync()
+
+    def _watch(self) -> None:
+        sock = self._client.socket()
+        if sock is None:
+            return
+        self._fd = sock.fileno()
+        self._loop.add_reader(self._fd, self._readable)  # type: ignore[union-attr]
+
+    def _unwatch(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)  # type: ignore[union-attr]
+            if self._writing:
+                self._loop.remove_writer(self._fd)  # type: ignore[union-attr]
+        self._fd, self._writing = None, False
+
+    def _socket_closed(self, client: Any, userdata: object, sock: Any) -> None:
+        # paho calls this just before it closes the socket: forget the fd now,
+        # while it still names this socket.
+        if threading.get_ident() == self._loop_thread:
+            self._unwatch()
+
+    def _readable(self) -> None:
+        self._client.loop_read(max_packets=64)
+        self._sync()
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+        self._sync()
+
+    def _misc(self) -> None:
+        if self._stopping:
+            return
+        if not self._reconnecting:
+            self._client.loop_misc()  # keepalive ping, or give up on a silent broker
+            self._sync()
+        self._timer = self._loop.call_later(MISC_PERIOD, self._misc)  # type: ignore
+
+    def _sync(self) -> None:
+        """After paho ran on the loop: watch for writability iff paho has bytes to
+        send; if the connection is gone, reconnect (with backoff)."""
+        if self._reconnecting:
+            return
+        if self._client.socket() is None:
+            self._unwatch()
+            if not self._stopping:
+                self._connect_later(self._delay)
+            return
+        if self._fd is None:
+            return
+        wants = self._client.want_write()
+        if wants and not self._writing:
+            self._loop.add_writer(self._fd, self._writable)  # type: ignore[union-attr]
+        elif not wants and self._writing:
+            self._loop.remove_writer(self._fd)  # type: ignore[union-attr]
+        self._writing = wants
+
+    def _stop_on_loop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._reconnecting:
+            self._client.disconnect()  # DISCONNECT written now if connected
+            self._unwatch()
+
+    # -- paho callbacks (its network thread, or the loop) --------------------
 
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object,
                         reason: mqtt.ReasonCode, properties: object) -> None:
@@ -110,6 +274,7 @@ class EventBus:
             self._mark_connected()
 
     def _mark_connected(self) -> None:
+        self._delay = RECONNECT_MIN_DELAY
         self._connected.set()
         log.info("%s: connected to broker %s:%d", self.client_id, self.broker.host,
                  self.broker.port)

@@ -59,16 +59,16 @@ class PortalDaemon(Daemon):
         # A portal that serves no tasks has no use for task events.
         topics = [events.subscription(cluster.name)] if "client" in self.spec.services \
             else [events.client_subscription(cluster.name)]
-        self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}", topics,
-                            self.coherence.on_message, self.coherence.on_connection,
-                            login=mqtt_login(cluster.broker, portal_id), no_local=True)
-        self.coherence.bus = self.bus
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
-        # gRPC (servers and the replica client) runs on an asyncio loop in its
-        # own thread; paho runs its own network thread; run() keeps the main
-        # thread for signals.
+        # gRPC (servers and the replica client) and the broker connection run on
+        # an asyncio loop in its own thread; run() keeps the main thread for signals.
         self.loop = new_event_loop()
+        self.bus = EventBus(cluster.broker, f"tarefa-{cluster.name}-{portal_id}", topics,
+                            self.coherence.on_message, self.coherence.on_connection,
+                            login=mqtt_login(cluster.broker, portal_id), no_local=True,
+                            loop=self.loop)
+        self.coherence.bus = self.bus
         self.coherence.loop = self.loop
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
                                              daemon=True)

@@ -1,0 +1,170 @@
+"""EventBus with paho's I/O on an asyncio loop (the portals' mode), against a real Mosquitto.
+
+What the portal relies on: publishes from the loop (and, handed over, from any
+thread) reach subscribers at QoS 1; the owner hears the connection go and come
+back; QoS 1 messages published while the broker is away are delivered once it
+returns; the loop never blocks on the broker; stop() leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from daemons.core.config import Broker
+from daemons.core.mqtt import EventBus
+from tests.harness import MosquittoProcess, free_ports, wait_for
+
+TOPIC = "tarefa/test/bus"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.states: list[bool] = []
+        self.lock = threading.Lock()
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        with self.lock:
+            self.messages.append(payload)
+
+    def on_connection(self, up: bool) -> None:
+        with self.lock:
+            self.states.append(up)
+
+    def got(self) -> list[bytes]:
+        with self.lock:
+            return list(self.messages)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    proc = MosquittoProcess(str(tmp_path), free_ports(1)[0])
+    proc.start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    assert not thread.is_alive()
+    loop.close()
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn(*args)
+        finally:
+            done.set()
+
+    loop.call_soon_threadsafe(run)
+    assert done.wait(5)
+
+
+def make_pair(broker: MosquittoProcess, loop: asyncio.AbstractEventLoop, name: str):  # type: ignore[no-untyped-def]
+    """A loop-mode publisher (No Local, like a portal) and a threaded subscriber."""
+    settings = Broker(host="127.0.0.1", port=broker.port)
+    pub_rec, sub_rec = Recorder(), Recorder()
+    publisher = EventBus(settings, f"{name}-pub", [], pub_rec.on_message, pub_rec.on_connection,
+                         no_local=True, loop=loop)
+    subscriber = EventBus(settings, f"{name}-sub", [TOPIC], sub_rec.on_message,
+                          sub_rec.on_connection)
+    return publisher, pub_rec, subscriber, sub_rec
+
+
+def test_publishes_from_the_loop_and_other_threads_arrive_in_order(broker, loop):
+    publisher, _, subscriber, sub_rec = make_pair(broker, loop, "order")
+    subscriber.start()
+    publisher.start()
+    try:
+        assert subscriber.wait_connected(10) and publisher.wait_connected(10)
+        on_loop(loop, lambda: [publisher.publish(TOPIC, b"loop-%d" % i) for i in range(500)])
+        publisher.publish(TOPIC, b"from-a-thread")  # handed to the loop
+        wait_for(lambda: len(sub_rec.got()) == 501, 10, "501 messages")
+        got = sub_rec.got()
+        assert got[:500] == [b"loop-%d" % i for i in range(500)]
+        assert got[500] == b"from-a-thread"
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
+def test_broker_loss_is_reported_and_queued_messages_arrive_after_it_returns(broker, loop):
+    publisher, pub_rec, subscriber, sub_rec = make_pair(broker, loop, "loss")
+    acked: list[int] = []  # mids the broker acknowledged (PUBACK), via paho's own hook
+    publisher._client.on_publish = lambda client, userdata, mid, *rest: acked.append(mid)
+    subscriber.start()
+    publisher.start()
+    try:
+        assert subscriber.wait_connected(10) and publisher.wait_connected(10)
+        broker.kill()
+        wait_for(lambda: not publisher.connected, 15, "the publisher to notice")
+        assert pub_rec.states[-1] is False
+        on_loop(loop, lambda: [publisher.publish(TOPIC, b"while-away-%d" % i)
+                               for i in range(20)])
+        broker.start()
+        broker.wait_ready()
+        assert publisher.wait_connected(15) and subscriber.wait_connected(15)
+        assert pub_rec.states[-1] is True
+        on_loop(loop, lambda: publisher.publish(TOPIC, b"after"))
+        wait_for(lambda: b"after" in sub_rec.got(), 10, "the message sent after the return")
+        # Every QoS 1 message queued while the broker was away was taken by the
+        # broker (PUBACKed) once it returned: 20 of them, then "after".
+        wait_for(lambda: len(acked) == 21, 10, "the broker to acknowledge the queued messages")
+        assert not publisher._client._out_messages
+        # The subscriber's session is clean and the broker kept none: whichever of
+        # them reached it after it subscribed again came once and in order.
+        queued = [m for m in sub_rec.got() if m.startswith(b"while-away-")]
+        expected = [b"while-away-%d" % i for i in range(20)]
+        assert queued == expected[len(expected) - len(queued):]
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
+def test_the_loop_keeps_running_while_the_broker_is_away_and_stop_is_prompt(tmp_path, loop):
+    port = free_ports(1)[0]  # nobody listens yet
+    rec = Recorder()
+    bus = EventBus(Broker(host="127.0.0.1", port=port), "away", [TOPIC], rec.on_message,
+                   rec.on_connection, no_local=True, loop=loop)
+    gaps: list[float] = []
+    last = [time.monotonic()]
+
+    def beat() -> None:
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+        loop.call_later(0.01, beat)
+
+    loop.call_soon_threadsafe(beat)
+    bus.start()
+    time.sleep(2.5)  # several refused connects with backoff
+    assert not bus.connected
+    broker = MosquittoProcess(str(tmp_path), port)
+    broker.start()
+    try:
+        broker.wait_ready()
+        assert bus.wait_connected(10), "connected once the broker appeared"
+        started = time.monotonic()
+        bus.stop()
+        assert time.monotonic() - started < 2
+    finally:
+        broker.kill()
+    assert max(gaps) < 0.5, f"the loop stalled {max(gaps):.2f}s"
+    assert rec.states == [True]
+    assert [t for t in threading.enumerate() if t.name.startswith("paho")] == []
