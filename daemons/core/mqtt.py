@@ -88,7 +88,7 @@ class EventBus:
         self._held: collections.deque[tuple[str, bytes]] = collections.deque()
         self._delay = RECONNECT_MIN_DELAY
         self._timer: asyncio.TimerHandle | None = None
-        self._loop_thread: int | None = None
+        self._begun = False
 
     @property
     def connected(self) -> bool:
@@ -114,7 +114,7 @@ class EventBus:
             self._client.disconnect()
             self._client.loop_stop()
             return
-        if self._loop.is_running() and threading.get_ident() != self._loop_thread:
+        if self._loop.is_running() and not self._on_loop():
             done = threading.Event()
 
             def stop_on_loop() -> None:
@@ -134,10 +134,11 @@ class EventBus:
         """Queue a QoS 1 message; paho sends it (again) once connected."""
         if self._loop is None:
             self._client.publish(topic, payload, qos=1)
-        elif threading.get_ident() != self._loop_thread:
+        elif not self._on_loop():
             self._loop.call_soon_threadsafe(self.publish, topic, payload)
-        elif self._reconnecting:
-            # paho belongs to the executor until reconnect() returns
+        elif self._reconnecting or not self._begun:
+            # not connecting yet, or paho belongs to the executor until
+            # reconnect() returns: sent after it
             if len(self._held) < MAX_QUEUED:
                 self._held.append((topic, payload))
         else:
@@ -146,8 +147,14 @@ class EventBus:
 
     # -- loop mode: paho's I/O on the owner's asyncio loop -------------------
 
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop runs in this thread
+            return False
+
     def _begin(self) -> None:
-        self._loop_thread = threading.get_ident()
+        self._begun = True
         self._timer = self._loop.call_later(MISC_PERIOD, self._misc)  # type: ignore[union-attr]
         self._connect_later(0.0)
 
@@ -202,7 +209,7 @@ class EventBus:
     def _socket_closed(self, client: Any, userdata: object, sock: Any) -> None:
         # paho calls this just before it closes the socket: forget the fd now,
         # while it still names this socket.
-        if threading.get_ident() == self._loop_thread:
+        if self._on_loop():
             self._unwatch()
 
     def _readable(self) -> None:

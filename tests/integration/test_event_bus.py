@@ -168,3 +168,19 @@ def test_the_loop_keeps_running_while_the_broker_is_away_and_stop_is_prompt(tmp_
     assert max(gaps) < 0.5, f"the loop stalled {max(gaps):.2f}s"
     assert rec.states == [True]
     assert [t for t in threading.enumerate() if t.name.startswith("paho")] == []
+
+
+def test_events_published_before_the_first_connection_are_sent_after_it(broker, loop):
+    publisher, _, subscriber, sub_rec = make_pair(broker, loop, "early")
+    subscriber.start()
+    try:
+        assert subscriber.wait_connected(10)
+        # A portal serves gRPC (and may commit writes) before its bus has started.
+        on_loop(loop, lambda: [publisher.publish(TOPIC, b"early-%d" % i) for i in range(3)])
+        publisher.start()
+        assert publisher.wait_connected(10)
+        wait_for(lambda: len(sub_rec.got()) == 3, 10, "the early messages")
+        assert sub_rec.got() == [b"early-0", b"early-1", b"early-2"]
+    finally:
+        publisher.stop()
+        subscriber.stop()
