@@ -158,9 +158,13 @@ class EventBus:
         self._timer = self._loop.call_later(MISC_PERIOD, self._misc)  # type: ignore[union-attr]
         self._connect_later(0.0)
 
-    def _connect_later(self, delay: float) -> None:
+    def _connect_later(self, delay: float | None = None) -> None:
+        """Connect after `delay`, or after the next backoff step (0.2 s doubling to
+        2 s, back to 0.2 s once the broker accepted us and our subscriptions)."""
         if self._stopping or self._reconnecting:
             return
+        if delay is None:
+            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
         self._reconnecting = True
         self._loop.call_later(delay, self._connect)  # type: ignore[union-attr]
 
@@ -181,8 +185,7 @@ class EventBus:
         if error is not None or self._client.socket() is None:
             log.debug("%s: connecting to broker %s:%d failed: %r", self.client_id,
                       self.broker.host, self.broker.port, error)
-            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
-            self._connect_later(delay)
+            self._connect_later()
         elif self._stopping:
             self._client.disconnect()
         else:
@@ -236,7 +239,7 @@ class EventBus:
         if self._client.socket() is None:
             self._unwatch()
             if not self._stopping:
-                self._connect_later(self._delay)
+                self._connect_later()  # also after a refused login: back off
             return
         if self._fd is None:
             return

@@ -184,3 +184,42 @@ def test_events_published_before_the_first_connection_are_sent_after_it(broker, 
     finally:
         publisher.stop()
         subscriber.stop()
+
+
+def test_a_broker_that_drops_every_connection_is_retried_with_backoff(loop):
+    """A listener that accepts and closes at once (like a broker refusing our login):
+    the bus backs off (0.2 s doubling to 2 s) instead of retrying every 0.2 s."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    accepted: list[float] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            accepted.append(time.monotonic())
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    rec = Recorder()
+    bus = EventBus(Broker(host="127.0.0.1", port=server.getsockname()[1]), "dropped", [TOPIC],
+                   rec.on_message, rec.on_connection, no_local=True, loop=loop)
+    try:
+        bus.start()
+        time.sleep(4.0)
+    finally:
+        bus.stop()
+        done.set()
+        thread.join(5)
+        server.close()
+    # 0, 0.2, 0.6, 1.4, 3.0 s (+ connect time): 4-6 attempts; without backoff ~20
+    assert 3 <= len(accepted) <= 7, accepted
+    assert not bus.connected and rec.states == []
