@@ -91,7 +91,7 @@ def make_event(event: str, cid: str, revision: int, origin: str, at: str,
 
 
 def encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(event).encode("utf-8")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -103,6 +103,33 @@ def _finite_float(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"number {text[:40]} is out of range")
     return value
+
+
+# Built once (json.dumps/loads with options build a new coder per call): every
+# portal and the listener decode every event.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _parse(payload: bytes | str) -> tuple[Any, bool]:
+    """The JSON value of `payload`, read as json.loads reads it, and whether its tree
+    can skip _check_tree: strict UTF-8 without \\u escapes holds no lone surrogate,
+    and fewer brackets than MAX_DEPTH cannot nest deeper (brackets inside strings
+    only make the count larger). The events portals publish are such payloads."""
+    if isinstance(payload, str):
+        return json.loads(payload, parse_constant=_refuse_constant,
+                          parse_float=_finite_float), False
+    encoding = json.detect_encoding(payload)
+    simple = False
+    if encoding == "utf-8":
+        try:
+            text = payload.decode("utf-8")
+            simple = "\\u" not in text and text.count("{") + text.count("[") <= MAX_DEPTH
+        except UnicodeDecodeError:
+            text = payload.decode("utf-8", "surrogatepass")
+    else:
+        text = payload.decode(encoding, "surrogatepass")
+    return _DECODER.decode(text), simple
 
 
 def _check_tree(event: Any) -> None:
@@ -175,13 +202,13 @@ def decode(payload: bytes, topic: str | None = None,
            cluster_name: str | None = None) -> dict[str, Any]:
     """Parse and validate an event; raise InvalidArgument saying what is wrong."""
     try:
-        event = json.loads(payload, parse_constant=_refuse_constant,
-                           parse_float=_finite_float)
+        event, simple = _parse(payload)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise InvalidArgument("not a JSON object")
-    _check_tree(event)
+    if not simple:
+        _check_tree(event)
     schema = event.get("schema")
     if not _is_int(schema) or schema != SCHEMA:
         raise InvalidArgument(f"schema: expected {SCHEMA}, got {schema!r}")

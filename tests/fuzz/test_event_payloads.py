@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from daemons.core import events
+from daemons.core.errors import InvalidArgument
 from proto import portal_pb2 as pb
 from tests.fuzz.conftest import CLUSTER, FuzzStack, receivers, wait_counted
 from tests.harness import wait_for
@@ -562,3 +563,47 @@ def test_bug_listener_loses_events_nested_near_the_recursion_limit(ev_world: Fuz
     problems = watch.problems()
     assert got == expected and not problems, \
         f"the listener wrote or rejected {got} of {expected} events\n" + "\n".join(problems)
+
+
+# -- the decoder's fast path (events._parse) ---------------------------------
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+_json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=40)
+
+
+def _reference(payload: bytes) -> Any:
+    """What decode() did before the fast path: json.loads, then always _check_tree."""
+    value = json.loads(payload, parse_constant=events._refuse_constant,
+                       parse_float=events._finite_float)
+    events._check_tree(value)
+    return value
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_json_value, ascii_only=st.booleans(),
+       depth=st.one_of(st.integers(0, 8),
+                       st.integers(events.MAX_DEPTH - 8, events.MAX_DEPTH + 2)),
+       surrogate=st.sampled_from([None, "escaped", "raw"]))
+def test_fast_path_accepts_and_refuses_exactly_what_the_full_check_does(
+        value, ascii_only, depth, surrogate):
+    for _ in range(depth):
+        value = [value]
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    payload = text.encode("utf-8", "surrogatepass")
+    if surrogate == "escaped":
+        payload = payload.replace(b"[", b'["\\ud800",', 1) if b"[" in payload else payload
+    elif surrogate == "raw":  # a lone surrogate as (invalid) UTF-8 bytes
+        payload = payload.replace(b"[", b'["\xed\xa0\x80",', 1) if b"[" in payload else payload
+    try:
+        expected: Any = _reference(payload)
+    except (ValueError, InvalidArgument) as exc:
+        expected = type(exc)
+    try:
+        got, simple = events._parse(payload)
+        if not simple:
+            events._check_tree(got)
+    except (ValueError, InvalidArgument) as exc:
+        got = type(exc)
+    assert got == expected
