@@ -88,11 +88,16 @@ def _load(raw: bytes) -> dict:
     return json.loads(raw)
 
 
-def _require_client(view: BatchView, cid: str) -> dict:
+def _client_raw(view: BatchView, cid: str) -> bytes:
     raw = view.get(domain.client_key(cid))
     if raw is None:
         raise NotFound(f"client {cid} not found")
-    return _load(raw)
+    return raw
+
+
+def _require_client(view: BatchView, cid: str) -> None:
+    """The client must exist (its record is not parsed: most commands need only that)."""
+    _client_raw(view, cid)
 
 
 def _field(cmd: dict, name: str, default: str) -> object:
@@ -154,7 +159,7 @@ def update_client(view: BatchView, cmd: dict, revision: int) -> tuple[bytes, int
     cid = domain.validate_cid(cmd.get("cid"))
     data = domain.parse_client_data(cmd.get("data"))
     at = _require_at(cmd)
-    record = _require_client(view, cid)
+    record = _load(_client_raw(view, cid))
     record.update(data=data, updated_at=at, revision=revision)
     return _put(view, domain.client_key(cid), record), 0
 
