@@ -223,3 +223,29 @@ def test_a_broker_that_drops_every_connection_is_retried_with_backoff(loop):
     # 0, 0.2, 0.6, 1.4, 3.0 s (+ connect time): 4-6 attempts; without backoff ~20
     assert 3 <= len(accepted) <= 7, accepted
     assert not bus.connected and rec.states == []
+
+
+def test_a_silent_broker_is_noticed_by_keepalive_and_left_for_a_new_connection(broker, loop):
+    """SIGSTOP: the TCP connection stays up but nothing answers. The bus must see it
+    (paho's keepalive, driven by the loop's timer), report it, and reconnect once
+    the broker answers again."""
+    import signal
+
+    publisher, pub_rec, subscriber, _ = make_pair(broker, loop, "silent")
+    publisher.start()
+    subscriber.start()
+    try:
+        assert publisher.wait_connected(10) and subscriber.wait_connected(10)
+        broker.signal(signal.SIGSTOP)
+        try:
+            on_loop(loop, lambda: publisher.publish(TOPIC, b"into-the-void"))
+            # keepalive 5 s: a ping after 5 s without traffic, given up 5 s later
+            wait_for(lambda: not publisher.connected, 20, "keepalive to give up on the broker")
+            assert pub_rec.states[-1] is False
+        finally:
+            broker.signal(signal.SIGCONT)
+        assert publisher.wait_connected(20), "reconnected once the broker answered"
+        assert pub_rec.states[-1] is True
+    finally:
+        publisher.stop()
+        subscriber.stop()
