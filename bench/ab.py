@@ -38,7 +38,7 @@ LOADS = ("apply64", "apply1", "create64")
 
 # Runs inside a checkout: prints one JSON line per load.
 _CHILD = r"""
-import json, sys, tempfile, uuid
+import json, shutil, sys, tempfile, uuid
 from bench.portal import create_task_call
 from bench.replica import apply_call, create_client, run_load
 from proto import portal_pb2 as pb
@@ -51,7 +51,8 @@ def report(name, r):
                       "errors": r.errors, "server_ms": 1000 * r.server_cpu / max(r.ops_per_s, 1),
                       "replicas_ms": 1000 * r.cluster_cpu / max(r.ops_per_s, 1)}), flush=True)
 
-cluster = ReplicaCluster(tempfile.mkdtemp(prefix="tarefa-ab-"))
+work = tempfile.mkdtemp(prefix="tarefa-ab-")
+cluster = ReplicaCluster(work)
 try:
     cluster.start()
     leader = cluster.wait_leader()
@@ -63,7 +64,9 @@ try:
                               leader.proc.pid, pids))
 finally:
     cluster.stop()
-stack = Stack(tempfile.mkdtemp(prefix="tarefa-ab-"))
+    shutil.rmtree(work, ignore_errors=True)
+work = tempfile.mkdtemp(prefix="tarefa-ab-")
+stack = Stack(work)
 try:
     stack.start()
     portal = stack.portal("portal-client-1")
@@ -74,6 +77,7 @@ try:
                                 duration, portal.proc.pid, [m.proc.pid for m in stack.members]))
 finally:
     stack.stop()
+    shutil.rmtree(work, ignore_errors=True)
 """
 
 
