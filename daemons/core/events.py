@@ -114,7 +114,7 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite
 def _parse(payload: bytes | str) -> tuple[Any, bool]:
     """The JSON value of `payload`, read as json.loads reads it, and whether its tree
     can skip _check_tree: strict UTF-8 without \\u escapes holds no lone surrogate,
-    and fewer brackets than MAX_DEPTH cannot nest deeper (brackets inside strings
+    and at most MAX_DEPTH brackets cannot nest deeper (brackets inside strings
     only make the count larger). The events portals publish are such payloads."""
     if isinstance(payload, str):
         return json.loads(payload, parse_constant=_refuse_constant,
