@@ -111,14 +111,12 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
-def _parse(payload: bytes | str) -> tuple[Any, bool]:
-    """The JSON value of `payload`, read as json.loads reads it, and whether its tree
-    can skip _check_tree: strict UTF-8 without \\u escapes holds no lone surrogate,
-    and at most MAX_DEPTH brackets cannot nest deeper (brackets inside strings
-    only make the count larger). The events portals publish are such payloads."""
-    if isinstance(payload, str):
-        return json.loads(payload, parse_constant=_refuse_constant,
-                          parse_float=_finite_float), False
+def _parse(payload: bytes) -> tuple[Any, bool]:
+    """The JSON value of `payload`, read as json.loads reads bytes, and whether its
+    tree can skip _check_tree: strict UTF-8 without \\u escapes holds no lone
+    surrogate, and at most MAX_DEPTH brackets cannot nest deeper (brackets inside
+    strings only make the count larger). The events portals publish are such
+    payloads."""
     encoding = json.detect_encoding(payload)
     simple = False
     if encoding == "utf-8":
