@@ -77,6 +77,14 @@ def _settle(future: asyncio.Future, outcome: Outcome | None,
             future.set_result(outcome)
 
 
+def _time_out(future: asyncio.Future, timeout: float) -> None:
+    """A caller's deadline passed (the error is built only then, not on every call)."""
+    if not future.done():
+        future.set_exception(Unavailable(
+            f"no commit within {timeout:.2f}s (no quorum or no leader reachable); the "
+            "outcome is unknown: retry with the same request id"))
+
+
 class Proposer:
     """Queues commands, proposes them in batches, hands each caller its outcome.
 
@@ -121,9 +129,7 @@ class Proposer:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        timer = self._loop.call_later(timeout, _settle, future, None, Unavailable(
-            f"no commit within {timeout:.2f}s (no quorum or no leader reachable); the "
-            "outcome is unknown: retry with the same request id"))
+        timer = self._loop.call_later(timeout, _time_out, future, timeout)
         try:
             return await future
         finally:
@@ -139,9 +145,7 @@ class Proposer:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        error = Unavailable(f"no commit within {timeout:.2f}s (no quorum or no leader "
-                            "reachable); the outcome is unknown: retry with the same request id")
-        timer = self._loop.call_later(timeout, lambda: [_settle(f, None, error) for f in futures])
+        timer = self._loop.call_later(timeout, lambda: [_time_out(f, timeout) for f in futures])
         try:
             await asyncio.wait(futures)
         finally:
