@@ -7,14 +7,17 @@ What it does, in order (a full default run takes about two and a half minutes):
 
 1. Starts a whole Stack (tests/harness.py: Mosquitto, 3 replicas, portal-admin,
    portal-client-1, portal-client-2, each a real process) in a temp dir, and
-   bench/echo_server.py (the baseline, started and measured exactly as by
-   bench/replica.py). Creates four clients through portal-admin: one for reads
+   bench/echo_server.py twice (the baselines, started and measured exactly as
+   by bench/replica.py: "echo" the sync server, "echo-aio" the grpc.aio server
+   on uvloop that the portals are built like). Creates four clients through portal-admin: one for reads
    (with 100 tasks created through portal-client-1), one for write load, one
    watched, one for background write load.
 2. Measures, `--repeat` times, interleaved so drift hits every figure alike,
    with the one client of bench/replica.py (`run_load`: N threads of blocking
    calls on one shared channel, `--warmup` s then `--duration` s measured):
-     echo(1), echo(64)        /bench.Echo/Echo, 16 bytes each way
+     echo(1), echo(64)        /bench.Echo/Echo, 16 bytes each way (sync server)
+     echo-aio(64)             the same on the grpc.aio server; the ratio targets
+                              are judged against the faster of the two echoes
      get-hit(64)              ClientPortal.GetTask on portal-client-2, CACHED,
                               cycling over the 100 tasks. Right before each run
                               every task is read once on portal-client-2 (they
@@ -73,8 +76,8 @@ ApplyBatch grouping and the replica's group commit batch). Replica CRITICAL log
 lines and leader elections are attributed to the benchmark phase (run) during
 which they were logged; any election after the first is an anomaly.
 
-Targets (PASS/FAIL): get-hit(64) ops/s >= 0.8 x echo(64); create(64) ops/s >=
-0.5 x echo(64); create(64) p99 <= 50 ms; watch (no background load) ack ->
+Targets (PASS/FAIL), "echo" being the faster of echo(64) and echo-aio(64):
+get-hit(64) ops/s >= 0.8 x echo; create(64) ops/s >= 0.5 x echo; create(64) p99 <= 50 ms; watch (no background load) ack ->
 event p99 <= 10 ms; plus the validity check that the get-hit windows were
 >= 99% cache hits. Exit status: 0 all targets met, 1 a target missed, 2 the
 run was aborted (time budget, see --budget, or Ctrl-C); other failures raise.
@@ -529,21 +532,22 @@ def print_report(report: dict[str, Any]) -> None:
     p(f"workdir: {report['workdir']}")
     p(f"repeats={report['repeat']} (medians shown), warmup={report['warmup_s']}s, "
       f"duration={report['duration_s']}s per run; one shared channel per run; "
-      f"portals on grpc.aio, echo server sync grpc")
+      f"portals on grpc.aio; echo = sync grpc server, echo-aio = grpc.aio on uvloop")
     p("")
-    hdr = (f"{'measurement':<16}{'in-flight':>9}{'ops/s':>9}{'x echo':>8}{'p50 ms':>9}"
+    hdr = (f"{'measurement':<16}{'in-flight':>9}{'ops/s':>9}{'x echo':>8}{'x aio':>7}{'p50 ms':>9}"
            f"{'p99 ms':>9}{'errors':>7}{'cli cpu':>8}{'srv cpu':>8}{'all repl':>9}{'rest':>6}"
            f"{'total':>6}{'other':>6}")
     p(hdr)
     p("-" * len(hdr))
     for s in report["measurements"].values():
         p(f"{s['name']:<16}{s['inflight']:>9}{fmt(s['ops_per_s'], '.0f'):>9}"
-          f"{fmt(s.get('vs_echo'), '.2f'):>8}"
+          f"{fmt(s.get('vs_echo'), '.2f'):>8}{fmt(s.get('vs_echo_aio'), '.2f'):>7}"
           f"{fmt(s['p50_ms'], '.2f'):>9}{fmt(s['p99_ms'], '.2f'):>9}{s['errors']:>7}"
           f"{fmt(s['client_cpu'], '.2f'):>8}{fmt(s['server_cpu'], '.2f'):>8}"
           f"{fmt(s['cluster_cpu'], '.2f'):>9}{fmt(s.get('rest_cpu'), '.2f'):>6}"
           f"{fmt(s.get('total_cpu'), '.2f'):>6}{fmt(s.get('foreign_cpu'), '.2f'):>6}")
-    p("  (x echo: ops/s over echo with the same in-flight count, same run order; cpu columns:")
+    p("  (x echo / x aio: ops/s over the sync / grpc.aio echo with the same in-flight count")
+    p("   [x aio only at the high count], same run order; cpu columns:")
     p("   cores used in the window by the client process, the target [echo server / the portal")
     p("   called], all three replicas together, rest = broker + the two other portals, their")
     p(f"   total, out of nproc={report['nproc']}, and other = busy cores of the machine minus this")
@@ -673,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stack = Stack(workdir)
     echo = EchoServer()
+    echo_aio = EchoServer(asyncio=True)
     bg: BackgroundLoad | None = None
     timeline: list[tuple[str, float, float]] = []  # (phase, wall clock start, end)
     wall_t0 = time.time()
@@ -682,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
               "server ...", flush=True)
         stack.start(timeout=40)
         echo.start()
+        echo_aio.start()
         admin, p1, p2 = (stack.portal(n) for n in ("portal-admin", "portal-client-1",
                                                   "portal-client-2"))
         base = int(time.time() * 1000)
@@ -707,13 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         replica_pids = [m.proc.pid for m in stack.members if m.proc]
         portal_pids = {pp.id: pp.proc.pid for pp in stack.portals if pp.proc}
         broker_pid = stack.broker.proc.pid if stack.broker.proc else 0
-        all_pids = [echo.pid, broker_pid, *replica_pids, *portal_pids.values()]
+        all_pids = [echo.pid, echo_aio.pid, broker_pid, *replica_pids, *portal_pids.values()]
         print(f"clients {cids}; echo pid {echo.pid}; portal pids {portal_pids}; "
               f"first read of the {READ_TASKS} tasks on portal-client-2: {report['warm_read']}",
               flush=True)
 
         hi = args.inflight
-        plan = [("echo", 1), ("echo", hi), ("get-hit", hi), ("create", hi), ("create", 1)]
+        plan = [("echo", 1), ("echo", hi), ("echo-aio", hi), ("get-hit", hi), ("create", hi),
+                ("create", 1)]
         runs: dict[str, list[RunResult]] = {f"{n}({k})": [] for n, k in plan}
         probes: dict[str, list[WindowProbe]] = {key: [] for key in runs}
         watch_runs: list[dict[str, Any]] = []
@@ -727,10 +734,11 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{name}({k})"
                 tag = f"c{k}r{rep}-{uuid.uuid4().hex[:6]}"
                 t_phase = time.time()
-                if name == "echo":
+                if name.startswith("echo"):
+                    server = echo if name == "echo" else echo_aio
                     probe = WindowProbe([], all_pids=all_pids)
-                    r = run_load(key, echo.address, k, echo_call(args.call_timeout),
-                                 args.warmup, args.duration, echo.pid, None, on_window=probe)
+                    r = run_load(key, server.address, k, echo_call(args.call_timeout),
+                                 args.warmup, args.duration, server.pid, None, on_window=probe)
                 elif name == "get-hit":
                     for t in titles:  # make sure every task is cached (TTL, LRU churn)
                         p2.client.GetTask(pb.TaskRef(cid=cids["read"], title=t), timeout=10)
@@ -824,9 +832,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      for r, e in zip(rs, entries)])
             m[key] = s
         for key, s in m.items():
-            echo_s = m.get(f"echo({s['inflight']})")
-            s["vs_echo"] = (s["ops_per_s"] / echo_s["ops_per_s"]
-                            if echo_s and echo_s["ops_per_s"] else math.nan)
+            for name in ("echo", "echo-aio"):
+                echo_s = m.get(f"{name}({s['inflight']})")
+                s[f"vs_{name.replace('-', '_')}"] = (
+                    s["ops_per_s"] / echo_s["ops_per_s"]
+                    if echo_s and echo_s["ops_per_s"] else math.nan)
+
+        def vs_faster_echo(s: dict[str, Any]) -> float:
+            """Ratio to the faster echo at the same in-flight count: the stricter one."""
+            return min((x for x in (s["vs_echo"], s["vs_echo_aio"]) if not math.isnan(x)),
+                       default=math.nan)
         g = m[f"get-hit({hi})"]
         deltas = [pr.cache_delta() for pr in probes[f"get-hit({hi})"]]
         g["hit_ratios"] = [h / (h + x) if h + x else math.nan for h, x in deltas]
@@ -840,23 +855,24 @@ def main(argv: list[str] | None = None) -> int:
         report["mqtt"] = summarize_watch(mqtt_runs)
 
         echo_hi = m[f"echo({hi})"]["ops_per_s"]
-        get_ratio = m[f"get-hit({hi})"]["vs_echo"]
-        create_ratio = m[f"create({hi})"]["vs_echo"]
+        get_ratio = vs_faster_echo(m[f"get-hit({hi})"])
+        create_ratio = vs_faster_echo(m[f"create({hi})"])
         create_p99 = m[f"create({hi})"]["p99_ms"]
         watch_p99 = report["watch"]["ack_to_event_p99_ms"]
         hit_ratio = min((x for x in g["hit_ratios"] if not math.isnan(x)), default=math.nan)
         report["echo_hi_ops_per_s"] = echo_hi
+        report["echo_aio_hi_ops_per_s"] = m[f"echo-aio({hi})"]["ops_per_s"]
 
         def target(what: str, value: float, op: str, bound: float) -> dict[str, Any]:
             ok_ = (not math.isnan(value)) and (value >= bound if op == ">=" else value <= bound)
             return {"what": what, "value": value, "target": f"{op} {bound}", "pass": ok_}
 
         report["targets"] = [
-            target(f"GetTask cache hit({hi}) / echo({hi}) ops/s", get_ratio, ">=",
+            target(f"GetTask cache hit({hi}) / faster echo({hi}) ops/s", get_ratio, ">=",
                    TARGET_GET_RATIO),
             target("GetTask windows: lowest cache hit ratio (validity)", hit_ratio, ">=",
                    MIN_HIT_RATIO),
-            target(f"CreateTask({hi}) / echo({hi}) ops/s", create_ratio, ">=",
+            target(f"CreateTask({hi}) / faster echo({hi}) ops/s", create_ratio, ">=",
                    TARGET_CREATE_RATIO),
             target(f"CreateTask({hi}) p99 (ms)", create_p99, "<=", TARGET_CREATE_P99_MS),
             target("write on A -> event on B p99, idle (ms)", watch_p99, "<=",
@@ -907,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         if bg is not None:
             bg.stop()
         echo.stop()
+        echo_aio.stop()
         exit_codes: dict[str, Any] = {}
         for proc in [*stack.portals, *stack.members]:
             try:
