@@ -188,6 +188,12 @@ class ReplicaStateMachine(SyncObj):
         # truncated and re-appended (see _skip_matching_entries)
         self.log_repairs_avoided = 0
         self._keep_tail_after: int | None = None
+        # Follower: the last success reply sent (leader node, term, next index) and
+        # when; replies repeating it within half a heartbeat are skipped.
+        self._last_reply: tuple[Any, int, int] | None = None
+        self._last_reply_at = 0.0
+        self._reply_repeat_window = cluster.raft.heartbeat_period / 2
+        self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
         self.encrypted = password is not None
@@ -354,6 +360,33 @@ class ReplicaStateMachine(SyncObj):
             next_index = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
             if next_index.get(node, before) < before:
                 next_index[node] = before
+
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,  # noqa: N802
+                                  nextNodeIdx: Any = None,  # noqa: N803
+                                  success: bool = False) -> None:
+        """Follower: skip a success reply that repeats one just sent to the same leader.
+
+        A PySyncObj leader sends each follower two append_entries per Raft entry:
+        the entry, then (once a majority holds it) the bare new commit index. The
+        follower answers both, and the second answer repeats the first (same next
+        index, success) and tells the leader nothing new: it only refreshes the
+        leader's last-response time, which a reply at least every half heartbeat
+        still does (the leader steps down only after leader_fallback_timeout).
+        Skipping it saves, per Raft entry, one message out of each follower and
+        two into the leader. Replies that carry news (another next index, a
+        failure, a reset, a new term or leader) always go.
+        """
+        if success and not reset and nextNodeIdx is not None:
+            now = time.monotonic()
+            reply = (node, self.raftCurrentTerm, nextNodeIdx)
+            if reply == self._last_reply and now - self._last_reply_at < self._reply_repeat_window:
+                self.replies_skipped += 1
+                return
+            self._last_reply, self._last_reply_at = reply, now
+        else:
+            self._last_reply = None
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset,  # type: ignore[attr-defined]
+                                          nextNodeIdx=nextNodeIdx, success=success)
 
     def _skip_matching_entries(self, message: dict) -> dict:
         """Drop the entries of an append_entries this follower already holds.

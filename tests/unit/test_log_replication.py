@@ -98,3 +98,47 @@ def test_a_gap_still_gets_a_reset(follower):
     append(follower, (1, 0), [(2, 1)], commit=1)
     append(follower, (5, 1), [(6, 1)], commit=1)  # the follower lacks 3..5
     assert entries(follower) == [(1, 0), (2, 1)]
+
+
+# -- replies the leader learns nothing from ------------------------------------------
+
+
+@pytest.fixture
+def replies(follower, monkeypatch):
+    sent: list[dict] = []
+    transport = follower._SyncObj__transport  # type: ignore[attr-defined]
+    monkeypatch.setattr(transport, "send", lambda node, message: sent.append(message))
+    return sent
+
+
+def reply_view(sent: list[dict]) -> list[tuple[int, bool, bool]]:
+    return [(m["next_node_idx"], m["success"], m["reset"]) for m in sent
+            if m["type"] == "next_node_idx"]
+
+
+def test_the_commit_only_message_gets_no_repeated_reply(follower, replies):
+    # The entry, then the bare commit index once a majority held it: the second
+    # reply would repeat the first (next index 3, success), so it is skipped.
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    append(follower, (2, 1), [], commit=2)
+    assert reply_view(replies) == [(3, True, False)]
+    assert follower.replies_skipped == 1
+    assert follower.raftCommitIndex == 2  # the message itself was handled
+    # News always goes: the next entry, and a reset for a gap.
+    append(follower, (2, 1), [(3, 1)], commit=2)
+    append(follower, (7, 1), [(8, 1)], commit=2)
+    assert reply_view(replies) == [(3, True, False), (4, True, False), (4, False, True)]
+
+
+def test_a_repeat_still_goes_once_half_a_heartbeat_passed(follower, replies):
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    follower._last_reply_at -= follower._reply_repeat_window  # as if that much time passed
+    append(follower, (2, 1), [], commit=2)  # e.g. a heartbeat: the leader hears from us
+    assert reply_view(replies) == [(3, True, False), (3, True, False)]
+    assert follower.replies_skipped == 0
+
+
+def test_a_new_term_gets_its_reply_even_when_the_index_is_the_same(follower, replies):
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    append(follower, (2, 1), [], commit=2, term=2)  # a new leader's first heartbeat
+    assert reply_view(replies) == [(3, True, False), (3, True, False)]
