@@ -374,7 +374,8 @@ class ReplicaStateMachine(SyncObj):
         still does (the leader steps down only after leader_fallback_timeout).
         Skipping it saves, per Raft entry, one message out of each follower and
         two into the leader. Replies that carry news (another next index, a
-        failure, a reset, a new term or leader) always go.
+        failure, a reset, a new term or leader) always go, and so does the
+        first one after a connection dropped (_SyncObj__onNodeDisconnected).
         """
         if success and not reset and nextNodeIdx is not None:
             now = time.monotonic()
@@ -387,6 +388,12 @@ class ReplicaStateMachine(SyncObj):
             self._last_reply = None
         SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset,  # type: ignore[attr-defined]
                                           nextNodeIdx=nextNodeIdx, success=success)
+
+    def _SyncObj__onNodeDisconnected(self, node: Any) -> None:  # noqa: N802
+        """A reply sent just before a connection dropped may never have arrived:
+        after a reconnection the first reply always goes."""
+        self._last_reply = None
+        SyncObj._SyncObj__onNodeDisconnected(self, node)  # type: ignore[attr-defined]
 
     def _skip_matching_entries(self, message: dict) -> dict:
         """Drop the entries of an append_entries this follower already holds.

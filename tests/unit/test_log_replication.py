@@ -142,3 +142,13 @@ def test_a_new_term_gets_its_reply_even_when_the_index_is_the_same(follower, rep
     append(follower, (1, 0), [(2, 1)], commit=1)
     append(follower, (2, 1), [], commit=2, term=2)  # a new leader's first heartbeat
     assert reply_view(replies) == [(3, True, False), (3, True, False)]
+
+
+def test_after_a_dropped_connection_the_repeat_goes(follower, replies):
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    # The first reply may have died with the connection: the leader must hear again.
+    # (The transport calls the override: PySyncObj registered it by its mangled name.)
+    transport = follower._SyncObj__transport  # type: ignore[attr-defined]
+    transport._onNodeDisconnectedCallback(follower.leader_node)
+    append(follower, (2, 1), [], commit=2)
+    assert reply_view(replies) == [(3, True, False), (3, True, False)]
