@@ -3,10 +3,10 @@
 Two shapes, the same method:
 
 - default: a sync `grpc.server` on a `ThreadPoolExecutor(128)`, the classic
-  Python gRPC server (the baseline the issues' "echo" figures were taken with);
+  Python gRPC server (the only echo measured before 2026-11-27's third session);
 - `--asyncio`: a `grpc.aio` server on a uvloop event loop in its own thread,
   the shape of the replica and portal daemons (daemons/replica/daemon.py).
-  On these machines it serves about 20 % more calls per second than the sync
+  On these machines it serves 10-20 % more calls per second than the sync
   one with the same client, so ratios against it are the stricter ones.
 
 One unary method, `/bench.Echo/Echo`, returns its request bytes unchanged. It is

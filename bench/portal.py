@@ -9,9 +9,10 @@ What it does, in order (a full default run takes about two and a half minutes):
    portal-client-1, portal-client-2, each a real process) in a temp dir, and
    bench/echo_server.py twice (the baselines, started and measured exactly as
    by bench/replica.py: "echo" the sync server, "echo-aio" the grpc.aio server
-   on uvloop that the portals are built like). Creates four clients through portal-admin: one for reads
-   (with 100 tasks created through portal-client-1), one for write load, one
-   watched, one for background write load.
+   on uvloop that the portals are built like). Creates four clients through
+   portal-admin: one for reads (with 100 tasks created through
+   portal-client-1), one for write load, one watched, one for background
+   write load.
 2. Measures, `--repeat` times, interleaved so drift hits every figure alike,
    with the one client of bench/replica.py (`run_load`: N threads of blocking
    calls on one shared channel, `--warmup` s then `--duration` s measured):
@@ -77,10 +78,11 @@ lines and leader elections are attributed to the benchmark phase (run) during
 which they were logged; any election after the first is an anomaly.
 
 Targets (PASS/FAIL), "echo" being the faster of echo(64) and echo-aio(64):
-get-hit(64) ops/s >= 0.8 x echo; create(64) ops/s >= 0.5 x echo; create(64) p99 <= 50 ms; watch (no background load) ack ->
-event p99 <= 10 ms; plus the validity check that the get-hit windows were
->= 99% cache hits. Exit status: 0 all targets met, 1 a target missed, 2 the
-run was aborted (time budget, see --budget, or Ctrl-C); other failures raise.
+get-hit(64) ops/s >= 0.8 x echo; create(64) ops/s >= 0.5 x echo; create(64)
+p99 <= 50 ms; watch (no background load) ack -> event p99 <= 10 ms; plus the
+validity check that the get-hit windows were >= 99% cache hits. Exit status:
+0 all targets met, 1 a target missed, 2 the run was aborted (time budget, see
+--budget, or Ctrl-C); other failures raise.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ What it does, in order (a full default run takes about two minutes):
    password in <workdir>/raft.password), and bench/echo_server.py twice as
    separate processes: the sync grpc.server on ThreadPoolExecutor(128) ("echo")
    and the grpc.aio-on-uvloop server ("echo-aio", the replica daemon's shape,
-   ~20 % faster here).
+   10-20 % faster here).
 2. Measures, `--repeat` times, interleaved so drift hits every figure alike:
      echo(1), echo(64), echo-aio(64)   /bench.Echo/Echo, 16 bytes each way
      apply-leader(1), apply-leader(64) Replica.Apply CREATE_TASK to the leader
