@@ -114,7 +114,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from bench.replica import (  # noqa: E402
     CLK_TCK, BudgetExceeded, Call, EchoServer, RunResult, echo_call, finish, fmt, json_safe, median,
     nproc,
-    percentile, proc_cpu_seconds, run_load, scan_process_logs, summarize)
+    percentile, proc_cpu_seconds, run_load, scan_process_logs, summarize, vs_faster_echo)
 from daemons.core import events  # noqa: E402
 from proto import portal_pb2 as pb  # noqa: E402
 from proto import portal_pb2_grpc  # noqa: E402
@@ -839,11 +839,6 @@ def main(argv: list[str] | None = None) -> int:
                 s[f"vs_{name.replace('-', '_')}"] = (
                     s["ops_per_s"] / echo_s["ops_per_s"]
                     if echo_s and echo_s["ops_per_s"] else math.nan)
-
-        def vs_faster_echo(s: dict[str, Any]) -> float:
-            """Ratio to the faster echo at the same in-flight count: the stricter one."""
-            return min((x for x in (s["vs_echo"], s["vs_echo_aio"]) if not math.isnan(x)),
-                       default=math.nan)
         g = m[f"get-hit({hi})"]
         deltas = [pr.cache_delta() for pr in probes[f"get-hit({hi})"]]
         g["hit_ratios"] = [h / (h + x) if h + x else math.nan for h, x in deltas]
@@ -857,8 +852,10 @@ def main(argv: list[str] | None = None) -> int:
         report["mqtt"] = summarize_watch(mqtt_runs)
 
         echo_hi = m[f"echo({hi})"]["ops_per_s"]
-        get_ratio = vs_faster_echo(m[f"get-hit({hi})"])
-        create_ratio = vs_faster_echo(m[f"create({hi})"])
+        get_ratio = vs_faster_echo((m[f"get-hit({hi})"]["vs_echo"],
+                                    m[f"get-hit({hi})"]["vs_echo_aio"]))
+        create_ratio = vs_faster_echo((m[f"create({hi})"]["vs_echo"],
+                                       m[f"create({hi})"]["vs_echo_aio"]))
         create_p99 = m[f"create({hi})"]["p99_ms"]
         watch_p99 = report["watch"]["ack_to_event_p99_ms"]
         hit_ratio = min((x for x in g["hit_ratios"] if not math.isnan(x)), default=math.nan)

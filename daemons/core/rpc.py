@@ -24,8 +24,7 @@ def grpc_code(exc: TarefaError) -> grpc.StatusCode:
 def boundary(method: Callable) -> Callable:
     """Decorate an async servicer method: map TarefaError to its status code."""
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        if isinstance(request, UndecodableRequest):  # reject_undecodable, inlined: every call
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        await reject_undecodable(request, context)
         try:
             return await method(self, request, context)
         except TarefaError as exc:

@@ -5,10 +5,11 @@ PySyncObj 0.3.17 frames every Raft message as `zlib.compress(pickle.dumps(m), 3)
 full deflate state for every call (a 32 KiB window and a 64 KiB hash table,
 allocated and cleared), which costs 30-50 us even for a 64-byte message — more
 than pickling, unpickling and decompressing it together (measured here:
-~45 us against ~2 us). Every write sends at least four such messages (an
-append_entries to each follower, each follower's answer) and usually eight
-(the commit index follows in a second round), so this one call was a large
-share of the Raft thread's CPU on all three replicas.
+~45 us against ~2 us). Every Raft entry takes at least four such messages (an
+append_entries to each follower, each follower's answer) and under load six
+(the commit index follows in a second round, whose repeated answer followers
+skip: ReplicaStateMachine._SyncObj__sendNextNodeIdx), so this one call was a
+large share of the Raft thread's CPU on all three replicas.
 
 `install()` points tcp_connection's `zlib` at a shim whose `compress` emits a
 zlib stream of *stored* (uncompressed) blocks with the smallest window and
