@@ -112,35 +112,38 @@ class Session:
             raise CliError(f"{self.args.config}: no portal serves {service}", EXIT_USAGE)
         return found
 
+    def _connect(self, service: str) -> tuple[str, grpc.Channel]:
+        """The address and open channel of the first reachable portal serving `service`."""
+        down = []
+        for address in self.addresses(service):
+            channel = self.channel(address)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
+            except grpc.FutureTimeoutError:
+                channel.close()
+                down.append(address)
+                continue
+            return address, channel
+        which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
+        raise CliError(f"{which} not reachable ({service} service)", EXIT_UNAVAILABLE)
+
     def call(self, service: str, method: str, request: Any) -> Any:
         """Call `method` on the first reachable portal serving `service`."""
         stub_class = {"admin": portal_pb2_grpc.AdminPortalStub,
                       "client": portal_pb2_grpc.ClientPortalStub}[service]
-        down = []
         metadata = self.metadata(service)
-        for address in self.addresses(service):
-            with self.channel(address) as channel:
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
-                except grpc.FutureTimeoutError:
-                    down.append(address)
-                    continue
-                try:
-                    return getattr(stub_class(channel), method)(request, timeout=self.timeout,
-                                                                metadata=metadata)
-                except grpc.RpcError as exc:
-                    raise _rpc_error(exc, address, service) from None
-        which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
-        raise CliError(f"{which} not reachable ({service} service)", EXIT_UNAVAILABLE)
+        address, channel = self._connect(service)
+        with channel:
+            try:
+                return getattr(stub_class(channel), method)(request, timeout=self.timeout,
+                                                            metadata=metadata)
+            except grpc.RpcError as exc:
+                raise _rpc_error(exc, address, service) from None
 
     def stream(self, method: str, request: Any) -> Any:
+        """Open the server stream `method` on the first reachable client portal."""
         metadata = self.metadata("client")
-        address = self.addresses("client")[0]
-        channel = self.channel(address)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
-        except grpc.FutureTimeoutError:
-            raise CliError(f"portal {address} is not reachable", EXIT_UNAVAILABLE) from None
+        address, channel = self._connect("client")
         return address, getattr(portal_pb2_grpc.ClientPortalStub(channel), method)(
             request, metadata=metadata)
 

@@ -5,6 +5,8 @@ the cache invariant under a race, broker loss, and replica loss."""
 from __future__ import annotations
 
 import json
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -209,6 +211,31 @@ def test_watch_streams_changes_from_other_portals(stack):
         ("task.deleted", gone.revision)]
     assert seen[1].task.status == "done" and seen[0].origin == "portal-client-1"
     wait_for(lambda: b.status().events_received >= 3, 5, "B counted the events")
+
+
+def test_cli_task_verbs_and_watch_go_to_the_next_client_portal(stack):
+    """With the first client portal of the cluster file down, the CLI uses the second."""
+    stack.portal("portal-admin").admin.CreateClient(pb.CreateClientRequest(cid="6", data="{}"),
+                                                    timeout=10)
+    stack.portal("portal-client-1").kill()
+    r = cli(stack, "task", "add", "--cid", "6", "first")
+    assert r.returncode == 0, r.stderr
+    watch = subprocess.Popen([sys.executable, "-m", "client", "--config", stack.config_path,
+                              "--json", "task", "watch", "--cid", "6"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        b = stack.portal("portal-client-2")
+        wait_for(lambda: b.status().watch_streams >= 1, 10, "the CLI's watch stream on portal-client-2")
+        made = b.client.CreateTask(pb.CreateTaskRequest(cid="6", title="second"), timeout=10)
+        assert select.select([watch.stdout], [], [], 10)[0], "no event from task watch"
+        event = json.loads(watch.stdout.readline())
+        assert (event["event"], event["revision"]) == ("task.created", made.revision)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0, watch.stderr.read()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
 
 
 def _until_cancel(call):
