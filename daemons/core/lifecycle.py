@@ -127,7 +127,8 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"Error: {problem}", file=sys.stderr)
-        print(f"Hint: fix the cluster file; `{prog} --config FILE --check-config` "
+        id_arg = " --id ID" if needs_id else ""
+        print(f"Hint: fix the cluster file; `{prog} --config FILE{id_arg} --check-config` "
               "validates it without starting", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(daemon_id, cluster.log_level)

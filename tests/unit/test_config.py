@@ -408,7 +408,8 @@ def test_replica_with_a_bad_file_exits_2_and_prints_every_problem(tmp_path, raw)
     assert len(errors) == len(BAD), done.stderr
     assert f"Error: {path}: replicas[1].raft_port: must be an integer 1..65535 (got 'abc')" \
         in errors
-    assert "--check-config" in done.stderr  # the hint
+    # The hint names a command that runs as given: the replica needs its --id.
+    assert "`tarefa-replica --config FILE --id ID --check-config`" in done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
 
