@@ -14,10 +14,12 @@ does not exist yet it writes a fresh secret (mode 0600):
   on the cluster's event topics, the listener may only subscribe, nobody
   else may do either.
 
-It never overwrites: re-running is safe and only fills in what is missing
-(the Mosquitto files are rewritten from the per-daemon passwords, so adding
-a portal to the cluster file and re-running gives it a login). Delete a file
-and re-run to rotate it. `cryptography` builds the certificates (the same
+It never overwrites a secret that exists: re-running is safe and only fills
+in what is missing (the Mosquitto files are rewritten from the per-daemon
+passwords, so adding a portal to the cluster file and re-running gives it a
+login). Delete a file and re-run to rotate it. A certificate pair with a half
+missing, or one not signed by the current CA (deleting ca.crt and ca.key
+rotates the CA), is issued anew. `cryptography` builds the certificates (the same
 package PySyncObj needs for its Raft password).
 """
 
@@ -35,6 +37,7 @@ import sys
 from typing import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -135,8 +138,11 @@ class Provisioner:
             ca_cert = x509.load_pem_x509_certificate(handle.read())
         for daemon_id, _, host in [*self.daemons(), (CLI_CERT, "cli", "127.0.0.1")]:
             cert_path, key_path = tls.cert_pair(daemon_id)
-            if os.path.exists(cert_path) and os.path.exists(key_path):
+            if os.path.exists(cert_path) and os.path.exists(key_path) \
+                    and _issued_by(cert_path, ca_cert):
                 continue
+            # Missing, half missing, or signed by a CA since replaced (every
+            # handshake would fail): a new pair from the current CA.
             key = ec.generate_private_key(ec.SECP256R1())
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, daemon_id)])
             cert = (self._builder(subject, ca_cert.subject, key.public_key(), CERT_DAYS)
@@ -202,6 +208,16 @@ def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, MOSQUITTO_ITERATIONS)
     return f"$7${MOSQUITTO_ITERATIONS}${base64.b64encode(salt).decode()}$" \
            f"{base64.b64encode(digest).decode()}"
+
+
+def _issued_by(cert_path: str, ca_cert: x509.Certificate) -> bool:
+    """Whether the certificate at `cert_path` is signed by `ca_cert`."""
+    try:
+        with open(cert_path, "rb") as handle:
+            x509.load_pem_x509_certificate(handle.read()).verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

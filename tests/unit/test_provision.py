@@ -121,6 +121,23 @@ def test_deleting_a_secret_and_rerunning_rotates_only_it(cluster_file, tmp_path)
     assert (secrets / "raft.password").read_text() == raft
 
 
+def test_rotating_the_ca_reissues_every_certificate_it_signed(cluster_file, tmp_path):
+    main(["--config", str(cluster_file)])
+    tls = tmp_path / "run" / "secrets" / "tls"
+    before = {p.name: p.read_bytes() for p in tls.iterdir()}
+    main(["--config", str(cluster_file)])  # nothing to do: every pair is kept
+    assert {p.name: p.read_bytes() for p in tls.iterdir()} == before
+    os.unlink(tls / "ca.crt")
+    os.unlink(tls / "ca.key")
+    main(["--config", str(cluster_file)])
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    assert (tls / "ca.crt").read_bytes() != before["ca.crt"]
+    for name in ("replica-1", "portal-admin", "listener", "tarefa"):
+        cert = x509.load_pem_x509_certificate((tls / f"{name}.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)  # the old pair would fail every handshake
+        assert (tls / f"{name}.key").read_bytes() != before[f"{name}.key"]
+
+
 def test_group_readable_secret_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "token"
     path.write_text("s3cr3t-value-that-must-not-leak\n")
