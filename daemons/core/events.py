@@ -28,8 +28,9 @@ writes, with their types; see `_validate_record`), that the record agrees
 with the event, that the event came on its own topic, and that the whole
 payload nests at most `MAX_DEPTH` levels and holds only valid UTF-8 text and
 finite numbers, so that nothing downstream (json.dumps, protobuf) can fail
-on an accepted event. Events are not authenticated: a forged event that
-passes all this is still trusted (README "Known limits").
+on an accepted event. Payloads are not signed (only the broker's logins and
+ACLs limit who may publish): a forged event that passes all this is still
+trusted (README "Known limits").
 """
 
 from __future__ import annotations
