@@ -81,7 +81,8 @@ class ReplicaClient:
 
     # -- retries -------------------------------------------------------------
 
-    async def _call(self, method: Callable[[Any, float], Awaitable[Any]], deadline: float) -> Any:
+    async def _call(self, method: Callable[[Any, float], Awaitable[Any]], deadline: float,
+                    write: bool = False) -> Any:
         """Try members in turn (preferred first) until one answers or `deadline` passes."""
         start = self._preferred
         last: grpc.RpcError | None = None
@@ -104,8 +105,11 @@ class ReplicaClient:
             if attempt % len(self._stubs) == 0:
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         detail = f" (last: {last.code().name}: {last.details()})" if last is not None else ""
-        raise Unavailable(f"no replica answered in time{detail}; the change may or may not "
-                          "be applied: retry with the same request id")
+        if write:
+            raise Unavailable(f"no replica answered in time{detail}; the change may or may "
+                              "not be applied: retry with the same request id")
+        raise Unavailable(f"no replica answered in time{detail}; nothing was changed: "
+                          "retry the read")
 
     # -- writes (grouped) ------------------------------------------------------
 
@@ -141,7 +145,7 @@ class ReplicaClient:
             request = pb.CommandBatch(commands=[c for c, _, _ in group])
             try:
                 answer = await self._call(
-                    lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline)
+                    lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline, write=True)
             except TarefaError as exc:
                 for _, future, _ in group:
                     if not future.done():
