@@ -3,7 +3,12 @@
 Exit codes: 0 ok; 1 the operation was refused (not found, already exists,
 missing or wrong credentials, a limit reached, ...); 2 bad usage (arguments,
 a credentials file others can read, or a value the portal rejects as
-invalid); 3 the cluster or portal is unavailable.
+invalid); 3 the cluster or portal is unavailable; 130 interrupted (Ctrl-C,
+except for `task watch`, which it ends normally); 141 the output was closed
+by its reader (e.g. `| head`).
+
+Writes carry a request id (random, or --request-id ID): after "outcome
+unknown" the same command with the same --request-id is applied at most once.
 
 Credentials (client/credentials.py) travel as `authorization: Bearer ...`
 metadata: the admin token for `client` verbs, the client's secret for `task`
@@ -14,7 +19,9 @@ verbs; they are never taken from the command line unless the user insists
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import uuid
 from typing import Any, Callable
@@ -24,7 +31,8 @@ import grpc
 from client.credentials import Credentials, CredentialsError
 from client.output import Printer, client_dict, event_dict, task_dict
 from daemons.core.config import Cluster, load_cluster
-from daemons.core.errors import ConfigError
+from daemons.core.domain import validate_request_id
+from daemons.core.errors import ConfigError, InvalidArgument
 from daemons.core.security import CLI_CERT, TlsMaterial, load_tls, open_channel
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
@@ -33,6 +41,10 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+MAX_TIMEOUT = 86400.0
+MAX_LIMIT = 1000
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "cluster.yaml")
@@ -64,6 +76,8 @@ class Session:
         self._tls: TlsMaterial | None | bool = False  # False: not loaded yet
         self.credentials = Credentials(args.credentials, args.insecure_token,
                                        args.insecure_secret)
+        # One per run: a verb makes at most one write.
+        self.request_id = args.request_id or uuid.uuid4().hex
 
     def cluster(self, required: bool = True) -> Cluster | None:
         """The cluster file, read once; unusable -> CliError, or None if not `required`."""
@@ -138,7 +152,17 @@ class Session:
                 return getattr(stub_class(channel), method)(request, timeout=self.timeout,
                                                             metadata=metadata)
             except grpc.RpcError as exc:
-                raise _rpc_error(exc, address, service) from None
+                error = _rpc_error(exc, address, service)
+                if error.code == EXIT_UNAVAILABLE and getattr(request, "request_id", ""):
+                    error = CliError(f"{error}\nHint: to retry without applying it twice, "
+                                     f"give --request-id {request.request_id}", error.code)
+                raise error from None
+            except KeyboardInterrupt:
+                if getattr(request, "request_id", ""):
+                    raise CliError("interrupted: the change may or may not be applied; to "
+                                   f"retry safely, give --request-id {request.request_id}",
+                                   EXIT_INTERRUPTED) from None
+                raise
 
     def stream(self, method: str, request: Any) -> Any:
         """Open the server stream `method` on the first reachable client portal."""
@@ -157,11 +181,10 @@ def _rpc_error(exc: grpc.RpcError, address: str, service: str = "client") -> Cli
         return CliError(message, EXIT_USAGE)
     if code in UNAVAILABLE_CODES:
         return CliError(f"{message} (portal {address})", EXIT_UNAVAILABLE)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return CliError(f"portal {address} does not serve the {service} service (see --portal "
+                        "and the services of the cluster file)", EXIT_USAGE)
     return CliError(message, EXIT_REFUSED)
-
-
-def _rid() -> str:
-    return uuid.uuid4().hex
 
 
 def _consistency(args: argparse.Namespace) -> int:
@@ -185,9 +208,13 @@ def _cid(args: argparse.Namespace, s: Session | None = None) -> str:
 
 def client_add(s: Session, a: argparse.Namespace) -> None:
     c = s.call("admin", "CreateClient", pb.CreateClientRequest(cid=a.cid or "", data=a.data,
-                                                               request_id=_rid()))
-    if not c.secret:  # auth: cid-only
+                                                               request_id=s.request_id))
+    if not c.secret:  # auth: cid-only, or a retry of a request id already applied
         s.printer.line(c.cid, client_dict(c))
+        if a.request_id:
+            print("Note: no secret in this answer; with auth: token that means this request "
+                  "id was applied before and its secret was shown then (`tarefa client "
+                  f"rotate-secret {c.cid}` issues a new one)", file=sys.stderr)
         return
     s.printer.line(f"{c.cid}\nsecret: {c.secret}", {**client_dict(c), "secret": c.secret})
     print("Note: the secret is shown only this once; give it to the client (TAREFA_SECRET, "
@@ -195,7 +222,7 @@ def client_add(s: Session, a: argparse.Namespace) -> None:
 
 
 def client_rotate_secret(s: Session, a: argparse.Namespace) -> None:
-    r = s.call("admin", "RotateSecret", pb.RotateSecretRequest(cid=a.cid, request_id=_rid()))
+    r = s.call("admin", "RotateSecret", pb.RotateSecretRequest(cid=a.cid, request_id=s.request_id))
     s.printer.line(r.secret, {"cid": r.cid, "secret": r.secret, "revision": r.revision})
     print(f"Note: client {r.cid}'s previous secret no longer works on any portal",
           file=sys.stderr)
@@ -208,11 +235,11 @@ def client_get(s: Session, a: argparse.Namespace) -> None:
 
 def client_update(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(client_dict(s.call("admin", "UpdateClient", pb.UpdateClientRequest(
-        cid=a.cid, data=a.data, request_id=_rid()))))
+        cid=a.cid, data=a.data, request_id=s.request_id))))
 
 
 def client_rm(s: Session, a: argparse.Namespace) -> None:
-    r = s.call("admin", "DeleteClient", pb.DeleteClientRequest(cid=a.cid, request_id=_rid()))
+    r = s.call("admin", "DeleteClient", pb.DeleteClientRequest(cid=a.cid, request_id=s.request_id))
     s.printer.line(f"deleted client {a.cid} and {r.deleted_tasks} task(s) (revision {r.revision})",
                    {"cid": a.cid, "deleted_tasks": r.deleted_tasks, "revision": r.revision})
 
@@ -225,7 +252,7 @@ def client_ls(s: Session, a: argparse.Namespace) -> None:
 
 def task_add(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(task_dict(s.call("client", "CreateTask", pb.CreateTaskRequest(
-        cid=_cid(a, s), title=a.title, description=a.description or "", request_id=_rid()))))
+        cid=_cid(a, s), title=a.title, description=a.description or "", request_id=s.request_id))))
 
 
 def task_get(s: Session, a: argparse.Namespace) -> None:
@@ -245,24 +272,24 @@ def task_update(s: Session, a: argparse.Namespace) -> None:
         raise CliError("give --description and/or --status", EXIT_USAGE)
     s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
         cid=_cid(a, s), title=a.title, description=a.description, status=a.status,
-        request_id=_rid()))))
+        request_id=s.request_id))))
 
 
 def task_done(s: Session, a: argparse.Namespace) -> None:
     s.printer.record(task_dict(s.call("client", "UpdateTask", pb.UpdateTaskRequest(
-        cid=_cid(a, s), title=a.title, status="done", request_id=_rid()))))
+        cid=_cid(a, s), title=a.title, status="done", request_id=s.request_id))))
 
 
 def task_rm(s: Session, a: argparse.Namespace) -> None:
     r = s.call("client", "DeleteTask", pb.DeleteTaskRequest(cid=_cid(a, s), title=a.title,
-                                                            request_id=_rid()))
+                                                            request_id=s.request_id))
     s.printer.line(f"deleted task {a.title!r} (revision {r.revision})",
                    {"cid": _cid(a, s), "title": a.title, "revision": r.revision})
 
 
 def task_clear(s: Session, a: argparse.Namespace) -> None:
     r = s.call("client", "DeleteAllTasks", pb.DeleteAllTasksRequest(cid=_cid(a, s),
-                                                                    request_id=_rid()))
+                                                                    request_id=s.request_id))
     s.printer.line(f"deleted {r.deleted_tasks} task(s) (revision {r.revision})",
                    {"cid": _cid(a, s), "deleted_tasks": r.deleted_tasks, "revision": r.revision})
 
@@ -275,6 +302,8 @@ def task_watch(s: Session, a: argparse.Namespace) -> None:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.CANCELLED:
             raise _rpc_error(exc, address) from None
+    except KeyboardInterrupt:
+        events.cancel()  # Ctrl-C is how a watch ends: exit 0
 
 
 def cluster_status(s: Session, a: argparse.Namespace) -> None:
@@ -317,9 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tarefa", description="Tarefa command-line client.")
     p.add_argument("--config", default=os.environ.get("TAREFA_CONFIG", DEFAULT_CONFIG),
                    help="cluster file naming the portals (default config/cluster.yaml)")
-    p.add_argument("--portal", help="HOST:PORT of the portal to call (overrides --config)")
+    p.add_argument("--portal", type=_portal_address,
+                   help="HOST:PORT of the portal to call (overrides --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    p.add_argument("--timeout", type=_timeout, default=10.0,
+                   help="seconds per call (default 10)")
+    p.add_argument("--request-id", type=_request_id, metavar="ID",
+                   help="request id of a write (default: random); give the one an "
+                        "'outcome unknown' error named to retry it without a second effect")
     p.add_argument("--credentials", metavar="FILE",
                    help="file with token=... (admin) and/or secret=..., cid=... lines, mode "
                         "0600 (default $TAREFA_CREDENTIALS)")
@@ -341,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="linearizable bypasses the portal cache")
 
     def paging(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--limit", type=int, default=100, help="page size (max 1000)")
+        sub.add_argument("--limit", type=_limit, default=100,
+                         help=f"page size, 1 to {MAX_LIMIT} (default 100)")
         sub.add_argument("--page", default="", help="page token from a previous listing")
 
     clients = kinds.add_parser("client", help="administer clients").add_subparsers(
@@ -393,16 +428,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---- argument types (argparse turns their ValueError/ArgumentTypeError into exit 2) ----
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most "
+                                         f"{MAX_TIMEOUT:g} (got {text!r})")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_LIMIT} (got {text!r})")
+    return value
+
+
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
+def _portal_address(text: str) -> str:
+    found = _ADDRESS.fullmatch(text)
+    if found is None or not 1 <= int(found.group(1)) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port 1..65535 "
+                                         f"(got {text!r})")
+    return text
+
+
+def _request_id(text: str) -> str:
+    try:
+        return validate_request_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("request_id: ")) from None
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Arguments that are not valid UTF-8 (a terminal in another encoding) arrive
+    as lone surrogates: refuse them by name instead of failing inside gRPC."""
+    named = dict(vars(args))
+    named["TAREFA_CID"] = os.environ.get("TAREFA_CID")
+    for name, value in named.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CliError(f"{name}: not valid UTF-8 (check the terminal's encoding, "
+                               "e.g. LANG=C.UTF-8)", EXIT_USAGE) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    session = Session(args)
     try:
-        args.fn(session, args)
+        _check_text_arguments(args)
+        args.fn(Session(args), args)
     except CliError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        return EXIT_OK
+        print("Error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, and keep Python's
+        # final flush of stdout from failing again (as the Python docs advise).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return EXIT_OK
 
 

@@ -63,7 +63,10 @@ class Printer:
         if not rows:
             print(f"(no {name})", file=self.out)
         else:
-            cells = [[_cell(row[c]) for c in columns] for row in rows]
+            # The first column names the row (CID, title): shown whole, so it can
+            # be copied into the next command; the others are cut at 60 characters.
+            cells = [[_cell(row[c], None if i == 0 else 60) for i, c in enumerate(columns)]
+                     for row in rows]
             widths = [max(len(c.upper()), *(len(r[i]) for r in cells))
                       for i, c in enumerate(columns)]
             print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(),
@@ -86,7 +89,7 @@ class Printer:
         print("  ".join(parts), file=self.out, flush=True)
 
 
-def _cell(value: Any, limit: int = 60) -> str:
+def _cell(value: Any, limit: int | None) -> str:
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
     text = text.replace("\n", "\\n")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"

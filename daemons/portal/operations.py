@@ -14,6 +14,7 @@ the replicas; the secret is returned to the caller once and kept nowhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import uuid
@@ -109,7 +110,9 @@ class PortalOperations:
             secret = new_secret()
             hashed = await self.hasher.make(secret)
         for _ in range(5 if generated else 1):
-            the_cid = str(10**19 + secrets.randbelow(9 * 10**19)) if generated else cid
+            # With the caller's request id the CID comes from it, so that a retry
+            # with the same id is the same command (and gets the first answer).
+            the_cid = _generated_cid(request_id) if generated else cid
             try:
                 answer, record = await self._commit("client.created", pb.CREATE_CLIENT,
                                                     request_id, timeout, the_cid, data=data,
@@ -222,3 +225,11 @@ class PortalOperations:
                 "events_received": self.coherence.received,
                 "events_published": self.coherence.published,
                 "events_rejected": self.coherence.rejected}
+
+
+def _generated_cid(request_id: str) -> str:
+    """A 20-digit CID: random, or derived from `request_id` when there is one."""
+    if not request_id:
+        return str(10**19 + secrets.randbelow(9 * 10**19))
+    digest = int.from_bytes(hashlib.sha256(request_id.encode("utf-8")).digest()[:16], "big")
+    return str(10**19 + digest % (9 * 10**19))

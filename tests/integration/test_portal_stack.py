@@ -94,6 +94,16 @@ def test_cli_every_verb_and_exit_codes(stack):
     assert cli(stack, "client", "get", "7").returncode == 1
     r = cli(stack, "task", "ls")
     assert r.returncode == 2 and "--cid" in r.stderr
+    # A retry with the same --request-id is the same write: one client, the first answer,
+    # also for a generated CID; the id with another command is refused.
+    first = cli(stack, "--request-id", "retry-1", "client", "add", '{"n": 1}')
+    again = cli(stack, "--request-id", "retry-1", "client", "add", '{"n": 1}')
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert first.stdout.split()[0] == again.stdout.split()[0]
+    r = cli(stack, "--json", "client", "ls")
+    assert [c["cid"] for c in json.loads(r.stdout)["clients"]].count(first.stdout.split()[0]) == 1
+    r = cli(stack, "--request-id", "retry-1", "client", "add", '{"n": 2}')
+    assert r.returncode == 2 and "already used for a different command" in r.stderr
     r = cli(stack, "--portal", "127.0.0.1:1", "client", "ls")
     assert r.returncode == 3 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "client", "task", "frobnicate"], cwd=ROOT,

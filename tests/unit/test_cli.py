@@ -1,0 +1,188 @@
+"""client/__main__.py and client/output.py: argument checks, exit codes and
+messages that need no portal (a fake channel stands in for gRPC where a
+status code is needed; tests/integration/test_portal_stack.py runs the CLI
+against real portals)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+import client.__main__ as cli
+from client.output import Printer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(["--portal", "127.0.0.1:9", *argv])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--timeout", "0", "client", "ls"], "--timeout"),
+    (["--timeout", "-1", "client", "ls"], "--timeout"),
+    (["--timeout", "nan", "client", "ls"], "--timeout"),
+    (["--timeout", "inf", "client", "ls"], "--timeout"),
+    (["--timeout", "1e10", "client", "ls"], "--timeout"),
+    (["client", "ls", "--limit", "-1"], "--limit"),
+    (["client", "ls", "--limit", "0"], "--limit"),
+    (["task", "ls", "--cid", "7", "--limit", "5000000000"], "--limit"),
+    (["--request-id", "", "client", "rm", "7"], "--request-id"),
+    (["--request-id", "x" * 129, "client", "rm", "7"], "--request-id"),
+])
+def test_bad_option_values_are_usage_errors(capsys, argv, word):
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_USAGE and word in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("address", ["abc", ":99", "127.0.0.1", "127.0.0.1:0",
+                                     "127.0.0.1:99999", "http://127.0.0.1:80", ""])
+def test_a_malformed_portal_address_is_a_usage_error(capsys, address):
+    try:
+        cli.main(["--portal", address, "client", "ls"])
+    except SystemExit as exc:
+        assert exc.code == cli.EXIT_USAGE
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_well_formed_portal_addresses_parse():
+    for address in ("127.0.0.1:7201", "localhost:1", "[::1]:65535", "portal-1.example:443"):
+        assert cli.build_parser().parse_args(["--portal", address, "client", "ls"]).portal \
+            == address
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["task", "add", "--cid", "7", "bad\udcffbyte"], "title"),
+    (["task", "add", "--cid", "7", "t", "bad\udcff"], "description"),
+    (["client", "add", '{"a": "\udcff"}'], "data"),
+])
+def test_arguments_that_are_not_utf8_are_refused_by_name(capsys, argv, field):
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_USAGE and f"{field}: not valid UTF-8" in err
+
+
+def test_a_cid_from_the_environment_that_is_not_utf8(capsys, monkeypatch):
+    monkeypatch.setenv("TAREFA_CID", "7\udcff")
+    code, _, err = run(capsys, "task", "ls")
+    assert code == cli.EXIT_USAGE and "TAREFA_CID: not valid UTF-8" in err
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Channel:
+    """Answers every unary call with `outcome` (an exception is raised)."""
+
+    def __init__(self, outcome: BaseException) -> None:
+        self.outcome = outcome
+        self.requests: list = []
+
+    def __enter__(self) -> "_Channel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def unary_unary(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def call(request, timeout=None, metadata=None):  # type: ignore[no-untyped-def]
+            self.requests.append(request)
+            raise self.outcome
+        return call
+
+    unary_stream = unary_unary
+
+
+def _answering(monkeypatch, outcome: BaseException) -> _Channel:
+    channel = _Channel(outcome)
+    monkeypatch.setattr(cli.Session, "_connect",
+                        lambda self, service: ("127.0.0.1:9", channel))
+    monkeypatch.setattr(cli.Session, "metadata", lambda self, service: ())
+    return channel
+
+
+def test_an_unknown_outcome_names_the_request_id_to_retry_with(capsys, monkeypatch):
+    channel = _answering(monkeypatch, _Failure(grpc.StatusCode.UNAVAILABLE, "no quorum"))
+    code, _, err = run(capsys, "task", "add", "--cid", "7", "t")
+    rid = channel.requests[0].request_id
+    assert code == cli.EXIT_UNAVAILABLE and f"--request-id {rid}" in err
+    # ... and the retry sends exactly that id.
+    code, _, _ = run(capsys, "--request-id", rid, "task", "add", "--cid", "7", "t")
+    assert channel.requests[1].request_id == rid
+    # A read has no request id and gets no such hint.
+    code, _, err = run(capsys, "task", "get", "--cid", "7", "t")
+    assert code == cli.EXIT_UNAVAILABLE and "--request-id" not in err
+
+
+def test_ctrl_c_during_a_write_exits_130_and_says_how_to_retry(capsys, monkeypatch):
+    channel = _answering(monkeypatch, KeyboardInterrupt())
+    code, _, err = run(capsys, "client", "rm", "7")
+    assert code == cli.EXIT_INTERRUPTED
+    assert f"--request-id {channel.requests[0].request_id}" in err
+    code, _, err = run(capsys, "client", "ls")
+    assert code == cli.EXIT_INTERRUPTED and "interrupted" in err
+
+
+def test_ctrl_c_ends_a_watch_normally(capsys, monkeypatch):
+    class Stream:
+        cancelled = False
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            raise KeyboardInterrupt
+
+        def cancel(self) -> None:
+            Stream.cancelled = True
+
+    monkeypatch.setattr(cli.Session, "stream", lambda self, method, request: ("a:1", Stream()))
+    code, _, _ = run(capsys, "task", "watch", "--cid", "7")
+    assert code == cli.EXIT_OK and Stream.cancelled
+
+
+def test_a_portal_without_the_service_is_named(capsys, monkeypatch):
+    _answering(monkeypatch, _Failure(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"))
+    code, _, err = run(capsys, "task", "ls", "--cid", "7")
+    assert code == cli.EXIT_USAGE and "does not serve the client service" in err
+
+
+def test_a_closed_output_pipe_exits_141_quietly():
+    """`tarefa ... | head`: a real process whose reader closes the pipe early."""
+    code = ("import client.__main__ as c\n"
+            "c.client_ls = lambda s, a: [print('x' * 99) for _ in range(100000)]\n"
+            "raise SystemExit(c.main(['--portal', '127.0.0.1:9', 'client', 'ls']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(10) == b"x" * 10
+        proc.stdout.close()
+        assert proc.wait(30) == cli.EXIT_BROKEN_PIPE
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_tables_show_the_identifier_whole_and_cut_the_rest():
+    out = io.StringIO()
+    title, description = "t" * 200, "d" * 200
+    Printer(False, out).listing("tasks", [{"title": title, "description": description}],
+                                ["title", "description"], "")
+    row = out.getvalue().splitlines()[1]
+    assert title in row and description not in row and "d" * 59 + "…" in row
