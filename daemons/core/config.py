@@ -23,6 +23,11 @@ from daemons.core.errors import ConfigError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PORTAL_SERVICES = ("admin", "client")
 FSYNC_POLICIES = ("always", "interval", "never")
+# Upper bounds: far above any sensible setting, below what the libraries take
+# (gRPC's int32 options, timers and waits that overflow on huge numbers).
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_INT = 2**31 - 1
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "ip6-localhost")
 AUTH_MODES = ("token", "cid-only")
 
 
@@ -238,6 +243,9 @@ class _Checker:
         if not _is_int(value) or value < 1:
             self.fail(path, f"must be an integer >= 1 (got {value!r})")
             return None
+        if value > MAX_INT:
+            self.fail(path, f"must be an integer 1..{MAX_INT} (got {value!r})")
+            return None
         return value
 
     def seconds(self, value: Any, path: str) -> float | None:
@@ -245,6 +253,9 @@ class _Checker:
                 or not math.isfinite(float(value) if abs(value) < 1e300 else math.inf) \
                 or value <= 0:
             self.fail(path, f"must be a number of seconds > 0 (got {value!r})")
+            return None
+        if value > MAX_SECONDS:
+            self.fail(path, f"must be at most {MAX_SECONDS:g} seconds (a week; got {value!r})")
             return None
         return float(value)
 
@@ -420,14 +431,29 @@ def _check_raft(c: _Checker, raft: RaftSettings, given: dict) -> None:
     if raft.leader_fallback_timeout < raft.election_timeout_max:
         c.fail("raft.leader_fallback_timeout",
                f"must be at least election_timeout_max ({raft.election_timeout_max})")
+    # PySyncObj's own SyncObjConf.validate() asserts these two at start.
+    if raft.connection_timeout < raft.election_timeout_max:
+        c.fail("raft.connection_timeout",
+               f"must be at least election_timeout_max ({raft.election_timeout_max}); "
+               "PySyncObj refuses to start otherwise")
+    if raft.compaction_min_entries < 2:
+        c.fail("raft.compaction_min_entries", "must be at least 2; PySyncObj refuses to start "
+                                              "otherwise")
+
+
+def _canonical_host(host: str) -> str:
+    """One name per machine address for clash checks: the loopback spellings agree."""
+    return "127.0.0.1" if host.lower() in LOOPBACK_HOSTS else host.lower()
 
 
 def _check_unique(c: _Checker, raw: Any) -> None:
-    """Daemon ids and host:port pairs must be unique across the whole file."""
+    """Daemon ids, host:port pairs (defaults included, loopback spellings as one
+    host) and replica data dirs on one host must be unique across the file."""
     if not isinstance(raw, dict):
         return
     ids: dict[str, str] = {}
     ports: dict[tuple[str, int], str] = {}
+    data_dirs: dict[tuple[str, str], str] = {}
 
     def note(daemon: Any, path: str, port_keys: tuple[str, ...]) -> None:
         if not isinstance(daemon, dict):
@@ -439,33 +465,82 @@ def _check_unique(c: _Checker, raw: Any) -> None:
             else:
                 ids[did] = f"{path}.id"
         host = daemon.get("host", "127.0.0.1")
+        if not isinstance(host, str):
+            return
         for key in port_keys:
             port = daemon.get(key)
-            if _is_int(port) and isinstance(host, str):
+            if _is_int(port):
                 where = f"{path}.{key}"
-                if (host, port) in ports:
-                    c.fail(where, f"port {port} on {host} is already used by {ports[(host, port)]}")
-                else:
-                    ports[(host, port)] = where
+                known = ports.setdefault((_canonical_host(host), port), where)
+                if known != where:
+                    c.fail(where, f"port {port} on {host} is already used by {known}")
+        data_dir = daemon.get("data_dir")
+        if isinstance(data_dir, str) and data_dir.strip():
+            where = f"{path}.data_dir"
+            resolved = c.path_value(data_dir, where)
+            known = data_dirs.setdefault((_canonical_host(host), str(resolved)), where)
+            if known != where:
+                c.fail(where, f"{resolved} on {host} is already the data dir of {known}")
 
     broker = raw.get("broker")
-    if isinstance(broker, dict):
-        note({**broker, "host": broker.get("host", "127.0.0.1")}, "broker", ("port",))
+    if isinstance(broker, dict) or broker is None:
+        defaults = {"host": Broker.host, "port": Broker.port}
+        note({**defaults, **(broker or {})}, "broker", ("port",))
     for i, r in enumerate(raw.get("replicas") or [] if isinstance(raw.get("replicas"), list) else []):
         note(r, f"replicas[{i}]", ("raft_port", "grpc_port"))
     for i, p in enumerate(raw.get("portals") or [] if isinstance(raw.get("portals"), list) else []):
         note(p, f"portals[{i}]", ("port",))
-    if isinstance(raw.get("listener"), dict):
-        note(raw["listener"], "listener", ("port",))
+    listener = raw.get("listener")
+    if isinstance(listener, dict):
+        note({"host": ListenerSpec.host, "port": ListenerSpec.port, **listener}, "listener",
+             ("port",))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that records a key given twice in one mapping (PyYAML
+    silently keeps the last one) instead of dropping the first."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if repeated:
+                self.duplicates.append(f"line {key_node.start_mark.line + 1}: key {key!r} "
+                                       "given twice in one mapping")
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_cluster(path: str) -> Cluster:
     """Read and validate a cluster file; raise ConfigError with every problem."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}: line {line}: not UTF-8 text (byte "
+                           f"{data[exc.start:exc.start + 1]!r}; save the file as UTF-8)"]) from None
+    loader = _StrictLoader(text)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a cluster file"]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{path}: {problem}" for problem in loader.duplicates])
     return parse_cluster(raw, path, os.path.dirname(os.path.abspath(path)))

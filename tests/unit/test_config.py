@@ -296,6 +296,101 @@ def test_leader_fallback_timeout_too_small(raw):
         "cluster.yaml: raft.leader_fallback_timeout: must be at least election_timeout_max (1.4)")
 
 
+def test_raft_settings_pysyncobj_would_refuse_at_start(raw):
+    # PySyncObj's SyncObjConf.validate() asserts these; they used to pass the
+    # check and then stop the replica with a misleading "damaged journal" line.
+    raw["raft"]["election_timeout_max"] = 2.0
+    raw["raft"]["leader_fallback_timeout"] = 2.0
+    raw["raft"]["compaction_min_entries"] = 1
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: raft.compaction_min_entries: must be at least 2; PySyncObj refuses to "
+        "start otherwise",
+        "cluster.yaml: raft.connection_timeout: must be at least election_timeout_max (2.0); "
+        "PySyncObj refuses to start otherwise",
+    ]
+
+
+def test_settings_that_pass_the_check_pass_pysyncobjs(raw, tmp_path):
+    """The defaults and the edge of each relation satisfy SyncObjConf.validate()."""
+    from daemons.replica.state_machine import syncobj_conf
+    for settings in ({}, {"election_timeout_max": 2.0, "connection_timeout": 2.0,
+                          "leader_fallback_timeout": 2.0, "compaction_min_entries": 2},
+                     {"election_timeout_min": 0.31, "heartbeat_period": 0.1}):
+        raw["raft"] = settings
+        raft = parse_cluster(copy.deepcopy(raw), SOURCE, "/x").raft
+        syncobj_conf(raft, str(tmp_path)).validate()
+
+
+def test_values_beyond_what_the_libraries_take(raw):
+    raw["limits"] = {"max_message_bytes": 3_000_000_000}
+    raw["grace_seconds"] = 1e12
+    raw["raft"]["apply_timeout"] = 1e200
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: grace_seconds: must be at most 604800 seconds (a week; got 1000000000000.0)",
+        "cluster.yaml: limits.max_message_bytes: must be an integer 1..2147483647 "
+        "(got 3000000000)",
+        "cluster.yaml: raft.apply_timeout: must be at most 604800 seconds (a week; got 1e+200)",
+    ]
+
+
+def test_loopback_spellings_are_one_host(raw):
+    raw["portals"][0]["host"] = "localhost"
+    raw["portals"][0]["port"] = raw["replicas"][0]["grpc_port"]
+    assert only_problem(raw) == (
+        f"cluster.yaml: portals[0].port: port {raw['replicas'][0]['grpc_port']} on localhost is "
+        "already used by replicas[0].grpc_port")
+
+
+def test_default_ports_clash_too(raw):
+    del raw["broker"]  # the default broker port, 1883
+    raw["listener"] = {k: v for k, v in raw["listener"].items() if k != "port"}  # 7301
+    raw["portals"][0]["port"] = 1883
+    raw["portals"][1]["port"] = 7301
+    assert sorted(problems(raw)) == [
+        "cluster.yaml: listener.port: port 7301 on 127.0.0.1 is already used by portals[1].port",
+        "cluster.yaml: portals[0].port: port 1883 on 127.0.0.1 is already used by broker.port",
+    ]
+
+
+def test_two_replicas_on_one_data_dir(raw):
+    # Another spelling of the same directory.
+    raw["replicas"][1]["data_dir"] = os.path.join("alias", "..", raw["replicas"][0]["data_dir"])
+    found = only_problem(raw)
+    assert found.startswith("cluster.yaml: replicas[1].data_dir: ") and \
+        found.endswith("is already the data dir of replicas[0].data_dir"), found
+    raw["replicas"][1]["host"] = "10.0.0.2"  # another machine: its own disk
+    parse_cluster(raw, SOURCE, "/x")
+
+
+def test_a_key_given_twice_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("log_level: info\nraft:\n  heartbeat_period: 0.05\n"
+                    "  heartbeat_period: 0.1\nlog_level: debug\n")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert sorted(info.value.problems) == [
+        f"{path}: line 4: key 'heartbeat_period' given twice in one mapping",
+        f"{path}: line 5: key 'log_level' given twice in one mapping",
+    ]
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_bytes("cluster: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert info.value.problems == [
+        f"{path}: line 1: not UTF-8 text (byte b'\\xe9'; save the file as UTF-8)"]
+
+
+def test_absurd_nesting_is_a_problem_not_a_crash(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert len(info.value.problems) == 1 and str(path) in info.value.problems[0]
+
+
 def test_unreadable_file(tmp_path):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError) as info:
