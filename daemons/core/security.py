@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from daemons.core.config import Broker, Limits, TlsSettings
-from daemons.core.errors import ConfigError
+from daemons.core.errors import ConfigError, TarefaError
 
 # Names of the certificate pairs that are not a daemon id.
 CLI_CERT = "tarefa"
@@ -100,12 +100,32 @@ def message_options(limits: Limits) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", limits.max_message_bytes)]
 
 
+def server_options(limits: Limits) -> list[tuple[str, Any]]:
+    """Options of every daemon's gRPC server: the message bounds, and no
+    SO_REUSEPORT. gRPC sets it by default on Linux, so a second daemon started
+    on a port in use (the same portal twice, a port typo) would bind without an
+    error and silently take a share of the first one's connections."""
+    return [*message_options(limits), ("grpc.so_reuseport", 0)]
+
+
 def add_port(server: Any, address: str, material: TlsMaterial | None,
              require_client_auth: bool = False) -> int:
-    """Bind `server` to `address`, with TLS when the cluster file names certificates."""
-    if material is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, material.server_credentials(require_client_auth))
+    """Bind `server` to `address`, with TLS when the cluster file names certificates.
+
+    TarefaError (the daemon exits 1 with one clear line) when it cannot: grpcio
+    raises RuntimeError("Failed to bind ...") here, older versions returned 0."""
+    try:
+        if material is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address,
+                                          material.server_credentials(require_client_auth))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise TarefaError(f"cannot listen on {address}: the port is in use (another daemon "
+                          "running?) or the host is not an address of this machine")
+    return port
 
 
 def open_channel(address: str, material: TlsMaterial | None, aio: bool = False,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import fcntl
 import json
 import logging
 import os
@@ -40,8 +39,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+from daemons.core.claims import lock_file
 from daemons.core.config import FSYNC_POLICIES
-from daemons.core.errors import TarefaError
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +225,8 @@ class AuditLog:
                 self._lock_fd = None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise TarefaError(f"{self.path}: another listener is writing this audit log "
-                              f"(it holds {self.path}.lock)") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_file(self.path + ".lock",
+                                  f"{self.path}: another listener is writing this audit log")
 
     def _repair_tail(self) -> None:
         try:

@@ -29,10 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from daemons.core import events
 from daemons.core.config import Cluster, ListenerSpec
-from daemons.core.errors import ConfigError, InvalidArgument, TarefaError
+from daemons.core.errors import ConfigError, InvalidArgument
 from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
-from daemons.core.security import add_port, load_tls, mqtt_login
+from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.listener.audit import AuditLog
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
@@ -108,11 +108,11 @@ class ListenerDaemon(Daemon):
     def start(self) -> None:
         self.audit.open()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
-                                                             thread_name_prefix="grpc"))
+                                                             thread_name_prefix="grpc"),
+                                  options=server_options(self.cluster.limits))
         listener_pb2_grpc.add_ListenerStatusServicer_to_server(StatusServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if add_port(self.server, self.spec.address, self.tls) == 0:
-            raise TarefaError(f"cannot bind gRPC {self.spec.address}")
+        add_port(self.server, self.spec.address, self.tls)
         self.server.start()
         for name in ("", STATUS_SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -11,11 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from daemons.core import events
 from daemons.core.config import Cluster, PortalSpec
-from daemons.core.errors import ConfigError, TarefaError
+from daemons.core.errors import ConfigError
 from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.mqtt import EventBus
 from daemons.core.rpc import add_service
-from daemons.core.security import add_port, load_tls, message_options, mqtt_login
+from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.portal.auth import Authenticator, SecretHasher, admin_token
 from daemons.portal.cache import PortalCache
 from daemons.portal.coherence import Coherence
@@ -91,7 +91,7 @@ class PortalDaemon(Daemon):
 
     async def _serve(self) -> None:
         await self.replicas.start()
-        self.server = grpc.aio.server(options=message_options(self.cluster.limits))
+        self.server = grpc.aio.server(options=server_options(self.cluster.limits))
         names = ["tarefa.portal.PortalStatus"]
         if "admin" in self.spec.services:
             add_service(self.server, portal_pb2, "AdminPortal",
@@ -108,8 +108,7 @@ class PortalDaemon(Daemon):
                                    self.limits))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if add_port(self.server, self.spec.address, self.tls) == 0:
-            raise TarefaError(f"cannot bind gRPC {self.spec.address}")
+        add_port(self.server, self.spec.address, self.tls)
         await self.server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from daemons.core.claims import check_port_free, lock_file
 from daemons.core.config import Cluster
 from daemons.core.errors import StorageCorrupt, TarefaError
 from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.log import LevelCounter
-from daemons.core.security import add_port, load_tls, message_options
+from daemons.core.security import add_port, load_tls, server_options
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
 from daemons.replica.state_machine import ReplicaStateMachine, raft_password
@@ -23,6 +25,7 @@ from proto import replica_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tarefa.replica.Replica"
+LOCK_FILE = "replica.lock"
 
 
 class ReplicaDaemon(Daemon):
@@ -48,6 +51,7 @@ class ReplicaDaemon(Daemon):
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop",
                                              daemon=True)
         self.fatal: Exception | None = None
+        self._lock_fd: int | None = None
 
     @staticmethod
     def check(cluster: Cluster, replica_id: str) -> None:
@@ -80,10 +84,31 @@ class ReplicaDaemon(Daemon):
             except Exception:  # noqa: BLE001 - the original error is what matters
                 log.exception("%s: cleanup after a failed start", self.daemon_id)
             self.node = self.storage = None
+            self._release_data_dir()
             raise
+
+    def _claim_data_dir(self) -> None:
+        """Create the data dir and hold its lock for the process's life: a second
+        replica on it stops here, before LevelDB or the journal are touched."""
+        data_dir = self.spec.data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise TarefaError(f"data_dir {data_dir}: cannot create it: {exc.strerror}") from None
+        self._lock_fd = lock_file(os.path.join(data_dir, LOCK_FILE),
+                                  f"data_dir {data_dir} is in use by another replica")
+
+    def _release_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _start(self) -> None:
         raft = self.cluster.raft
+        self._claim_data_dir()
+        # PySyncObj binds its port in the background and retries forever: a port
+        # held by another process would leave this member silently cut off.
+        check_port_free(self.spec.host, self.spec.raft_port, "Raft")
         # Opening reads every LevelDB block with checksums on (StorageCorrupt if damaged).
         self.storage = Storage(self.spec.data_dir, on_corrupt=self._on_corrupt)
         log.info("%s: LevelDB %s at applied index %d, revision %d", self.daemon_id,
@@ -103,7 +128,7 @@ class ReplicaDaemon(Daemon):
 
     async def _serve(self) -> None:
         assert self.node is not None and self.storage is not None and self.proposer is not None
-        self.server = grpc.aio.server(options=message_options(self.cluster.limits))
+        self.server = grpc.aio.server(options=server_options(self.cluster.limits))
         replica_pb2_grpc.add_ReplicaServicer_to_server(
             ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
                             self.cluster.raft.apply_timeout,
@@ -112,9 +137,7 @@ class ReplicaDaemon(Daemon):
             self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if add_port(self.server, self.spec.grpc_address, self.tls,
-                    require_client_auth=True) == 0:
-            raise TarefaError(f"cannot bind gRPC {self.spec.grpc_address}")
+        add_port(self.server, self.spec.grpc_address, self.tls, require_client_auth=True)
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -139,5 +162,6 @@ class ReplicaDaemon(Daemon):
             self.node.destroy_synchronous()
         if self.storage is not None:
             self.storage.close()
+        self._release_data_dir()
         if self.fatal is not None:
             raise TarefaError(f"stopped after a fatal error: {self.fatal}")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
-from daemons.core.errors import StorageCorrupt
+from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
 from daemons.core.security import read_secret_file
 from daemons.replica import raft_wire
 from daemons.replica.applier import EntryApplier
@@ -131,6 +131,9 @@ def check_raft_files(data_dir: str) -> None:
                     first = idx
                 previous = idx
                 pos += length + 8
+    except PermissionError as exc:
+        raise TarefaError(f"{journal}: cannot read the Raft journal: {exc.strerror} (check that "
+                          "the data_dir belongs to the user the replica runs as)") from None
     except OSError as exc:
         raise StorageCorrupt(f"{journal}: cannot read the Raft journal: {exc}; {RESYNC}") from None
     if first is not None and first > 1 and not os.path.exists(snapshot):
@@ -217,7 +220,18 @@ class ReplicaStateMachine(SyncObj):
         peers = [r.raft_address for r in cluster.replicas if r.id != spec.id]
         self.peer_ids = {r.raft_address: r.id for r in cluster.replicas}
         try:
+            conf.validate()
+        except AssertionError:
+            # config.py checks every relation PySyncObj asserts; a new one in a
+            # PySyncObj upgrade lands here, not in the "damaged journal" branch.
+            raise ConfigError([f"{cluster.path}: raft: PySyncObj refuses these settings "
+                               "(SyncObjConf.validate failed)"]) from None
+        try:
             super().__init__(spec.raft_address, peers, conf)
+        except OSError as exc:
+            raise TarefaError(f"{self.journal_path}: cannot open the Raft journal: "
+                              f"{exc.strerror or exc} (check that the data_dir belongs to the "
+                              "user the replica runs as)") from exc
         except Exception as exc:  # noqa: BLE001 - the journal is read here
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import plyvel
 
 from daemons.core import domain
-from daemons.core.errors import StorageCorrupt
+from daemons.core.errors import StorageCorrupt, TarefaError
 
 SNAPSHOT_MAGIC = b"TAREFA-SNAPSHOT 1\n"
 META_RESTORING = b"m/restoring"
@@ -107,7 +107,11 @@ class Storage:
         self.path = path
         self.on_corrupt: Callable[[StorageCorrupt], None] | None = None  # set once open
         self._corrupt_reported = False
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise TarefaError(f"LevelDB at {path}: cannot create the directory: "
+                              f"{exc.strerror}") from None
         has_current = os.path.exists(os.path.join(path, "CURRENT"))
         data_files = sorted(os.path.basename(f) for pattern in _LEVELDB_DATA_FILES
                             for f in glob.glob(os.path.join(path, pattern)))
@@ -126,6 +130,9 @@ class Storage:
                                  paranoid_checks=True, bloom_filter_bits=10)
         except (plyvel.Error, OSError) as exc:
             text = str(exc).lower()
+            if "permission denied" in text:
+                raise TarefaError(f"cannot open LevelDB at {path}: {exc} (check that the "
+                                  "data_dir belongs to the user the replica runs as)") from None
             if "lock" in text and ("temporarily unavailable" in text or "already held" in text):
                 raise StorageCorrupt(
                     f"LevelDB at {path} is in use by another process (is another replica "
