@@ -365,7 +365,11 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
     replicas = tuple(ReplicaSpec(**r) for r in (replicas_raw or []) if _complete(r, ReplicaSpec))
     portals = tuple(PortalSpec(**p) for p in (top.get("portals") or [])
                     if _complete(p, PortalSpec))
-    listener = ListenerSpec(**top["listener"]) if "listener" in top else None
+    listener = None
+    if "listener" in top:
+        # The default audit_log is relative to this file too, not to the cwd.
+        listener = ListenerSpec(**{"audit_log": c.path_value(ListenerSpec.audit_log, ""),
+                                   **top["listener"]})
     security = _security(c, top.get("security", {}), complain=isinstance(raw, dict))
     limits = Limits(**top.get("limits", {}))
     given_limits = raw.get("limits") if isinstance(raw, dict) else None

@@ -391,6 +391,15 @@ def test_absurd_nesting_is_a_problem_not_a_crash(tmp_path):
     assert len(info.value.problems) == 1 and str(path) in info.value.problems[0]
 
 
+def test_the_default_audit_log_is_relative_to_the_file(raw):
+    del raw["listener"]["audit_log"]
+    assert parse_cluster(raw, SOURCE, "/etc/tarefa").listener.audit_log == \
+        "/etc/tarefa/audit.jsonl"
+    raw["listener"] = None  # the whole section by default
+    assert parse_cluster(raw, SOURCE, "/etc/tarefa").listener.audit_log == \
+        "/etc/tarefa/audit.jsonl"
+
+
 def test_unreadable_file(tmp_path):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError) as info:
