@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, TextIO
 
@@ -47,7 +48,8 @@ class Printer:
         width = max(len(k) for k in value)
         for key, item in value.items():
             shown = json.dumps(item, ensure_ascii=False) if isinstance(item, (dict, list)) else item
-            print(f"{key.ljust(width)}  {shown}", file=self.out)
+            safe = terminal_safe(str(shown), keep="\n")  # a multi-line description stays so
+            print(f"{key.ljust(width)}  {safe}", file=self.out)
 
     def line(self, text: str, value: dict[str, Any]) -> None:
         if self.as_json:
@@ -89,7 +91,25 @@ class Printer:
         print("  ".join(parts), file=self.out, flush=True)
 
 
+# C0 and C1 controls (escape sequences, carriage returns, ...), DEL and the
+# bidirectional overrides and isolates, which could rewrite what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str, keep: str = "") -> str:
+    """`text` with every control character shown as an escape (`\\n`, `\\x1b`),
+    except those in `keep`: descriptions are user data and reach the operator's
+    terminal. --json output is JSON-escaped already."""
+    def escape(found: re.Match) -> str:
+        ch = found.group()
+        if ch in keep:
+            return ch
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or \
+            (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return _UNSAFE.sub(escape, text)
+
+
 def _cell(value: Any, limit: int | None) -> str:
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
-    text = text.replace("\n", "\\n")
+    text = terminal_safe(text)
     return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"

@@ -186,3 +186,16 @@ def test_tables_show_the_identifier_whole_and_cut_the_rest():
                                 ["title", "description"], "")
     row = out.getvalue().splitlines()[1]
     assert title in row and description not in row and "d" * 59 + "…" in row
+
+
+def test_control_characters_in_user_data_cannot_drive_the_terminal():
+    out = io.StringIO()
+    printer = Printer(False, out)
+    printer.record({"title": "t", "description": "two\nlines \x1b]0;pwned\x07\r\u202eX"})
+    printer.listing("tasks", [{"title": "t", "description": "a\nb\x1b[2J"}],
+                    ["title", "description"], "")
+    shown = out.getvalue()
+    assert "\x1b" not in shown and "\x07" not in shown and "\r" not in shown
+    assert "\u202e" not in shown
+    assert "two\nlines \\x1b]0;pwned\\x07\\r\\u202eX" in shown  # a record keeps its lines
+    assert "a\\nb\\x1b[2J" in shown  # a table row stays one line
