@@ -115,6 +115,8 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
                         help="validate the cluster file, the id and the secret files this "
                              "daemon reads, and exit")
     args = parser.parse_args(argv)
+    if needs_id and not args.id.strip():
+        parser.error("--id: must name a daemon of the cluster file (got an empty string)")
     daemon_id = getattr(args, "id", None) or prog
     try:
         cluster = load_cluster(args.config)

@@ -525,6 +525,11 @@ def test_replica_check_config_on_the_shipped_file_exits_0(tmp_path):
     assert done.stderr == ""
 
 
+def test_an_empty_id_is_a_usage_error():
+    done = run_replica("--config", SHIPPED, "--id", "", "--check-config")
+    assert done.returncode == 2 and "--id: must name a daemon" in done.stderr
+
+
 def test_replica_check_config_refuses_an_unknown_id():
     done = run_replica("--config", SHIPPED, "--id", "replica-7", "--check-config")
     assert done.returncode == 2
