@@ -120,6 +120,7 @@ class PortalSpec:
     port: int
     services: tuple[str, ...]
     cache_entries: int = 10_000
+    cache_bytes: int = 256 * 1024 * 1024
     cache_ttl: float = 30.0
 
     @property
@@ -342,7 +343,8 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
                                                  "data_dir"))),
         "portals": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
             "id": c.string, "host": c.string, "port": c.port, "services": c.services,
-            "cache_entries": c.positive_int, "cache_ttl": c.seconds},
+            "cache_entries": c.positive_int, "cache_bytes": c.positive_int,
+            "cache_ttl": c.seconds},
             required=("id", "host", "port", "services"))),
         "listener": lambda v, p: c.mapping(v, p, {
             "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value,

@@ -6,12 +6,20 @@ per key, the highest revision it has seen in an event or write (the
 "high-water mark"), and refuses to cache a read taken at an older store
 revision. Keys are ("client", cid), ("task", cid, title) or ("secret", cid)
 (the client's secret record: salted hash, never the secret); deleting a
-client or clearing its tasks raises a per-client mark that covers every
-task (and the secret record) of that client.
+client or clearing its tasks raises a per-client "scope" mark that covers
+every task of that client (the client and secret records have marks of
+their own: clearing tasks must not hide a newer client change). A replica
+read raises the key's mark to the store revision it was taken at, so a late
+event older than what a read showed (a deletion included) is not cached.
 
 High-water marks are kept in their own LRU (4x the entry bound); when one is
 evicted its revision raises a global floor instead, so forgetting a mark
-can only make the cache more cautious, never serve something stale.
+can only make the cache more cautious, never serve something stale: a change
+at or below the floor, for a key whose own mark may have been folded into
+it, drops the key's entry instead of caching an answer that may be older.
+
+Entries are bounded in number (`max_entries`) and in estimated bytes
+(`max_bytes`, see `record_bytes`); the least recently used go first.
 
 Events are not authenticated, so a mark or an entry may come from a forged
 event with a revision the store never reached. Such a revision is refuted by
@@ -30,6 +38,8 @@ dropped so the next read goes to the replicas and settles who is right.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -52,8 +62,33 @@ def secret_key(cid: str) -> Key:
 
 
 def _scope(key: Key) -> Key:
-    """The per-client mark that covers a key (itself for clients)."""
+    """The per-client mark raised by deleting a client or clearing its tasks."""
     return ("scope", key[1])
+
+
+def _mark_keys(key: Key) -> tuple[Key, ...]:
+    """The marks that bound `key`: its own, and for a task its client's scope."""
+    return (key, _scope(key)) if key[0] == "task" else (key,)
+
+
+# Parsed JSON costs far more than its text: up to ~15x for containers of small
+# items (measured: a 64 KiB client data of tiny values took ~957 KiB parsed).
+_CONTAINER_WEIGHT = 16
+_ENTRY_OVERHEAD = 600  # the record dict, its keys, the Entry, the LRU node
+
+
+def record_bytes(value: Any) -> int:
+    """A cheap upper estimate of the memory a cached record holds."""
+    size = _ENTRY_OVERHEAD
+    if isinstance(value, dict):
+        for item in value.values():
+            if isinstance(item, str):
+                size += sys.getsizeof(item)
+            elif isinstance(item, (dict, list)):
+                size += _CONTAINER_WEIGHT * len(json.dumps(item, ensure_ascii=False))
+            else:
+                size += 32
+    return size
 
 
 @dataclass
@@ -62,6 +97,7 @@ class Entry:
     revision: int
     stored_at: float
     seq: int = 0  # the cache's sequence number when stored
+    size: int = 0  # record_bytes(value)
 
 
 Token = tuple[int, int]  # (epoch, sequence number) when a replica read started
@@ -69,8 +105,11 @@ Token = tuple[int, int]  # (epoch, sequence number) when a replica read started
 
 class PortalCache:
     def __init__(self, max_entries: int, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # record_bytes of every entry held
         self.ttl = ttl
         self._clock = clock
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
@@ -95,7 +134,7 @@ class PortalCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and self._clock() - entry.stored_at > self.ttl:
-                del self._entries[key]
+                self._drop_locked(key)
                 entry = None
             if entry is None:
                 self.misses += 1
@@ -113,7 +152,7 @@ class PortalCache:
         return self._marks.get(key, (0, 0))[0]
 
     def _required_locked(self, key: Key) -> int:
-        return max(self._floor, self._mark_of(key), self._mark_of(_scope(key)))
+        return max(self._floor, *(self._mark_of(k) for k in _mark_keys(key)))
 
     def read_token(self) -> Token:
         """Take before a replica read starts; give to `settle_read` with its answer."""
@@ -141,7 +180,7 @@ class PortalCache:
         with self._lock:
             self.verified = max(self.verified, read_revision)
             if read_revision > 0:
-                for mark_key in (key, _scope(key)):
+                for mark_key in _mark_keys(key):
                     revision, seq = self._marks.get(mark_key, (0, 0))
                     if revision > read_revision and seq <= started:
                         del self._marks[mark_key]
@@ -152,13 +191,17 @@ class PortalCache:
                 entry = self._entries.get(key)
                 if entry is not None and entry.revision > read_revision \
                         and entry.seq <= started:
-                    del self._entries[key]
+                    self._drop_locked(key)
                     refuted.append(f"entry {key!r} at revision {entry.revision}")
                 if refuted:
                     self.refuted += len(refuted)
                     self._seq += 1
             if read_revision < self._required_locked(key):
                 return False, refuted
+            if read_revision > self._mark_of(key):
+                # What the replicas showed: a later event older than this (a
+                # QoS 1 resend, a publish held while the broker was away) is stale.
+                self._mark_locked(key, read_revision)
             if cache and value is not None and epoch == self.epoch:
                 current = self._entries.get(key)
                 if current is None or current.revision <= read_revision:
@@ -196,19 +239,27 @@ class PortalCache:
         with self._lock:
             if verified:
                 self.verified = max(self.verified, revision)
-            mark = max(self._mark_of(key), self._mark_of(_scope(key)))
+            mark = max(self._mark_of(k) for k in _mark_keys(key))
             if revision <= mark:
                 if mark > self.verified:
                     current = self._entries.get(key)
                     if current is not None and current.revision > self.verified:
-                        del self._entries[key]
+                        self._drop_locked(key)
+                return False
+            if revision <= self._floor:
+                # The key's own mark may have been evicted into the floor (a
+                # deletion at a higher revision, say): this change may be older
+                # than what was seen. Cache nothing (the next read asks the
+                # replicas), but keep the mark: a forged floor may be refuted later.
+                self._drop_locked(key)
+                self._mark_locked(key, revision)
                 return False
             self._mark_locked(key, revision)
             current = self._entries.get(key)
             if current is not None and current.revision >= revision:
                 return False
             if value is None:
-                self._entries.pop(key, None)
+                self._drop_locked(key)
             else:
                 self._put_locked(key, value, revision)
             return True
@@ -222,29 +273,42 @@ class PortalCache:
             if revision > self._mark_of(scope):
                 self._mark_locked(scope, revision)
             for key in [k for k in self._entries if k[0] == "task" and k[1] == cid]:
-                del self._entries[key]
+                self._drop_locked(key)
 
     def clear(self) -> None:
         """Forget every entry (e.g. after missing events); marks stay valid bounds."""
         with self._lock:
             self._entries.clear()
+            self.bytes = 0
             self.epoch += 1
             self._seq += 1
 
     def resize(self, max_entries: int) -> None:
         with self._lock:
             self.max_entries = max_entries
-            while len(self._entries) > max_entries:
-                self._entries.popitem(last=False)
+            self._evict_locked()
 
     # -- internals -------------------------------------------------------------
 
     def _put_locked(self, key: Key, value: Any, revision: int) -> None:
         self._seq += 1
-        self._entries[key] = Entry(value, revision, self._clock(), self._seq)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        size = record_bytes(value)
+        self._drop_locked(key)
+        if size > self.max_bytes:
+            return  # larger than the whole budget: served from the replicas
+        self._entries[key] = Entry(value, revision, self._clock(), self._seq, size)
+        self.bytes += size
+        self._evict_locked()
+
+    def _drop_locked(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
+
+    def _evict_locked(self) -> None:
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, entry = self._entries.popitem(last=False)
+            self.bytes -= entry.size
 
     def _mark_locked(self, key: Key, revision: int) -> None:
         self._seq += 1
@@ -252,6 +316,8 @@ class PortalCache:
         self._marks.move_to_end(key)
         while len(self._marks) > 4 * self.max_entries:
             _, (evicted, _seq) = self._marks.popitem(last=False)
-            if evicted > self._floor:
-                self._floor = evicted
-                self._floor_seq = self._seq
+            self._floor = max(self._floor, evicted)
+            # Even when the floor does not rise (it is above `evicted`, perhaps
+            # from a forged mark): a read that started before this eviction must
+            # not lower the floor below the mark folded into it now.
+            self._floor_seq = self._seq

@@ -43,7 +43,8 @@ class PortalDaemon(Daemon):
         super().__init__(portal_id, cluster)
         self.spec = portal_spec(cluster, portal_id)
         self.tls = load_tls(cluster.security.tls, portal_id)
-        self.cache = PortalCache(self.spec.cache_entries, self.spec.cache_ttl)
+        self.cache = PortalCache(self.spec.cache_entries, self.spec.cache_ttl,
+                                 max_bytes=self.spec.cache_bytes)
         self.coherence = Coherence(portal_id, cluster.name, self.cache)
         self.replicas = ReplicaClient(cluster, portal_id, self.tls)
         security = cluster.security

@@ -67,6 +67,13 @@ class PortalOperations:
                              title=title or "", at=at, **fields)
         answer = await self.replicas.apply(command, timeout)
         record = json.loads(answer.record) if answer.record else None
+        if answer.duplicate:
+            # A retry of a request id already applied gets its first answer: an
+            # old revision and record. Its event went out from the portal that
+            # committed it (or, if that one died first, caches catch up by TTL);
+            # publishing it again would replay an old change as new, to every
+            # cache and watcher, under this portal's name.
+            return answer, record
         self.coherence.local_change(events.make_event(
             event, cid, answer.revision, self.portal_id, at, title=title, record=record))
         return answer, record
@@ -165,9 +172,9 @@ class PortalOperations:
 
     # -- client (tasks) ----------------------------------------------------------
 
-    async def require_client(self, cid: str, timeout: float) -> None:
-        """Refuse any call naming an unknown CID."""
-        await self.get_client(cid, False, timeout)
+    async def require_client(self, cid: str, timeout: float) -> dict:
+        """Refuse any call naming an unknown CID; the client's record otherwise."""
+        return await self.get_client(cid, False, timeout)
 
     async def create_task(self, cid: str, title: str, description: str, request_id: str,
                     timeout: float) -> dict:

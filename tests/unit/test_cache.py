@@ -33,7 +33,7 @@ def test_a_mark_set_before_the_read_and_above_its_store_revision_is_refuted() ->
     fresh, refuted = cache.settle_read(KEY, rec(10, "real"), 20, token)
     assert fresh and len(refuted) == 2 and cache.refuted == 2  # the mark and its entry
     assert cache.get(KEY).value["description"] == "real"
-    assert cache.required_revision(KEY) == 0
+    assert cache.required_revision(KEY) == 20  # the forged mark is gone; the read's stays
     # a real later change applies normally again
     assert cache.apply_change(KEY, rec(21, "next"), 21)
     assert cache.get(KEY).value["description"] == "next"
@@ -159,3 +159,115 @@ def test_a_reordered_event_below_a_verified_mark_changes_nothing() -> None:
     cache.apply_change(KEY, rec(8, "newer"), 8, verified=True)
     assert not cache.apply_change(KEY, rec(7, "older"), 7)
     assert cache.get(KEY).value["description"] == "newer"
+
+
+# ---- found by a review of the revision rules (each failed before its fix) --------------------
+
+
+def crec(revision: int, name: str) -> dict:
+    return {"cid": CID, "data": {"name": name}, "created_at": AT, "updated_at": AT,
+            "revision": revision}
+
+
+def test_clearing_tasks_does_not_hide_an_older_client_change() -> None:
+    """task.cleared@10 from one portal may arrive before client.updated@8 and
+    client.secret_rotated@9 from another: both must still apply."""
+    from daemons.portal.cache import secret_key
+    cache = PortalCache(100, 60)
+    cache.settle_read(client_key(CID), crec(3, "old"), 5, cache.read_token())
+    cache.settle_read(secret_key(CID), {"cid": CID, "hash": "OLD"}, 5, cache.read_token())
+    cache.drop_client(CID, 10)  # task.cleared@10
+    assert cache.apply_change(client_key(CID), crec(8, "new"), 8)
+    cache.apply_change(secret_key(CID), None, 9)
+    assert cache.get(client_key(CID)).value["data"] == {"name": "new"}
+    assert cache.get(secret_key(CID)) is None  # the rotated secret's old hash is gone
+    assert cache.required_revision(KEY) == 10  # tasks stay covered by the clear
+
+
+def test_an_old_event_after_its_keys_mark_was_evicted_is_not_cached() -> None:
+    cache = PortalCache(2, 60)  # 8 marks at most
+    cache.apply_change(KEY, rec(10), 10)
+    cache.apply_change(KEY, None, 20)  # task.deleted@20
+    for n in range(8):  # other keys' events push KEY's mark out (into the floor)
+        cache.apply_change(task_key(CID, f"k{n}"), rec(21 + n), 21 + n)
+    assert not cache.apply_change(KEY, rec(10, "resurrected"), 10)  # e.g. a QoS 1 resend
+    assert cache.get(KEY) is None
+
+
+def test_an_event_older_than_a_read_is_not_cached() -> None:
+    """A restarted portal read NOT_FOUND at store revision 25; a late event @10 follows."""
+    cache = PortalCache(100, 60)
+    assert cache.settle_read(KEY, None, 25, cache.read_token()) == (True, [])
+    assert not cache.apply_change(KEY, rec(10, "late"), 10)
+    assert cache.get(KEY) is None
+
+
+def test_refuting_a_forged_floor_keeps_a_real_mark_that_arrived_meanwhile() -> None:
+    cache = PortalCache(1, 60)  # 4 marks at most
+    cache.apply_change(task_key(CID, "forged"), rec(10**12), 10**12)
+    for n in range(4):  # the forged mark is folded into the floor
+        cache.apply_change(task_key(CID, f"f{n}"), rec(n + 1), n + 1)
+    other, key = task_key(CID, "a"), task_key(CID, "k")
+    token_other, token_key = cache.read_token(), cache.read_token()
+    cache.apply_change(key, rec(100), 100)  # a real event for `key` arrives
+    for n in range(4):
+        cache.apply_change(task_key(CID, f"g{n}"), rec(101 + n), 101 + n)
+    cache.settle_read(other, rec(1), 90, token_other)  # may refute the forged floor ...
+    fresh, _ = cache.settle_read(key, rec(50, "old"), 95, token_key)
+    assert not fresh and cache.get(key) is None  # ... but never below the event seen for key
+
+
+def test_the_cache_is_bounded_in_bytes() -> None:
+    cache = PortalCache(10_000, 60, max_bytes=1_000_000)
+    big = "x" * 100_000
+    for n in range(30):
+        key = task_key(CID, f"t{n}")
+        cache.apply_change(key, {**rec(n + 1, big), "title": f"t{n}"}, n + 1)
+    assert cache.bytes <= 1_000_000 and 5 <= len(cache) <= 10
+    assert cache.get(task_key(CID, "t29")) is not None  # the newest stayed
+    assert cache.get(task_key(CID, "t0")) is None
+    # Parsed JSON weighs more than its text: a client data of small items counts so.
+    tiny = {str(n): {} for n in range(8000)}  # ~70 KB of JSON
+    cache.apply_change(client_key(CID), crec(100, "x") | {"data": tiny}, 100)
+    assert cache.get(client_key(CID)) is None  # its estimate is above the whole budget
+    cache.clear()
+    assert cache.bytes == 0
+
+
+def test_a_retried_write_answered_from_the_dedupe_table_publishes_nothing() -> None:
+    """The first attempt's portal published the change; replaying the first answer
+    (an old revision and record) as a new event, under another portal's name, would
+    reach every cache and watcher a second time."""
+    import asyncio
+    import json
+
+    from daemons.portal.operations import PortalOperations
+    from proto import replica_pb2
+
+    first = rec(10, "first")
+
+    class Replicas:
+        async def apply(self, command, timeout):  # type: ignore[no-untyped-def]
+            return replica_pb2.ApplyResponse(revision=10, record=json.dumps(first),
+                                             duplicate=True)
+
+    class Bus:
+        sent: list = []
+
+        def publish(self, topic: str, payload: bytes) -> None:
+            self.sent.append(topic)
+
+    async def retry() -> dict:
+        coherence = Coherence("portal-client-2", "test", PortalCache(100, 60))
+        coherence.on_connection(True)
+        coherence.loop = asyncio.get_running_loop()
+        coherence.bus = Bus()
+        watcher = coherence.watch(CID)
+        ops = PortalOperations("portal-client-2", Replicas(), coherence)  # type: ignore[arg-type]
+        record = await ops.update_task(CID, "t", "first", None, "req-1", 5)
+        await asyncio.sleep(0.01)
+        assert watcher.queue.empty() and coherence.published == 0
+        return record
+
+    assert asyncio.run(retry())["description"] == "first"  # the caller gets the first answer
+    assert Bus.sent == []
