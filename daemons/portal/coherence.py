@@ -17,8 +17,11 @@ marks a forged event left above the store's revision, with a WARNING.
 
 A client's cached secret record (see auth.py) is dropped, and its mark
 raised, by `client.created`, `client.deleted` and `client.secret_rotated`:
-a read of the record older than such an event is never cached nor used, and
-WatchTasks streams of that client are told of a rotation (they end).
+a read of the record older than such an event is never cached nor used.
+WatchTasks streams of that client are told of each of these (they end: the
+client is gone, or another client now has its CID, or its secret changed),
+and every stream is told when the broker connection goes down or comes back
+(`BROKER_CHANGED`: events may have been missed, so they end too).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 1000
 _SEEN_EVENTS = 50_000
+# Offered to every watcher when the broker connection goes down or comes back.
+BROKER_CHANGED: dict[str, Any] = {"event": "_broker_changed"}
+# Client events a WatchTasks stream of that client must see (each ends it).
+_CLIENT_EVENTS_FOR_WATCHERS = ("client.created", "client.deleted", "client.secret_rotated")
 
 
 class Watcher:
@@ -77,9 +84,13 @@ class Coherence:
 
     def on_connection(self, up: bool) -> None:
         # Either way the cache may miss events from now on (down) or from the
-        # time we were away (up): start from empty.
+        # time we were away (up): start from empty, and so must watchers.
         self.cache.clear()
         self._connected = up
+        with self._lock:
+            watchers = [w for group in self._watchers.values() for w in group]
+        for watcher in watchers:
+            self._offer(watcher, BROKER_CHANGED)
 
     # -- events ----------------------------------------------------------------
 
@@ -131,12 +142,15 @@ class Coherence:
             self.cache.drop_client(cid, revision, verified)
         else:
             self.cache.apply_change(task_key(cid, event["title"]), record, revision, verified)
-        if kind.startswith("task.") or kind in ("client.deleted", "client.secret_rotated"):
+        if kind.startswith("task.") or kind in _CLIENT_EVENTS_FOR_WATCHERS:
             with self._lock:
                 watchers = list(self._watchers.get(cid, ()))
             for watcher in watchers:
-                if self.loop is not None:
-                    self.loop.call_soon_threadsafe(watcher.offer, event)
+                self._offer(watcher, event)
+
+    def _offer(self, watcher: Watcher, event: dict[str, Any]) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(watcher.offer, event)
 
     def settle_read(self, key: Key, record: dict | None, read_revision: int,
                     token: Token) -> bool:

@@ -8,6 +8,7 @@ does anything else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, AsyncIterator, Callable
@@ -18,12 +19,18 @@ from daemons.core import domain
 from daemons.core.errors import TarefaError
 from daemons.core.rpc import boundary, call_timeout, grpc_code, reject_undecodable
 from daemons.portal.auth import Authenticator
+from daemons.portal.coherence import BROKER_CHANGED
 from daemons.portal.limits import PortalLimits
 from daemons.portal.operations import PortalOperations
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# How long a WatchTasks stream still delivers its client's earlier changes after
+# the deletion event (events from different portals can arrive out of order;
+# measured apart by a few milliseconds here) before it ends with NOT_FOUND.
+DELETION_DRAIN = 0.5
 
 
 def client_message(record: dict, secret: str = "") -> pb.Client:
@@ -171,28 +178,68 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
     async def _watch(self, request: pb.WatchTasksRequest,
                      context: Any) -> AsyncIterator[pb.TaskEvent]:
         try:
-            await self.ops.require_client(request.cid, self.default_timeout)
+            client = await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
             await context.abort(grpc_code(exc), exc.message)
+        # Client events at or below the revision of the record seen here are of
+        # this client's creation or of a CID's earlier life: not news.
+        seen = client["revision"]
         coherence = self.ops.coherence
         watcher = coherence.watch(request.cid)
         try:
+            # Checked once registered: a broker change from now on reaches the queue.
+            if not coherence.serving_cache:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "this portal is not connected to the event broker; try "
+                                    "another portal or watch again shortly")
+            deleted_at = 0  # the revision of this client's deletion, once seen
+            ends_at = 0.0
+            loop = asyncio.get_running_loop()
             while True:
-                event = await watcher.queue.get()
+                if not deleted_at:
+                    event = await watcher.queue.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(watcher.queue.get(),
+                                                       max(0.0, ends_at - loop.time()))
+                    except asyncio.TimeoutError:
+                        await context.abort(grpc.StatusCode.NOT_FOUND,
+                                            f"client {request.cid} was deleted")
+                kind = event["event"]
                 if watcher.overflowed:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         "watcher fell too far behind; watch again and re-list")
-                if event["event"] == "client.secret_rotated":
+                if event is BROKER_CHANGED:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        "this portal's event broker connection changed and "
+                                        "events may have been missed; watch again and re-list")
+                if kind.startswith("client.") and event["revision"] <= seen:
+                    continue
+                if deleted_at and event["revision"] > deleted_at:
+                    # After the deletion: the CID may belong to another client now.
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"client {request.cid} was deleted")
+                if kind == "client.secret_rotated":
                     if self.auth.enforcing:  # the stream was opened with the old secret
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                             "the client's secret was rotated; watch again with "
                                             "the new one")
                     continue
+                if kind == "client.created":
+                    # Only after the watched client was deleted (its event may come
+                    # later, from another portal): this is another client now.
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"client {request.cid} was deleted and created again")
                 record = event.get("record")
                 yield pb.TaskEvent(
-                    event=event["event"], cid=event["cid"], title=event.get("title", ""),
+                    event=kind, cid=event["cid"], title=event.get("title", ""),
                     revision=event["revision"], origin=event["origin"], at=event["at"],
                     task=task_message(record) if record and "title" in record else None)
+                if kind == "client.deleted" and not deleted_at:
+                    # Events from other portals may arrive out of order: the
+                    # client's own changes from before its deletion still come
+                    # for a moment, then the stream ends.
+                    deleted_at, ends_at = event["revision"], loop.time() + DELETION_DRAIN
         finally:  # the caller went away (the task is cancelled) or we aborted
             coherence.unwatch(watcher)
 
@@ -211,5 +258,6 @@ class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
         await reject_undecodable(request, context)
         return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
                                        auth_refused=self.auth.refused,
-                                       watch_streams=self.limits.watch.open,
+                                       # streams receiving events (past their checks)
+                                       watch_streams=self.ops.coherence.watcher_count,
                                        limited=self.limits.refused, **self.ops.status())

@@ -248,6 +248,29 @@ def test_cli_task_verbs_and_watch_go_to_the_next_client_portal(stack):
             watch.wait(10)
 
 
+def test_a_watch_ends_when_its_client_is_deleted(stack):
+    """The stream must not outlive its client, nor carry on for a new client that
+    gets the same CID (another owner's data)."""
+    admin = stack.portal("portal-admin").admin
+    a, b = stack.portal("portal-client-1"), stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="4", data="{}"), timeout=10)
+    stream = b.client.WatchTasks(pb.WatchTasksRequest(cid="4"), timeout=30)
+    wait_for(lambda: b.status().watch_streams == 1, 5, "the watch stream")
+    a.client.CreateTask(pb.CreateTaskRequest(cid="4", title="mine"), timeout=10)
+    gone = admin.DeleteClient(pb.DeleteClientRequest(cid="4"), timeout=10)
+    admin.CreateClient(pb.CreateClientRequest(cid="4", data="{}"), timeout=10)
+    a.client.CreateTask(pb.CreateTaskRequest(cid="4", title="theirs"), timeout=10)
+    seen = []
+    with pytest.raises(grpc.RpcError) as ended:
+        for event in stream:
+            seen.append((event.event, event.title))
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+    # The two events come from different portals and may arrive in either order;
+    # nothing of the new client with the same CID comes at all.
+    assert sorted(seen) == [("client.deleted", ""), ("task.created", "mine")]
+    assert gone.revision > 0
+
+
 def _until_cancel(call):
     try:
         yield from call
@@ -319,9 +342,20 @@ def test_broker_loss_and_return(stack):
     admin.CreateClient(pb.CreateClientRequest(cid="3", data="{}"), timeout=10)
     a.client.CreateTask(pb.CreateTaskRequest(cid="3", title="t", description="v0"), timeout=10)
     wait_for(lambda: b.client.GetTask(pb.TaskRef(cid="3", title="t"), timeout=5), 5, "read")
+    stream = b.client.WatchTasks(pb.WatchTasksRequest(cid="3"))
+    wait_for(lambda: b.status().watch_streams == 1, 5, "the watch stream")
     stack.broker.kill()
     wait_for(lambda: not b.status().broker_connected and not a.status().broker_connected, 15,
              "portals to notice the broker is gone")
+    # Events may be missed from now on: the stream ends instead of going quiet,
+    # and a new one is refused until the broker is back.
+    with pytest.raises(grpc.RpcError) as ended:
+        next(iter(stream))
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "events may have been missed" in ended.value.details()
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(b.client.WatchTasks(pb.WatchTasksRequest(cid="3"), timeout=10)))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     for i in range(3):  # no events flow, yet B must not serve its stale cache
         a.client.UpdateTask(pb.UpdateTaskRequest(cid="3", title="t", description=f"v{i + 1}"),
                             timeout=10)
