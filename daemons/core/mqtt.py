@@ -268,6 +268,9 @@ class EventBus:
         if not self._subscriptions:
             self._mark_connected()
             return
+        self._subscribe(client)
+
+    def _subscribe(self, client: mqtt.Client) -> None:
         if self._no_local:
             options = mqtt.SubscribeOptions(qos=1, noLocal=True)
             _, self._subscribe_mid = client.subscribe([(t, options)
@@ -278,10 +281,31 @@ class EventBus:
     def _handle_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                           reasons: list, properties: object) -> None:
         # Only once the broker confirmed the subscriptions can no event be missed.
-        if mid == self._subscribe_mid:
-            if any(r.is_failure for r in reasons):
-                log.warning("%s: broker refused a subscription: %s", self.client_id, reasons)
-            self._mark_connected()
+        if mid != self._subscribe_mid:
+            return
+        if any(r.is_failure for r in reasons):
+            # Not connected for our purposes: events would be missed (a portal
+            # would serve cached reads no event keeps fresh). Ask again later.
+            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
+            log.warning("%s: broker refused a subscription (%s); not using the broker until "
+                        "it accepts, asking again in %.1fs", self.client_id,
+                        ", ".join(str(r) for r in reasons), delay)
+            if self._loop is None:
+                timer = threading.Timer(delay, self._resubscribe)
+                timer.daemon = True
+                timer.start()
+            else:
+                self._loop.call_later(delay, self._resubscribe)
+            return
+        self._mark_connected()
+
+    def _resubscribe(self) -> None:
+        """After a refused SUBSCRIBE, on the same connection (a reconnect subscribes anyway)."""
+        if self._stopping or self._reconnecting or self._client.socket() is None:
+            return
+        self._subscribe(self._client)
+        if self._loop is not None:
+            self._sync()
 
     def _mark_connected(self) -> None:
         self._delay = RECONNECT_MIN_DELAY

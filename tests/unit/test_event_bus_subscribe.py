@@ -1,0 +1,51 @@
+"""EventBus (daemons/core/mqtt.py): a subscription the broker refuses is not
+"connected" (a portal would otherwise serve cached reads that no event keeps
+fresh); it is asked for again. A fake paho client stands in for the broker,
+which here (Mosquitto 2.0) grants even ACL-denied subscriptions, so a real
+refusal cannot be provoked; tests/integration/test_event_bus.py runs the rest
+against a real Mosquitto."""
+
+from __future__ import annotations
+
+import time
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from daemons.core import mqtt as mqtt_module
+from daemons.core.config import Broker
+from daemons.core.mqtt import EventBus
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self.subscribed: list = []
+
+    def subscribe(self, topics):  # type: ignore[no-untyped-def]
+        self.subscribed.append(topics)
+        return 0, 100 + len(self.subscribed)
+
+    def socket(self) -> object:
+        return object()
+
+
+def test_a_refused_subscription_is_not_connected_and_is_asked_again(monkeypatch):
+    monkeypatch.setattr(mqtt_module, "RECONNECT_MIN_DELAY", 0.01)
+    states: list[bool] = []
+    bus = EventBus(Broker(), "t", ["tarefa/test/#"], lambda topic, payload: None,
+                   states.append)
+    fake = _FakeClient()
+    bus._client = fake  # type: ignore[assignment]
+    bus._delay = 0.01
+    bus._handle_connect(fake, None, {}, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    assert len(fake.subscribed) == 1
+    refused = ReasonCode(PacketTypes.SUBACK, identifier=0x87)  # not authorized
+    bus._handle_subscribe(fake, None, 101, [refused], None)
+    assert not bus.connected and states == []
+    deadline = time.monotonic() + 5
+    while len(fake.subscribed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fake.subscribed) == 2, "the subscription was not asked for again"
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=1)
+    bus._handle_subscribe(fake, None, 102, [granted], None)
+    assert bus.connected and states == [True]
