@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import plyvel
 
 from daemons.core import domain
-from daemons.core.errors import StorageCorrupt, TarefaError
+from daemons.core.errors import StorageCorrupt, TarefaError, Unavailable
 
 SNAPSHOT_MAGIC = b"TAREFA-SNAPSHOT 1\n"
 META_RESTORING = b"m/restoring"
@@ -146,6 +146,9 @@ class Storage:
             except BaseException:
                 self._db.close()
                 raise
+        # Odd while a snapshot restore is in progress (or was cut short by a
+        # crash: the marker is still there until the restore is redone).
+        self._restore_generation = 1 if self.get(META_RESTORING) is not None else 0
         self.on_corrupt = on_corrupt
 
     def verify(self) -> int:
@@ -194,9 +197,18 @@ class Storage:
     def revision(self) -> int:
         return self._int(domain.META_REVISION)
 
+    def _check_whole(self, before: int) -> None:
+        """Refuse a read whose LevelDB snapshot may hold a half-restored DB: one
+        taken while a restore ran (`before` is the generation seen before it)."""
+        if before % 2 or before != self._restore_generation:
+            raise Unavailable("this replica is restoring a snapshot (catching up); ask "
+                              "another member or retry shortly")
+
     def read(self, key: bytes) -> tuple[bytes | None, int]:
         """A record and the revision of the store it was read from, consistently."""
+        before = self._restore_generation
         with self._guard("read"), self._db.snapshot() as snap:
+            self._check_whole(before)
             value = snap.get(key, verify_checksums=True)
             revision = snap.get(domain.META_REVISION, verify_checksums=True)
         return value, int(revision) if revision is not None else 0
@@ -213,7 +225,9 @@ class Storage:
         out: list[tuple[bytes, bytes]] = []
         more = False
         size = 0
+        before = self._restore_generation
         with self._guard("read"), self._db.snapshot() as snap:
+            self._check_whole(before)
             raw_revision = snap.get(domain.META_REVISION, verify_checksums=True)
             if start_after is None:
                 it = snap.iterator(prefix=prefix, verify_checksums=True)
@@ -321,6 +335,15 @@ class Storage:
             self._restore(filename)
 
     def _restore(self, filename: str) -> None:
+        if self._restore_generation % 2 == 0:
+            self._restore_generation += 1  # reads refuse from now on
+        try:
+            self._restore_pairs(filename)
+        finally:
+            if self.get(META_RESTORING) is None:
+                self._restore_generation += 1  # whole again
+
+    def _restore_pairs(self, filename: str) -> None:
         self._db.put(META_RESTORING, b"1", sync=True)
         batch = self._db.write_batch()
         n = 0

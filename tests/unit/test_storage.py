@@ -511,3 +511,50 @@ def test_compacted_journal_without_its_snapshot_is_refused_naming_the_snapshot(t
     assert snapshot in info.value.message and "missing" in info.value.message
     open(snapshot, "wb").close()  # present: PySyncObj and _read_snapshot take it from here
     check_raft_files(data_dir)
+
+
+def test_a_half_restored_db_is_not_read(tmp_path, store, other):
+    """A restore cut short by a crash leaves the marker: reads answer UNAVAILABLE
+    (the service's Get/Scan) until the restore is redone, instead of serving a DB
+    with only part of the snapshot in it."""
+    from daemons.core.errors import Unavailable
+    fill(store)
+    filename = str(tmp_path / "snap")
+    store.dump(filename, HEADER)
+    fill(other)
+    path = other.path
+    other._db.put(META_RESTORING, b"1")  # what a crash mid-restore leaves
+    other.close()
+    reopened = Storage(path)
+    try:
+        key = domain.client_key("1")
+        with pytest.raises(Unavailable, match="restoring a snapshot"):
+            reopened.read(key)
+        with pytest.raises(Unavailable):
+            reopened.page(domain.TASK_PREFIX, None, 10)
+        reopened.restore(filename)
+        assert reopened.read(key)[0] == store.read(key)[0]
+        assert reopened.page(domain.TASK_PREFIX, None, 10)[0]
+    finally:
+        reopened.close()
+
+
+def test_a_read_that_overlaps_a_restore_is_refused(tmp_path, store, other):
+    from daemons.core.errors import Unavailable
+    fill(store)
+    filename = str(tmp_path / "snap")
+    store.dump(filename, HEADER)
+    original = other._restore_pairs
+    during: list = []
+
+    def restore_and_read(name: str) -> None:
+        original(name)  # the DB is whole again, but the generation moved meanwhile
+        try:
+            other.read(domain.client_key("1"))
+        except Unavailable as exc:
+            during.append(exc)
+
+    other._restore_pairs = restore_and_read  # type: ignore[method-assign]
+    other.restore(filename)
+    assert len(during) == 1  # refused while the restore was still in progress
+    other.read(domain.client_key("1"))  # fine once it finished
