@@ -12,7 +12,9 @@ low enough for thousands of writes per second on two cores.
 
 PySyncObj never calls back for a command forwarded over a dropped connection,
 so every in-flight batch carries a deadline after which its waiters are told
-the outcome is unknown.
+the outcome is unknown; and a batch whose callers have all given up (their
+own deadlines, usually shorter) stops holding its in-flight slot at the next
+flush, so lost callbacks cannot stall the calls that come after them.
 
 A batch is also capped by size: about MAX_BATCH_BYTES of UTF-8 in its
 commands' string fields (one command always goes, however large). PySyncObj
@@ -154,8 +156,18 @@ class Proposer:
 
     # -- batching ------------------------------------------------------------
 
+    def _release_abandoned(self) -> None:
+        """Free the slots of in-flight batches nobody waits for any more."""
+        for batch in [b for b in self._inflight if all(f.done() for _, f in b.waiters)]:
+            batch.done = True  # a late callback for it is ignored (_finish)
+            self._inflight.discard(batch)
+            if batch.timer is not None:
+                batch.timer.cancel()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if len(self._inflight) >= self._max_inflight:
+            self._release_abandoned()
         while self._queue and len(self._inflight) < self._max_inflight:
             waiters = []
             size = 0
