@@ -35,6 +35,10 @@ CID_MAX_DIGITS = 1000
 TITLE_MAX_CHARS = 256
 DATA_MAX_BYTES = 64 * 1024
 DATA_MAX_DEPTH = 64
+# Integers in client data: PYTHONINTMAXSTRDIGITS can lower Python's int<->str bound
+# (default 4300) to 640 at the least, per process: above 640 digits two replicas
+# could disagree on the same command, so larger integers are refused.
+JSON_INT_MAX_DIGITS = 640
 DESCRIPTION_MAX_BYTES = 64 * 1024
 REQUEST_ID_MAX_CHARS = 128
 STATUSES = ("pending", "done")
@@ -131,6 +135,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    """A JSON integer, the same on every replica whatever its PYTHONINTMAXSTRDIGITS."""
+    if len(text) - text.startswith("-") > JSON_INT_MAX_DIGITS:
+        raise ValueError(f"integer with more than {JSON_INT_MAX_DIGITS} digits")
+    return int(text)
+
+
 def parse_client_data(data: object) -> dict:
     """Client data: the text of a JSON object, at most 64 KiB."""
     data = _check_text(data, "data")
@@ -138,7 +149,8 @@ def parse_client_data(data: object) -> dict:
     if size > DATA_MAX_BYTES:
         raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
     try:
-        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"data: not valid JSON ({exc})") from None
     if not isinstance(value, dict):

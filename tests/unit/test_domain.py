@@ -360,3 +360,24 @@ def test_log_keys_sort_by_index():
     indexes = [1, 2, 9, 10, 11, 100, 10**12, 10**19]
     assert sorted(indexes, key=domain.log_key) == indexes
     assert all(domain.log_key(i).startswith(domain.META_LOG_PREFIX) for i in indexes)
+
+
+def test_client_data_integers_are_bounded_the_same_in_every_process():
+    """int(str) obeys PYTHONINTMAXSTRDIGITS: two replicas started with different
+    settings accepted different data from one Raft log. The bound is ours now."""
+    import os
+    import subprocess
+    import sys
+    assert domain.parse_client_data('{"n": ' + "9" * 640 + "}")["n"] == int("9" * 640)
+    assert domain.parse_client_data('{"n": -' + "9" * 640 + "}")["n"] < 0
+    refused(domain.parse_client_data, '{"n": ' + "9" * 641 + "}", "data")
+    refused(domain.parse_client_data, '{"n": ' + "9" * 5000 + "}", "data")
+    code = ("from daemons.core import domain; "
+            "print(domain.parse_client_data('{\"n\": ' + '9' * 640 + '}')['n'] % 997)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for setting in ("0", "640"):
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                              text=True, timeout=60,
+                              env={**os.environ, "PYTHONINTMAXSTRDIGITS": setting})
+        assert done.returncode == 0 and done.stdout.strip() == str(int("9" * 640) % 997), \
+            done.stderr
