@@ -154,8 +154,9 @@ class Session:
             except grpc.RpcError as exc:
                 error = _rpc_error(exc, address, service)
                 if error.code == EXIT_UNAVAILABLE and getattr(request, "request_id", ""):
-                    error = CliError(f"{error}\nHint: to retry without applying it twice, "
-                                     f"give --request-id {request.request_id}", error.code)
+                    error = CliError(f"{error}\nHint: retry soon with --request-id "
+                                     f"{request.request_id}: it is then applied at most once",
+                                     error.code)
                 raise error from None
             except KeyboardInterrupt:
                 if getattr(request, "request_id", ""):
