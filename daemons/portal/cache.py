@@ -202,10 +202,15 @@ class PortalCache:
                 # What the replicas showed: a later event older than this (a
                 # QoS 1 resend, a publish held while the broker was away) is stale.
                 self._mark_locked(key, read_revision)
-            if cache and value is not None and epoch == self.epoch:
-                current = self._entries.get(key)
-                if current is None or current.revision <= read_revision:
+            current = self._entries.get(key)
+            if current is None or current.revision <= read_revision:
+                if cache and value is not None and epoch == self.epoch:
                     self._put_locked(key, value, read_revision)
+                elif current is not None and current.revision < read_revision:
+                    # The read is newer (a deletion, say) and is not cached: the
+                    # old entry must not outlive it (the raised mark would make
+                    # the change event that follows look old and be ignored).
+                    self._drop_locked(key)
             return True, refuted
 
     def store_read(self, key: Key, value: Any, read_revision: int, epoch: int) -> bool:
@@ -241,10 +246,12 @@ class PortalCache:
                 self.verified = max(self.verified, revision)
             mark = max(self._mark_of(k) for k in _mark_keys(key))
             if revision <= mark:
-                if mark > self.verified:
-                    current = self._entries.get(key)
-                    if current is not None and current.revision > self.verified:
-                        self._drop_locked(key)
+                current = self._entries.get(key)
+                if current is not None and (current.revision < revision or (
+                        mark > self.verified and current.revision > self.verified)):
+                    # Older than this change (which is itself not news), or an
+                    # unverified entry in conflict with it: ask the replicas.
+                    self._drop_locked(key)
                 return False
             if revision <= self._floor:
                 # The key's own mark may have been evicted into the floor (a

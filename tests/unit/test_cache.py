@@ -271,3 +271,17 @@ def test_a_retried_write_answered_from_the_dedupe_table_publishes_nothing() -> N
 
     assert asyncio.run(retry())["description"] == "first"  # the caller gets the first answer
     assert Bus.sent == []
+
+
+def test_a_deletion_read_before_its_own_event_leaves_no_old_entry() -> None:
+    """Regression (the partition fault run, after reads started raising marks): a
+    read showed the deletion (NOT_FOUND at 25) before the portal applied its own
+    delete@22; the mark from the read made that change look old, and the entry
+    @18 stayed cached: stale reads after the deletion was acknowledged."""
+    cache = PortalCache(100, 60)
+    cache.apply_change(KEY, rec(18), 18)
+    assert cache.settle_read(KEY, None, 25, cache.read_token()) == (True, [])
+    assert cache.get(KEY) is None
+    cache.apply_change(KEY, rec(18), 18)  # even if an old value came back somehow ...
+    cache.apply_change(KEY, None, 22, verified=True)
+    assert cache.get(KEY) is None  # ... the deletion, below the read's mark, drops it
