@@ -457,19 +457,20 @@ class ReplicaStateMachine(SyncObj):
     # -- snapshots (log compaction) ------------------------------------------
 
     def _write_snapshot(self, filename: str, raft_data: Any) -> None:
-        """Runs on the tick thread, between applies: the DB is exactly at raftLastApplied.
+        """Runs on the tick thread, between applies: the DB holds every entry up to
+        raftLastApplied (PySyncObj's own no-op entries, which never reach
+        apply_batch, leave the stored index below it: harmless).
 
         Unless an apply failed (self.fatal): PySyncObj counts the entries it
         could not apply as applied and would label this LevelDB with a later
         index; restoring that snapshot would skip them for good. Refused (the
         exception makes PySyncObj keep its journal)."""
         snap_index = raft_data[0][1]
-        applied = self.storage.applied_index()
-        if self.fatal is not None or applied < snap_index:
-            log.error("%s: not writing a snapshot labelled Raft index %s: LevelDB is at %d%s",
-                      self.spec.id, snap_index, applied,
-                      " after a fatal error" if self.fatal is not None else "")
-            raise StorageCorrupt(f"snapshot at {snap_index} refused: LevelDB at {applied}")
+        if self.fatal is not None:
+            log.error("%s: not writing a snapshot labelled Raft index %s after a fatal error "
+                      "(LevelDB is at %d)", self.spec.id, snap_index,
+                      self.storage.applied_index())
+            raise StorageCorrupt(f"snapshot at {snap_index} refused after a fatal error")
         try:
             count = self.storage.dump(filename, raft_data)
         except Exception:
@@ -490,11 +491,6 @@ class ReplicaStateMachine(SyncObj):
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)
                 self.storage.restore(filename)
-                restored = self.storage.applied_index()
-                if restored < snap_index:
-                    raise StorageCorrupt(
-                        f"{filename}: labelled Raft index {snap_index} but holds a LevelDB at "
-                        f"{restored}; {RESYNC}")
             return header
         except Exception as exc:
             self._die(exc if isinstance(exc, StorageCorrupt)
