@@ -7,10 +7,11 @@ are also published (QoS 1). While the broker connection is down the portal
 serves no cached reads; when it comes back the cache is emptied, since
 events may have been missed.
 
-Events are deduplicated by their whole identity (event, CID, title,
-revision, origin) — a QoS 1 redelivery must not reach watchers twice — never
-by revision alone, so an event (forged or not) for one key cannot suppress
-the real change of another key that carries the same revision. Changes this
+Events are deduplicated by the change they describe (event, CID, title,
+revision) — a QoS 1 redelivery, or a change published again by the portal
+that answered a retried request id, must not reach watchers twice — never by
+revision alone, so an event (forged or not) for one key cannot suppress the
+real change of another key that carries the same revision. Changes this
 portal committed are applied as `verified` (see cache.py), and reads from
 the replicas are reconciled with the marks by `settle_read`, which drops
 marks a forged event left above the store's revision, with a WARNING.
@@ -120,8 +121,7 @@ class Coherence:
 
         `verified`: this portal committed the change itself (the revision is real).
         """
-        identity = (event["event"], event["cid"], event.get("title"), event["revision"],
-                    event["origin"])
+        identity = (event["event"], event["cid"], event.get("title"), event["revision"])
         with self._lock:
             if identity in self._seen:
                 return

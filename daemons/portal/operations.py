@@ -67,13 +67,12 @@ class PortalOperations:
                              title=title or "", at=at, **fields)
         answer = await self.replicas.apply(command, timeout)
         record = json.loads(answer.record) if answer.record else None
-        if answer.duplicate:
-            # A retry of a request id already applied gets its first answer: an
-            # old revision and record. Its event went out from the portal that
-            # committed it (or, if that one died first, caches catch up by TTL);
-            # publishing it again would replay an old change as new, to every
-            # cache and watcher, under this portal's name.
-            return answer, record
+        # A duplicate (a retry of a request id already applied) gets the first
+        # answer. It is published too: the attempt that committed it almost
+        # never reached a portal that published it (a per-try timeout, a
+        # failover, the caller's retry after UNAVAILABLE). Where it was
+        # published already, caches ignore the old revision and watchers get
+        # it once (events are deduplicated by change, not by origin).
         self.coherence.local_change(events.make_event(
             event, cid, answer.revision, self.portal_id, at, title=title, record=record))
         return answer, record

@@ -234,10 +234,11 @@ def test_the_cache_is_bounded_in_bytes() -> None:
     assert cache.bytes == 0
 
 
-def test_a_retried_write_answered_from_the_dedupe_table_publishes_nothing() -> None:
-    """The first attempt's portal published the change; replaying the first answer
-    (an old revision and record) as a new event, under another portal's name, would
-    reach every cache and watcher a second time."""
+def test_a_retried_write_answered_from_the_dedupe_table_is_published_once() -> None:
+    """A duplicate answer (the attempt that committed never reached a portal that
+    published it: a per-try timeout, a failover) is applied and published, so no
+    cache, watcher or audit log misses the change; where the change had been
+    published already, watchers still get it once (dedupe by change, not origin)."""
     import asyncio
     import json
 
@@ -257,20 +258,25 @@ def test_a_retried_write_answered_from_the_dedupe_table_publishes_nothing() -> N
         def publish(self, topic: str, payload: bytes) -> None:
             self.sent.append(topic)
 
-    async def retry() -> dict:
+    async def retry() -> list:
         coherence = Coherence("portal-client-2", "test", PortalCache(100, 60))
         coherence.on_connection(True)
         coherence.loop = asyncio.get_running_loop()
         coherence.bus = Bus()
         watcher = coherence.watch(CID)
+        # The first attempt's portal did publish it here: the retry must not
+        # give watchers the same change twice.
+        coherence.apply_event(_task_event("t", 10, "first", origin="portal-client-1"))
         ops = PortalOperations("portal-client-2", Replicas(), coherence)  # type: ignore[arg-type]
         record = await ops.update_task(CID, "t", "first", None, "req-1", 5)
+        assert record["description"] == "first" and coherence.published == 1
+        assert coherence.cache.get(KEY).revision == 10
         await asyncio.sleep(0.01)
-        assert watcher.queue.empty() and coherence.published == 0
-        return record
+        return [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
 
-    assert asyncio.run(retry())["description"] == "first"  # the caller gets the first answer
-    assert Bus.sent == []
+    seen = asyncio.run(retry())
+    assert [(e["event"], e["revision"]) for e in seen] == [("task.updated", 10)]
+    assert len(Bus.sent) == 1
 
 
 def test_a_deletion_read_before_its_own_event_leaves_no_old_entry() -> None:
