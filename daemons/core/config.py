@@ -27,7 +27,7 @@ FSYNC_POLICIES = ("always", "interval", "never")
 # (gRPC's int32 options, timers and waits that overflow on huge numbers).
 MAX_SECONDS = 7 * 24 * 3600.0
 MAX_INT = 2**31 - 1
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "ip6-localhost")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # one host for clash checks (IPv4 loopback)
 AUTH_MODES = ("token", "cid-only")
 
 
@@ -513,6 +513,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: flatten_mapping merges it (a given key wins)
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             try:
                 repeated = key in seen

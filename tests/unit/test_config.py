@@ -374,6 +374,23 @@ def test_a_key_given_twice_is_reported_with_its_line(tmp_path):
     ]
 
 
+def test_yaml_merge_keys_still_load(tmp_path):
+    """The duplicate-key check must leave `<<: *anchor` to PyYAML (a given key wins)."""
+    with open(SHIPPED, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    del doc["portals"]
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(doc) + (
+        "portals:\n"
+        "  - &portal {id: portal-a, host: 127.0.0.1, port: 7291, services: [client]}\n"
+        "  - <<: *portal\n"
+        "    id: portal-b\n"
+        "    port: 7292\n"))
+    cluster = load_cluster(str(path))
+    assert [(p.id, p.port, p.services) for p in cluster.portals] == [
+        ("portal-a", 7291, ("client",)), ("portal-b", 7292, ("client",))]
+
+
 def test_a_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_bytes("cluster: {name: caf\u00e9}\n".encode("latin-1"))
