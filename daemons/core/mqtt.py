@@ -77,6 +77,7 @@ class EventBus:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe
         self._subscribe_mid: int | None = None
+        self._connections = 0  # CONNACKs and disconnects so far: ties a re-subscribe to one
         self._stopping = False
         self._client.on_message = self._handle_message
         self._loop = loop
@@ -261,6 +262,7 @@ class EventBus:
 
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object,
                         reason: mqtt.ReasonCode, properties: object) -> None:
+        self._connections += 1
         if reason.is_failure:
             log.warning("%s: broker %s:%d refused the connection: %s", self.client_id,
                         self.broker.host, self.broker.port, reason)
@@ -290,18 +292,21 @@ class EventBus:
             log.warning("%s: broker refused a subscription (%s); not using the broker until "
                         "it accepts, asking again in %.1fs", self.client_id,
                         ", ".join(str(r) for r in reasons), delay)
+            connection = self._connections
             if self._loop is None:
-                timer = threading.Timer(delay, self._resubscribe)
+                timer = threading.Timer(delay, self._resubscribe, args=(connection,))
                 timer.daemon = True
                 timer.start()
             else:
-                self._loop.call_later(delay, self._resubscribe)
+                self._loop.call_later(delay, self._resubscribe, connection)
             return
         self._mark_connected()
 
-    def _resubscribe(self) -> None:
-        """After a refused SUBSCRIBE, on the same connection (a reconnect subscribes anyway)."""
-        if self._stopping or self._reconnecting or self._client.socket() is None:
+    def _resubscribe(self, connection: int) -> None:
+        """After a refused SUBSCRIBE, on the same connection only: after a
+        disconnect, the reconnect subscribes by itself."""
+        if self._stopping or self._reconnecting or connection != self._connections \
+                or self._connected.is_set() or self._client.socket() is None:
             return
         self._subscribe(self._client)
         if self._loop is not None:
@@ -316,6 +321,7 @@ class EventBus:
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                            reason: mqtt.ReasonCode, properties: object) -> None:
+        self._connections += 1
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stopping:

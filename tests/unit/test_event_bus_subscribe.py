@@ -49,3 +49,27 @@ def test_a_refused_subscription_is_not_connected_and_is_asked_again(monkeypatch)
     granted = ReasonCode(PacketTypes.SUBACK, identifier=1)
     bus._handle_subscribe(fake, None, 102, [granted], None)
     assert bus.connected and states == [True]
+
+
+def test_a_re_subscribe_scheduled_on_a_lost_connection_is_dropped(monkeypatch):
+    """Refused, then the connection dropped and a reconnect subscribed fine: the
+    old timer must not subscribe again (its SUBACK would 'reconnect' the bus,
+    emptying the cache and ending every watch stream for nothing)."""
+    states: list[bool] = []
+    bus = EventBus(Broker(), "t", ["tarefa/test/#"], lambda topic, payload: None,
+                   states.append)
+    fake = _FakeClient()
+    bus._client = fake  # type: ignore[assignment]
+    bus._delay = 0.05
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    bus._handle_connect(fake, None, {}, ok, None)
+    bus._handle_subscribe(fake, None, 101, [ReasonCode(PacketTypes.SUBACK, identifier=0x87)],
+                          None)
+    bus._handle_disconnect(fake, None, {}, ReasonCode(PacketTypes.DISCONNECT, identifier=0),
+                           None)
+    bus._handle_connect(fake, None, {}, ok, None)
+    bus._handle_subscribe(fake, None, 102, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert states == [True] and len(fake.subscribed) == 2
+    time.sleep(0.3)  # well past the stale timer's delay
+    assert len(fake.subscribed) == 2 and states == [True]
+
