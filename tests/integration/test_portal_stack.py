@@ -257,8 +257,13 @@ def test_a_watch_ends_when_its_client_is_deleted(stack):
     stream = b.client.WatchTasks(pb.WatchTasksRequest(cid="4"), timeout=30)
     wait_for(lambda: b.status().watch_streams == 1, 5, "the watch stream")
     a.client.CreateTask(pb.CreateTaskRequest(cid="4", title="mine"), timeout=10)
+    received = b.status().events_received
     gone = admin.DeleteClient(pb.DeleteClientRequest(cid="4"), timeout=10)
     admin.CreateClient(pb.CreateClientRequest(cid="4", data="{}"), timeout=10)
+    # Events from different portals can arrive in any order; a new client's change
+    # that overtook the deletion would be delivered (README "Watch streams"). Here
+    # it comes after B has the deletion and the re-creation.
+    wait_for(lambda: b.status().events_received >= received + 2, 5, "B to get both")
     a.client.CreateTask(pb.CreateTaskRequest(cid="4", title="theirs"), timeout=10)
     seen = []
     with pytest.raises(grpc.RpcError) as ended:
