@@ -12,7 +12,6 @@ import time
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from daemons.core import mqtt as mqtt_module
 from daemons.core.config import Broker
 from daemons.core.mqtt import EventBus
 
@@ -29,14 +28,19 @@ class _FakeClient:
         return object()
 
 
-def test_a_refused_subscription_is_not_connected_and_is_asked_again(monkeypatch):
-    monkeypatch.setattr(mqtt_module, "RECONNECT_MIN_DELAY", 0.01)
+def _bus(delay: float) -> tuple[EventBus, _FakeClient, list[bool]]:
+    """A thread-mode bus on a fake client; the list records on_connection calls."""
     states: list[bool] = []
     bus = EventBus(Broker(), "t", ["tarefa/test/#"], lambda topic, payload: None,
                    states.append)
     fake = _FakeClient()
     bus._client = fake  # type: ignore[assignment]
-    bus._delay = 0.01
+    bus._delay = delay  # the first re-subscribe's backoff
+    return bus, fake, states
+
+
+def test_a_refused_subscription_is_not_connected_and_is_asked_again():
+    bus, fake, states = _bus(0.01)
     bus._handle_connect(fake, None, {}, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
     assert len(fake.subscribed) == 1
     refused = ReasonCode(PacketTypes.SUBACK, identifier=0x87)  # not authorized
@@ -51,16 +55,11 @@ def test_a_refused_subscription_is_not_connected_and_is_asked_again(monkeypatch)
     assert bus.connected and states == [True]
 
 
-def test_a_re_subscribe_scheduled_on_a_lost_connection_is_dropped(monkeypatch):
+def test_a_re_subscribe_scheduled_on_a_lost_connection_is_dropped():
     """Refused, then the connection dropped and a reconnect subscribed fine: the
     old timer must not subscribe again (its SUBACK would 'reconnect' the bus,
     emptying the cache and ending every watch stream for nothing)."""
-    states: list[bool] = []
-    bus = EventBus(Broker(), "t", ["tarefa/test/#"], lambda topic, payload: None,
-                   states.append)
-    fake = _FakeClient()
-    bus._client = fake  # type: ignore[assignment]
-    bus._delay = 0.05
+    bus, fake, states = _bus(0.05)
     ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
     bus._handle_connect(fake, None, {}, ok, None)
     bus._handle_subscribe(fake, None, 101, [ReasonCode(PacketTypes.SUBACK, identifier=0x87)],
