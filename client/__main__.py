@@ -193,6 +193,9 @@ def _consistency(args: argparse.Namespace) -> int:
 
 
 def _cid(args: argparse.Namespace, s: Session | None = None) -> str:
+    if args.cid is not None and not args.cid.strip():
+        raise CliError("--cid: empty (give the client's CID, or leave --cid out to use "
+                       "TAREFA_CID)", EXIT_USAGE)
     cid = args.cid or os.environ.get("TAREFA_CID", "")
     if not cid and s is not None:
         try:

@@ -199,3 +199,10 @@ def test_control_characters_in_user_data_cannot_drive_the_terminal():
     assert "\u202e" not in shown
     assert "two\nlines \\x1b]0;pwned\\x07\\r\\u202eX" in shown  # a record keeps its lines
     assert "a\\nb\\x1b[2J" in shown  # a table row stays one line
+
+
+def test_an_empty_cid_option_is_not_silently_replaced(capsys, monkeypatch):
+    monkeypatch.setenv("TAREFA_CID", "7")
+    code, _, err = run(capsys, "task", "ls", "--cid", "")
+    assert code == cli.EXIT_USAGE and "--cid: empty" in err
+
