@@ -45,6 +45,8 @@ from daemons.core.config import FSYNC_POLICIES
 log = logging.getLogger(__name__)
 
 REJECT_PAYLOAD_MAX = 64 * 1024
+# Origins whose highest revision is tracked (for out_of_order); the least recent go first.
+MAX_ORIGINS = 10_000
 _BLOCK = 64 * 1024
 
 
@@ -125,8 +127,19 @@ class _RotatingFile:
         self.size = 0
 
     def open(self) -> None:
+        created = not os.path.exists(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self.size = os.fstat(self._fd).st_size
+        if created and self.sync_dir:
+            _fsync_dir(self.path)  # the new file's name is durable before its lines are
+        elif self.size and self._ends_torn():
+            # A line cut by a crash mid-write: end it, so the next one is whole.
+            self.write(b"\n")
+
+    def _ends_torn(self) -> bool:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.size - 1)
+            return handle.read(1) != b"\n"
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -155,9 +168,7 @@ class _RotatingFile:
             if os.path.exists(f"{self.path}.{n}"):
                 os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
         os.rename(self.path, f"{self.path}.1")
-        self.open()
-        if self.sync_dir:
-            _fsync_dir(self.path)
+        self.open()  # creates the file, and with sync_dir fsyncs the directory
         log.info("rotated %s (kept %d older files at most)", self.path, self.keep_files)
 
     def close(self) -> None:
@@ -202,7 +213,11 @@ class AuditLog:
 
     def open(self) -> None:
         """Lock, repair a torn last line, rebuild the dedupe window, open both files."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
+            if self.fsync_policy != "never":
+                _fsync_dir(directory)  # the directory's own entry in its parent
         self._take_lock()
         self._rejects.open()
         self._repair_tail()
@@ -289,10 +304,18 @@ class AuditLog:
             self._remember(key)
             origin, revision = key
             if revision > self._highest.get(origin, 0):
-                self._highest[origin] = revision
+                self._note_highest(origin, revision)
         if self.unreadable_lines:
             log.warning("audit log %s: skipped %d lines that are not events while rebuilding "
                         "the dedupe window", self.path, self.unreadable_lines)
+
+    def _note_highest(self, origin: str, revision: int) -> None:
+        """The highest revision seen per origin (for out_of_order), for at most
+        MAX_ORIGINS origins: any login allowed to publish could invent new ones."""
+        self._highest.pop(origin, None)
+        self._highest[origin] = revision  # most recently seen last
+        while len(self._highest) > MAX_ORIGINS:
+            del self._highest[next(iter(self._highest))]
 
     def _remember(self, key: tuple[str, int]) -> None:
         self._seen[key] = None
@@ -321,7 +344,7 @@ class AuditLog:
             self._after_write(self._audit)
             self._remember(key)
             if not out_of_order:
-                self._highest[event["origin"]] = event["revision"]
+                self._note_highest(event["origin"], event["revision"])
             else:
                 self.out_of_order += 1
             self.written += 1

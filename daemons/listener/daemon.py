@@ -194,9 +194,11 @@ class ListenerDaemon(Daemon):
         log.critical("%s: cannot write the audit log %s: %s; exiting without "
                      "acknowledging the event, the broker will deliver it again",
                      self.daemon_id, self.audit.path, exc)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        self._fatal(EXIT_FAILURE)
+        try:
+            for handler in logging.getLogger().handlers:
+                handler.flush()  # may fail too (stderr on the same full disk)
+        finally:
+            self._fatal(EXIT_FAILURE)
 
     def _print(self, line: str) -> None:
         assert self.follow is not None

@@ -459,3 +459,55 @@ def test_handler_stops_when_a_reject_cannot_be_written(daemon, monkeypatch):
     with pytest.raises(Fatal):
         daemon.on_message("tarefa/test/clients/7", b"\x00garbage")
     assert daemon.fatal_codes == [1]
+
+
+# ---- found by a review of the listener (each failed before its fix) ---------------------------
+
+
+def test_stops_even_when_flushing_the_log_fails_too(daemon, monkeypatch):
+    """stderr on the same full disk: the flush before the exit raised, the exit
+    never happened, and paho acknowledged the event that was never written."""
+    import logging
+
+    class Broken(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon.audit, "append", full)
+    broken = Broken()
+    logging.getLogger().addHandler(broken)
+    try:
+        event = task_event(1)
+        with pytest.raises((Fatal, OSError)):
+            daemon.on_message(events.event_topic("test", event), events.encode(event))
+    finally:
+        logging.getLogger().removeHandler(broken)
+    assert daemon.fatal_codes == [1]
+
+
+def test_a_torn_last_reject_line_is_ended_before_the_next(path, opened):
+    log = opened(path)
+    log.reject("t", b"first", "bad")
+    log.close()
+    with open(path + ".rejects", "ab") as handle:
+        handle.write(b'{"received_at":"2026","topic":"t","rea')  # died mid-write
+    again = opened(path)
+    again.reject("t", b"second", "bad")
+    with open(path + ".rejects", "rb") as handle:
+        lines = handle.read().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["payload"] == "second"
+
+
+def test_origins_tracked_for_out_of_order_are_bounded(path, opened, monkeypatch):
+    monkeypatch.setattr(audit_module, "MAX_ORIGINS", 50)
+    log = opened(path, dedupe_window=10)
+    for n in range(200):
+        event = {**task_event(n + 1), "origin": f"origin-{n}"}
+        log.append(event, TOPIC)
+    assert len(log._highest) == 50 and "origin-199" in log._highest
