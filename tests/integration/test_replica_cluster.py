@@ -145,6 +145,11 @@ def test_linearizable_read_on_follower_sees_acknowledged_write(cluster):
 
 def test_status_and_health(cluster):
     leader = cluster.wait_leader()
+    # A leader with a quorum does not mean every follower-to-follower link is up
+    # yet: PySyncObj dials each peer from one side only and retries every
+    # connection_retry (0.5 s) if that peer was not listening yet.
+    wait_for(lambda: all(p.reachable for m in cluster.members for p in m.status().peers),
+             10, "every member to reach both peers")
     statuses = [m.status() for m in cluster.members]
     assert sorted(s.id for s in statuses) == ["replica-1", "replica-2", "replica-3"]
     assert [s.role for s in statuses].count("leader") == 1
