@@ -230,6 +230,7 @@ class RunResult:
     client_cpu: float   # cores used by this (client) process during the window
     server_cpu: float   # cores used by the target process
     cluster_cpu: float  # cores used by all replica processes (nan for echo)
+    max_ms: float = math.nan  # the slowest successful call in the window
 
 
 def run_load(name: str, target: str, inflight: int, make_call: Callable[[grpc.Channel, int], Call],
@@ -313,7 +314,8 @@ def run_load(name: str, target: str, inflight: int, make_call: Callable[[grpc.Ch
         p50_ms=percentile(lat, 0.50) * 1e3, p99_ms=percentile(lat, 0.99) * 1e3,
         calls=len(lat), errors=sum(errs.values()), error_codes=dict(errs),
         client_cpu=(c1 - c0) / elapsed, server_cpu=(s1 - s0) / elapsed,
-        cluster_cpu=(k1 - k0) / elapsed if cluster_pids else math.nan)
+        cluster_cpu=(k1 - k0) / elapsed if cluster_pids else math.nan,
+        max_ms=lat[-1] * 1e3 if lat else math.nan)
 
 
 def echo_call(timeout: float) -> Callable[[grpc.Channel, int], Call]:

@@ -153,6 +153,24 @@ class ReplicaProcess(DaemonProcess):
         return self.stub.Status(replica_pb2.StatusRequest(), timeout=timeout)
 
 
+def preload(cluster: ReplicaCluster, keys: int) -> None:
+    """The same `keys` small filler records (keys `t/99/bulk-N`, in no client's
+    key range) in every member's LevelDB, written before the members start:
+    much faster than through Raft, and the members stay identical."""
+    from daemons.replica.storage import Storage
+
+    for member in cluster.members:
+        store = Storage(cluster.data_dir(member), verify=False)
+        try:
+            for start in range(0, keys, 100_000):
+                view = store.view()
+                for i in range(start, min(keys, start + 100_000)):
+                    view.put(b"t/99/bulk-%07d" % i, b"%d" % i)
+                store.commit(view)
+        finally:
+            store.close()
+
+
 class ReplicaCluster:
     """Three (or more) real replica processes on loopback.
 

@@ -31,6 +31,7 @@ from daemons.core.security import read_secret_file
 from daemons.replica import raft_wire
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
+from daemons.replica.snapshots import SnapshotWriter
 from daemons.replica.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ _JOURNAL_HEADER = 40
 _JOURNAL_MAGIC = b"PYSYNCOBJ"
 
 
+def snapshot_file(data_dir: str) -> str:
+    """PySyncObj's full dump file: the latest snapshot of this member's LevelDB."""
+    return os.path.join(data_dir, "raft", "snapshot")
+
+
 def check_raft_files(data_dir: str) -> None:
     """Refuse (StorageCorrupt naming the file) a damaged journal or a missing snapshot.
 
@@ -89,9 +95,8 @@ def check_raft_files(data_dir: str) -> None:
     truncated journal) or silently stop applying (a compacted journal whose
     snapshot is gone: nothing says where its first entry belongs).
     """
-    raft_dir = os.path.join(data_dir, "raft")
-    journal = os.path.join(raft_dir, "journal")
-    snapshot = os.path.join(raft_dir, "snapshot")
+    journal = os.path.join(data_dir, "raft", "journal")
+    snapshot = snapshot_file(data_dir)
     if not os.path.exists(journal):
         return  # a fresh log: the LevelDB applied index and the peers fill it in
 
@@ -159,7 +164,7 @@ def syncobj_conf(raft: RaftSettings, data_dir: str, password: str | None = None,
     os.makedirs(raft_dir, exist_ok=True)
     return SyncObjConf(
         journalFile=os.path.join(raft_dir, "journal"),
-        fullDumpFile=os.path.join(raft_dir, "snapshot"),
+        fullDumpFile=snapshot_file(data_dir),
         dynamicMembershipChange=False,
         autoTick=auto_tick,  # False only in in-process tests, which tick by hand
         # A lone tick waits at most this long for I/O; the pipe notifier wakes it
@@ -186,7 +191,6 @@ class ReplicaStateMachine(SyncObj):
         self.fatal: Exception | None = None
         self._on_fatal = on_fatal
         self.journal_path = os.path.join(spec.data_dir, "raft", "journal")
-        self.snapshots_written = 0
         # append_entries whose already-held entries were skipped instead of
         # truncated and re-appended (see _skip_matching_entries)
         self.log_repairs_avoided = 0
@@ -213,8 +217,18 @@ class ReplicaStateMachine(SyncObj):
         else:
             log.warning("%s: Raft traffic is in clear text and unauthenticated "
                         "(security.raft_password_file is not set)", spec.id)
+        # Dumps run in the background (snapshots.py); after a fatal apply error
+        # PySyncObj counts the entries it could not apply as applied and would
+        # label this LevelDB with a later index: restoring that snapshot would
+        # skip them for good, so none is written then.
+        self.snapshots = SnapshotWriter(
+            storage, snapshot_file(spec.data_dir), spec.id,
+            refusal=lambda: None if self.fatal is None else StorageCorrupt(
+                f"a fatal error stopped the applies ({self.fatal}); LevelDB is at "
+                f"{self.storage.applied_index()}"))
         conf = syncobj_conf(cluster.raft, spec.data_dir, password, auto_tick,
-                            serializer=self._write_snapshot,
+                            serializer=self.snapshots.serialize,
+                            serializeChecker=self.snapshots.state,
                             deserializer=self._read_snapshot,
                             onStateChanged=self._on_state_changed)
         peers = [r.raft_address for r in cluster.replicas if r.id != spec.id]
@@ -456,30 +470,10 @@ class ReplicaStateMachine(SyncObj):
 
     # -- snapshots (log compaction) ------------------------------------------
 
-    def _write_snapshot(self, filename: str, raft_data: Any) -> None:
-        """Runs on the tick thread, between applies: the DB holds every entry up to
-        raftLastApplied (PySyncObj's own no-op entries, which never reach
-        apply_batch, leave the stored index below it: harmless).
-
-        Unless an apply failed (self.fatal): PySyncObj counts the entries it
-        could not apply as applied and would label this LevelDB with a later
-        index; restoring that snapshot would skip them for good. Refused (the
-        exception makes PySyncObj keep its journal)."""
-        snap_index = raft_data[0][1]
-        if self.fatal is not None:
-            log.error("%s: not writing a snapshot labelled Raft index %s after a fatal error "
-                      "(LevelDB is at %d)", self.spec.id, snap_index,
-                      self.storage.applied_index())
-            raise StorageCorrupt(f"snapshot at {snap_index} refused after a fatal error")
-        try:
-            count = self.storage.dump(filename, raft_data)
-        except Exception:
-            log.exception("%s: writing snapshot %s failed", self.spec.id, filename)
-            raise
-        self.snapshots_written += 1
-        log.info("%s: snapshot at Raft index %s: %d keys", self.spec.id, raft_data[0][1], count)
-
     def _read_snapshot(self, filename: str) -> Any:
+        """PySyncObj's deserializer: at start, and when the leader sent a snapshot."""
+        # The leader's snapshot is newer than any dump of ours still running.
+        self.snapshots.cancel("a snapshot from the leader is being installed")
         try:
             header = Storage.read_header(filename)
             snap_index = header[0][1]

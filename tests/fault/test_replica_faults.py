@@ -1,15 +1,16 @@
 """Replica faults with real processes: kill -9 of the leader under load, of
-every member, a member that misses a log compaction, and retries of one
-request id across a leader change."""
+every member, a member that misses a log compaction, retries of one request
+id across a leader change, and compaction of a large store under writes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from proto import replica_pb2 as pb
-from tests.harness import WriterPool, apply_with_retry, new_request_id, scan_all, wait_for
+from tests.harness import WriterPool, apply_with_retry, new_request_id, preload, scan_all, wait_for
 
 CID = "4242424242424242424242424242"
 
@@ -129,3 +130,38 @@ def test_same_request_id_has_one_effect_across_leader_change(replica_cluster_fac
     cluster.wait_ready(leader)
     cluster.wait_converged()
     assert leader.status().revision == first.revision
+
+
+BULK_KEYS = 1_000_000
+
+
+def test_compaction_of_a_large_store_keeps_the_leader(replica_cluster_factory):
+    """A snapshot of 10^6 keys takes seconds to write. Written on PySyncObj's
+    tick thread (as before 2026-11-27's fifth session) it stalled heartbeats
+    on every member at about the same index, and an election followed every
+    compaction. Written in the background, the leader and term must survive
+    a compaction on every member while writes go on."""
+    cluster = replica_cluster_factory(raft={"compaction_min_entries": 300,
+                                            "compaction_min_seconds": 3600})
+    preload(cluster, BULK_KEYS)
+    cluster.start(timeout=60)
+    first = create_client(cluster)
+    leader = cluster.wait_leader(20)
+    term = leader.status().term
+    pool = WriterPool(cluster, task_commands(8, 4_000, "bulk")).start()
+    try:
+        for member in cluster.members:
+            wait_for(lambda m=member: "snapshot at Raft index" in m.logs(), 90,
+                     f"a snapshot written by {member.id}")
+    finally:
+        pool.join()
+    assert not pool.failed, list(pool.failed.values())[:3]
+    for member in cluster.members:
+        counts = [int(n) for n in re.findall(r"snapshot at Raft index \d+: (\d+) keys",
+                                             member.logs())]
+        assert counts and max(counts) > BULK_KEYS, (member.id, counts)
+        status = member.status()
+        assert (status.leader, status.term) == (leader.id, term), \
+            f"{member.id}: leader {status.leader} term {status.term} after the compaction"
+    check_exactly_once(cluster, pool, first)
+    assert len(set(cluster.stop_and_digest().values())) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import struct
+import time
 
 import pytest
 
@@ -222,6 +223,24 @@ def test_restore_many_keys_across_write_batches(tmp_path, store, other):
     filename = str(tmp_path / "snap")
     store.dump(filename, HEADER)
     other.restore(filename)
+    assert other.digest() == store.digest()
+
+
+@pytest.mark.parametrize("keys", [1, 4095, 4096, 4097, 8192])
+def test_dump_blocks_end_exactly(tmp_path, store, other, keys):
+    """Pairs are written in blocks of 4096: a dump ending on, before or after a
+    block boundary reads back whole, from a foreground and a background dump."""
+    write(store, {b"k%06d" % i: b"v%d" % i for i in range(keys)})
+    foreground, background = str(tmp_path / "fg"), str(tmp_path / "bg")
+    assert store.dump(foreground, HEADER) == keys
+    dump = store.start_dump(background, HEADER)
+    deadline = time.monotonic() + 20
+    while dump.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dump.finish() == keys
+    with open(foreground, "rb") as a, open(background, "rb") as b:
+        assert a.read() == b.read()
+    other.restore(background)
     assert other.digest() == store.digest()
 
 

@@ -1,0 +1,129 @@
+"""PySyncObj's snapshot hooks, with the dump written in the background.
+
+PySyncObj 0.3.17 runs a custom `serializer` on its tick thread and, as soon
+as it returns, renames `<snapshot>.tmp` over the snapshot file
+(pysyncobj/serializer.py, Serializer.serialize). Dumping the whole LevelDB
+there stalled the tick thread — heartbeats, applies, everything — for the
+length of the dump: ~3 s at a few hundred MB, and every member compacts at
+about the same index, so each compaction was followed by an election.
+
+Here the serializer only takes a LevelDB snapshot (consistent at the applied
+index: it runs between two applies) and starts a thread that streams it to
+`<snapshot>.partial` (Storage.start_dump). PySyncObj's `serializeChecker`
+(`state`, polled every tick) answers SERIALIZING until the thread is done,
+then moves the file into place and answers SUCCESS once; only then does
+PySyncObj truncate its journal. Meanwhile the leader sends no snapshot to a
+lagging follower (PySyncObj holds transmissions while it serializes) and the
+previous snapshot file stays intact, also across a crash.
+
+Nothing is left at `<snapshot>.tmp`, so PySyncObj's rename fails (silently:
+it catches the error) and replaces nothing; a stale `.tmp` of an older
+version is removed first for that reason.
+
+A snapshot installed from the leader (the deserializer) cancels a dump in
+progress: the older dump must not replace the newer snapshot afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable
+
+from pysyncobj.config import SERIALIZER_STATE
+
+from daemons.core.errors import StorageCorrupt, TarefaError
+from daemons.replica.storage import PARTIAL_SUFFIX, Dump, Storage
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotWriter:
+    """PySyncObj's `serializer` (`serialize`) and `serializeChecker` (`state`).
+
+    `refusal()` returns an error when no snapshot may be written now (after a
+    fatal apply error, see ReplicaStateMachine). All methods run on the tick
+    thread except `cancel` at shutdown (after the tick thread stopped).
+    """
+
+    def __init__(self, storage: Storage, path: str, name: str,
+                 refusal: Callable[[], Exception | None]) -> None:
+        self.storage = storage
+        self.path = path
+        self.name = name
+        self._refusal = refusal
+        self._dump: Dump | None = None
+        self._index: Any = None
+        self._report_failure = False
+        self.written = 0
+        self.cancelled = 0
+        # Left by a crash during a dump; the snapshot file itself is intact.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + PARTIAL_SUFFIX)
+
+    @property
+    def dumping(self) -> bool:
+        return self._dump is not None
+
+    def serialize(self, tmp_filename: str, raft_data: Any) -> None:
+        """Start a dump labelled with `raft_data` (PySyncObj's last two applied
+        entries and the cluster). Raising makes PySyncObj keep its journal.
+
+        Runs on the tick thread between two applies, so the LevelDB snapshot
+        taken here holds every entry up to raftLastApplied (PySyncObj's own
+        no-op entries, which never reach apply_batch, leave the stored index
+        below the label: harmless, a restore skips nothing real)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_filename)  # PySyncObj renames it over the snapshot on return
+        index = raft_data[0][1]
+        refused = self._refusal()
+        if refused is not None:
+            self._report_failure = True
+            log.error("%s: not writing a snapshot labelled Raft index %s: %s", self.name,
+                      index, refused)
+            raise StorageCorrupt(f"snapshot at {index} refused: {refused}")
+        try:
+            self._dump = self.storage.start_dump(self.path, raft_data)
+        except Exception:
+            self._report_failure = True
+            log.exception("%s: starting the snapshot dump at Raft index %s failed",
+                          self.name, index)
+            raise
+        self._index = index
+
+    def state(self) -> int:
+        """SERIALIZING while the dump runs; then SUCCESS (file in place) or FAILED, once."""
+        if self._report_failure:
+            self._report_failure = False
+            return SERIALIZER_STATE.FAILED
+        dump = self._dump
+        if dump is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        if dump.running:
+            return SERIALIZER_STATE.SERIALIZING
+        self._dump = None
+        try:
+            count = dump.finish()
+        except TarefaError as exc:
+            if dump.cancelled:
+                log.info("%s: snapshot dump at Raft index %s discarded: %s", self.name,
+                         self._index, exc)
+            else:
+                log.error("%s: snapshot dump at Raft index %s failed: %s", self.name,
+                          self._index, exc)
+            return SERIALIZER_STATE.FAILED
+        except Exception:  # noqa: BLE001 - PySyncObj keeps its journal, we keep going
+            log.exception("%s: snapshot dump at Raft index %s failed", self.name, self._index)
+            return SERIALIZER_STATE.FAILED
+        self.written += 1
+        log.info("%s: snapshot at Raft index %s: %d keys", self.name, self._index, count)
+        return SERIALIZER_STATE.SUCCESS
+
+    def cancel(self, why: str) -> None:
+        """Stop a dump in progress (its file is discarded; `state` reports FAILED)."""
+        if self._dump is not None and not self._dump.cancelled:
+            log.info("%s: cancelling the snapshot dump at Raft index %s: %s", self.name,
+                     self._index, why)
+            self._dump.cancel()
+            self.cancelled += 1
