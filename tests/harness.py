@@ -411,7 +411,8 @@ def mosquitto_binary() -> str:
 class MosquittoProcess(DaemonProcess):
     """A real Mosquitto broker on a free loopback port."""
 
-    def __init__(self, workdir: str, port: int, auth_dir: str | None = None) -> None:
+    def __init__(self, workdir: str, port: int, auth_dir: str | None = None,
+                 persistence: bool = False) -> None:
         super().__init__(workdir, "broker")
         self.port = port
         self.conf_path = os.path.join(workdir, "mosquitto.conf")
@@ -419,8 +420,15 @@ class MosquittoProcess(DaemonProcess):
         access = "allow_anonymous true\n" if auth_dir is None else (
             f"allow_anonymous false\npassword_file {os.path.join(auth_dir, MOSQUITTO_PASSWD)}\n"
             f"acl_file {os.path.join(auth_dir, MOSQUITTO_ACL)}\n")
+        # persistence: sessions and queued messages survive a restart by SIGTERM
+        # (saved on exit), as with config/mosquitto.conf.
+        store = "persistence false\n"
+        if persistence:
+            data_dir = os.path.join(workdir, "broker-data")
+            os.makedirs(data_dir, exist_ok=True)
+            store = f"persistence true\npersistence_location {data_dir}/\n"
         with open(self.conf_path, "w", encoding="utf-8") as fh:
-            fh.write(f"listener {port} 127.0.0.1\n{access}persistence false\n"
+            fh.write(f"listener {port} 127.0.0.1\n{access}{store}"
                      "log_dest stdout\nuser root\n")
 
     def argv(self) -> list[str]:

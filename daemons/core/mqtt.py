@@ -90,6 +90,9 @@ class EventBus:
         self._delay = RECONNECT_MIN_DELAY
         self._timer: asyncio.TimerHandle | None = None
         self._begun = False
+        # The last CONNACK's session-present flag: False after a reconnection
+        # means the broker kept no session (subscriptions, queued messages).
+        self.session_present: bool | None = None
 
     @property
     def connected(self) -> bool:
@@ -267,6 +270,7 @@ class EventBus:
             log.warning("%s: broker %s:%d refused the connection: %s", self.client_id,
                         self.broker.host, self.broker.port, reason)
             return
+        self.session_present = bool(getattr(flags, "session_present", False))
         if not self._subscriptions:
             self._mark_connected()
             return

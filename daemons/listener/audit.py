@@ -394,6 +394,12 @@ class AuditLog:
 
     # -- reading -----------------------------------------------------------------
 
+    @property
+    def has_history(self) -> bool:
+        """The log files held events when they were opened (or since)."""
+        with self._lock:
+            return bool(self._seen)
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"events_written": self.written, "duplicates": self.duplicates,

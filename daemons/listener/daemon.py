@@ -97,6 +97,10 @@ class ListenerDaemon(Daemon):
                             login=mqtt_login(cluster.broker, self.spec.id))
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
+        # The broker should hold a session for us once we have had one: since
+        # our first subscription, or before (the audit log holds events).
+        self._expect_session = False
+        self.sessions_lost = 0
 
     @staticmethod
     def check(cluster: Cluster, _daemon_id: str = "") -> None:
@@ -107,6 +111,7 @@ class ListenerDaemon(Daemon):
 
     def start(self) -> None:
         self.audit.open()
+        self._expect_session = self.audit.has_history
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))
@@ -135,11 +140,21 @@ class ListenerDaemon(Daemon):
         log.info("%s: %s", self.daemon_id, self._summary())
 
     def status(self) -> dict[str, Any]:
-        return {"broker_connected": self.bus.connected, **self.audit.status()}
+        return {"broker_connected": self.bus.connected, "sessions_lost": self.sessions_lost,
+                **self.audit.status()}
 
     # -- the event bus (paho's network thread) -----------------------------------
 
     def on_connection(self, up: bool) -> None:
+        if up:
+            if self._expect_session and not self.bus.session_present:
+                self.sessions_lost += 1
+                log.warning("%s: the broker kept no session for %s: events published while "
+                            "this listener was not subscribed are missing from the audit log "
+                            "(the broker restarted without persistence, or lost its data); "
+                            "%d such gap(s) since this listener started", self.daemon_id,
+                            self.bus.client_id, self.sessions_lost)
+            self._expect_session = True
         self.health.set(AUDIT_SERVICE, health_pb2.HealthCheckResponse.SERVING if up
                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 

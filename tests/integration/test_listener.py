@@ -26,7 +26,8 @@ AT = "2026-01-01T00:00:00Z"
 
 
 class Env:
-    def __init__(self, workdir: str, **listener_keys: object) -> None:
+    def __init__(self, workdir: str, persistence: bool = False,
+                 **listener_keys: object) -> None:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         broker_port, self.listener_port, *replica_ports = free_ports(8)
@@ -47,7 +48,7 @@ class Env:
         self.config_path = os.path.join(workdir, "cluster.yaml")
         with open(self.config_path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(doc, fh, sort_keys=False)
-        self.broker = MosquittoProcess(workdir, broker_port)
+        self.broker = MosquittoProcess(workdir, broker_port, persistence=persistence)
         self.listeners: list[ListenerProcess] = []
         self.publisher: mqtt.Client | None = None
 
@@ -112,7 +113,17 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path, request):
-    e = Env(str(tmp_path / "env"))
+    yield from running_env(tmp_path, request)
+
+
+@pytest.fixture
+def persistent_env(tmp_path, request):
+    """A broker that keeps sessions across a restart, as config/mosquitto.conf does."""
+    yield from running_env(tmp_path, request, persistence=True)
+
+
+def running_env(tmp_path, request, persistence: bool = False):  # type: ignore[no-untyped-def]
+    e = Env(str(tmp_path / "env"), persistence=persistence)
     try:
         e.broker.start()
         e.broker.wait_ready()
@@ -331,3 +342,68 @@ def test_check_config_and_a_missing_listener_section(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2
         assert f"Error: {e.config_path}: listener: missing" in done.stderr
+
+
+def restart_broker(env: Env) -> None:
+    """SIGTERM (a broker with persistence saves its sessions on the way out), start,
+    and wait for the test's publisher to be back (paho refuses a publish meanwhile)."""
+    assert env.broker.terminate() == 0, env.broker.logs()
+    env.broker.start()
+    env.broker.wait_ready()
+    assert env.publisher is not None
+    wait_for(env.publisher.is_connected, 30, "the test publisher reconnected")
+
+
+def test_a_broker_restart_keeps_the_listeners_session_with_persistence(persistent_env):
+    """Events queued for a stopped listener survive a restart of a broker with
+    persistence and reach the audit log when the listener returns; a restart
+    while the listener is connected loses nothing either, and no gap is reported."""
+    env = persistent_env
+    listener = env.listener()
+    listener.start()
+    listener.wait_ready()
+    for rev in range(1, 6):
+        env.publish(task_event(rev, title=f"t{rev}"))
+    wait_for(lambda: len(env.audit_lines()) == 5, 15, "the first five events")
+    assert listener.terminate() == 0, listener.logs()
+    for rev in range(6, 16):  # queued in the listener's session at the broker
+        env.publish(task_event(rev, title=f"t{rev}"))
+    restart_broker(env)
+    listener.start()
+    listener.wait_ready()
+    wait_for(lambda: len(env.audit_lines()) >= 15, 20, "the ten events queued across the restart")
+
+    restart_broker(env)  # now with the listener connected
+    wait_for(lambda: listener.status().broker_connected, 30, "the listener back at the broker")
+    env.publish(task_event(16, title="t16"))
+    wait_for(lambda: len(env.audit_lines()) >= 16, 20, "an event after the second restart")
+    assert sorted(revisions(env.audit_lines())) == list(range(1, 17))
+    assert listener.status().sessions_lost == 0
+    assert "kept no session" not in listener.logs()
+    assert listener.terminate() == 0
+
+
+def test_a_session_the_broker_lost_is_reported(env):
+    """Without persistence a broker restart drops the listener's session: what
+    is published before the listener re-subscribes never reaches it. The gap
+    cannot be filled, but it must not pass silently: a WARNING and
+    ListenerStatus.sessions_lost. A listener starting on an empty audit log
+    has no session to expect and reports nothing."""
+    listener = env.listener()
+    listener.start()
+    listener.wait_ready()
+    assert listener.status().sessions_lost == 0
+    env.publish(task_event(1, title="t1"))
+    wait_for(lambda: len(env.audit_lines()) == 1, 15, "the first event")
+    restart_broker(env)
+    wait_for(lambda: listener.status().sessions_lost == 1, 30, "the lost session reported")
+    assert "kept no session" in listener.logs()
+    wait_for(lambda: listener.status().broker_connected, 30, "the listener re-subscribed")
+    env.publish(task_event(2, title="t2"))
+    wait_for(lambda: len(env.audit_lines()) == 2, 15, "an event after the restart")
+    # A restart of the listener itself finds its session at the broker.
+    assert listener.terminate() == 0
+    listener.start()
+    listener.wait_ready()
+    assert listener.status().sessions_lost == 0
+    assert listener.terminate() == 0
