@@ -12,13 +12,25 @@ index: it runs between two applies) and starts a thread that streams it to
 `<snapshot>.partial` (Storage.start_dump). PySyncObj's `serializeChecker`
 (`state`, polled every tick) answers SERIALIZING until the thread is done,
 then moves the file into place and answers SUCCESS once; only then does
-PySyncObj truncate its journal. Meanwhile the leader sends no snapshot to a
-lagging follower (PySyncObj holds transmissions while it serializes) and the
-previous snapshot file stays intact, also across a crash.
+PySyncObj truncate its journal. Meanwhile the previous snapshot file stays
+intact, also across a crash.
 
 Nothing is left at `<snapshot>.tmp`, so PySyncObj's rename fails (silently:
 it catches the error) and replaces nothing; a stale `.tmp` of an older
 version is removed first for that reason.
+
+Two adjustments to PySyncObj's Serializer (`attach`), which assumes a dump
+that ends within the tick:
+- It refuses to send any snapshot while it serializes (`__pid != 0`), and
+  its leader then loops for a whole append-entries period sending a lagging
+  follower empty snapshot messages, every tick, for the length of the dump
+  (a review measured 50 ms per tick and ~26,000 messages per call). While
+  the dump runs the previous snapshot and the journal behind it are intact,
+  so `state` clears that flag and the previous snapshot is sent instead.
+- It does not restart transmissions in flight when a checker reports
+  SUCCESS: the leader would finish sending the old file and then point the
+  follower past the new log start. `state` drops them (closing their files)
+  so the next message starts the new snapshot from its first byte.
 
 A snapshot installed from the leader (the deserializer) cancels a dump in
 progress: the older dump must not replace the newer snapshot afterwards.
@@ -54,6 +66,7 @@ class SnapshotWriter:
         self.name = name
         self._refusal = refusal
         self._dump: Dump | None = None
+        self._serializer: Any = None  # PySyncObj's Serializer, once attached
         self._index: Any = None
         self._report_failure = False
         self.written = 0
@@ -66,25 +79,46 @@ class SnapshotWriter:
     def dumping(self) -> bool:
         return self._dump is not None
 
+    def attach(self, serializer: Any) -> None:
+        """PySyncObj's Serializer (SyncObj's `_SyncObj__serializer`), see the module doc."""
+        self._serializer = serializer
+
+    def _allow_transmissions(self) -> None:
+        if self._serializer is not None:
+            self._serializer._Serializer__pid = 0  # noqa: SLF001 - see the module doc
+
+    def _restart_transmissions(self) -> None:
+        if self._serializer is None:
+            return
+        transmissions = self._serializer._Serializer__transmissions  # noqa: SLF001
+        for transmission in transmissions.values():
+            if "file" in transmission:
+                transmission["file"].close()
+        transmissions.clear()
+
     def serialize(self, tmp_filename: str, raft_data: Any) -> None:
         """Start a dump labelled with `raft_data` (PySyncObj's last two applied
-        entries and the cluster). Raising makes PySyncObj keep its journal.
+        entries and the cluster). Raising makes PySyncObj keep its journal;
+        `state` then reports FAILED once, whatever the error (PySyncObj would
+        wait forever for an outcome otherwise).
 
         Runs on the tick thread between two applies, so the LevelDB snapshot
         taken here holds every entry up to raftLastApplied (PySyncObj's own
         no-op entries, which never reach apply_batch, leave the stored index
         below the label: harmless, a restore skips nothing real)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_filename)  # PySyncObj renames it over the snapshot on return
         index = raft_data[0][1]
-        refused = self._refusal()
-        if refused is not None:
-            self._report_failure = True
-            log.error("%s: not writing a snapshot labelled Raft index %s: %s", self.name,
-                      index, refused)
-            raise StorageCorrupt(f"snapshot at {index} refused: {refused}")
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_filename)  # PySyncObj renames it over the snapshot on return
+            refused = self._refusal()
+            if refused is not None:
+                log.error("%s: not writing a snapshot labelled Raft index %s: %s", self.name,
+                          index, refused)
+                raise StorageCorrupt(f"snapshot at {index} refused: {refused}")
             self._dump = self.storage.start_dump(self.path, raft_data)
+        except StorageCorrupt:
+            self._report_failure = True
+            raise
         except Exception:
             self._report_failure = True
             log.exception("%s: starting the snapshot dump at Raft index %s failed",
@@ -101,6 +135,7 @@ class SnapshotWriter:
         if dump is None:
             return SERIALIZER_STATE.NOT_SERIALIZING
         if dump.running:
+            self._allow_transmissions()
             return SERIALIZER_STATE.SERIALIZING
         self._dump = None
         try:
@@ -117,6 +152,7 @@ class SnapshotWriter:
             log.exception("%s: snapshot dump at Raft index %s failed", self.name, self._index)
             return SERIALIZER_STATE.FAILED
         self.written += 1
+        self._restart_transmissions()
         log.info("%s: snapshot at Raft index %s: %d keys", self.name, self._index, count)
         return SERIALIZER_STATE.SUCCESS
 

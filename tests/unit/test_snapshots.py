@@ -54,6 +54,7 @@ class Harness:
         self.writer = SnapshotWriter(storage, self.path, "r1", refusal=lambda: self.fatal)
         self.serializer = Serializer(self.path, 1024, False, self.writer.serialize,
                                      lambda name: None, self.writer.state)
+        self.writer.attach(self.serializer)
 
     def serialize(self, index: int) -> None:
         self.serializer.serialize(raft_data(index), index)
@@ -164,3 +165,60 @@ def test_closing_the_storage_stops_a_running_dump(tmp_path):
     assert not dump.running
     assert not (tmp_path / ("snapshot" + PARTIAL_SUFFIX)).exists()
     assert not (tmp_path / "snapshot").exists()
+
+
+def receive(h: Harness, node: str) -> bytes:
+    """A whole transmission to `node`, as the leader sends it chunk by chunk."""
+    chunks = []
+    for _ in range(100_000):
+        data = h.serializer.getTransmissionData(node)
+        assert data, "no snapshot to send"
+        chunk, _first, last = data
+        chunks.append(chunk)
+        if last:
+            return b"".join(chunks)
+    raise AssertionError("the transmission did not end")
+
+
+def test_the_previous_snapshot_is_sent_while_a_dump_runs(tmp_path, storage):
+    """PySyncObj sends no snapshot while it serializes; with a dump of seconds
+    its leader then spun a whole append-entries period per tick sending a
+    lagging follower empty messages (a review: 50 ms per tick, ~26,000
+    messages). The previous snapshot, intact meanwhile, is sent instead."""
+    h = Harness(tmp_path, storage)
+    h.serialize(22)
+    assert h.settle()[0] == SERIALIZER_STATE.SUCCESS
+    previous = (tmp_path / "snapshot").read_bytes()
+    write(storage, {b"k%06d" % i: b"x" * 100 for i in range(200_000)})
+    h.serialize(40)
+    assert h.serializer.checkSerializing()[0] == SERIALIZER_STATE.SERIALIZING
+    assert receive(h, "follower") == previous
+    assert h.settle() == (SERIALIZER_STATE.SUCCESS, 40)
+
+
+def test_a_transmission_in_flight_restarts_with_the_new_snapshot(tmp_path, storage):
+    """After SUCCESS the journal behind the old file is gone: finishing the old
+    file would leave the follower short of the new log start."""
+    h = Harness(tmp_path, storage)
+    h.serialize(22)
+    assert h.settle()[0] == SERIALIZER_STATE.SUCCESS
+    write(storage, {b"k%06d" % i: b"x" * 100 for i in range(2_000)})
+    first = h.serializer.getTransmissionData("follower")
+    assert first is not None and first[1]  # the old file's first chunk went out
+    h.serialize(40)
+    assert h.settle() == (SERIALIZER_STATE.SUCCESS, 40)
+    assert receive(h, "follower") == (tmp_path / "snapshot").read_bytes()
+    assert Storage.read_header(h.path) == raft_data(40)[1:]
+
+
+def test_any_failure_to_start_a_dump_is_reported_and_the_next_one_works(tmp_path, storage):
+    """An error the serializer did not expect (here its .tmp path is a
+    directory) used to leave PySyncObj waiting for an outcome forever: no
+    compaction, no snapshot sent, ever again."""
+    h = Harness(tmp_path, storage)
+    (tmp_path / "snapshot.tmp").mkdir()
+    h.serialize(22)
+    assert h.settle() == (SERIALIZER_STATE.FAILED, 22)
+    (tmp_path / "snapshot.tmp").rmdir()
+    h.serialize(23)
+    assert h.settle() == (SERIALIZER_STATE.SUCCESS, 23)
