@@ -19,14 +19,26 @@ side reads it unchanged: members with and without the shim interoperate, and
 with `security.raft_password_file` the Fernet layer wraps it as before. What is
 given up is compression of Raft traffic, which on loopback or a LAN costs
 nothing worth the CPU (a few MB/s at thousands of writes/s).
+
+`install()` also makes each connection's send buffer a bytearray. PySyncObj
+keeps unsent bytes in `bytes`, appends each message with `+=` and drops
+sent bytes by slicing: both copy the whole backlog, so a backlog grows in
+quadratic time. A leader sends a whole snapshot in one tick (chunks of
+logCompactionBatchSize, 64 KiB), far more than the socket takes at once:
+for 30 MB that was gigabytes of copying, seconds during which the leader's
+tick thread heartbeat nobody and elections followed. A bytearray appends in
+place and `del buf[:n]` only moves its start: linear.
 """
 
 from __future__ import annotations
 
+import errno
 import zlib
 from types import SimpleNamespace
+from typing import Any
 
 from pysyncobj import tcp_connection
+from pysyncobj.tcp_connection import TcpConnection
 
 # Stored blocks (level 0), a 512-byte window (wbits 9) and the smallest hash
 # table (memLevel 1): what the decompressor needs, nothing it does not.
@@ -42,10 +54,47 @@ def compress(data: bytes, level: int = -1) -> bytes:  # noqa: ARG001 - PySyncObj
 _SHIM = SimpleNamespace(compress=compress, decompress=zlib.decompress, error=zlib.error)
 
 
+_ORIGINAL_SEND = TcpConnection.send
+
+
+def _send(self: Any, message: Any) -> None:
+    """TcpConnection.send, appending to a bytearray (PySyncObj's `+=` then works in place)."""
+    if type(self._TcpConnection__writeBuffer) is not bytearray:  # reset to bytes() elsewhere
+        self._TcpConnection__writeBuffer = bytearray(self._TcpConnection__writeBuffer)
+    _ORIGINAL_SEND(self, message)
+
+
+def _process_send(self: Any) -> bool:
+    """TcpConnection.__processSend, dropping sent bytes without copying the rest."""
+    buffer = self._TcpConnection__writeBuffer
+    if not buffer:
+        return False
+    try:
+        sent = self._TcpConnection__socket.send(buffer)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            self.disconnect()
+        return False
+    if sent < 0:
+        self.disconnect()
+        return False
+    if sent == 0:
+        return False
+    if type(buffer) is bytearray:
+        del buffer[:sent]
+    else:
+        self._TcpConnection__writeBuffer = buffer[sent:]
+    return True
+
+
 def install() -> None:
-    """Make PySyncObj's TcpConnection frame messages with `compress` (idempotent)."""
+    """Make PySyncObj's TcpConnection frame messages with `compress` and keep its
+    send buffer in a bytearray (idempotent)."""
     tcp_connection.zlib = _SHIM  # type: ignore[attr-defined]
+    TcpConnection.send = _send  # type: ignore[method-assign]
+    TcpConnection._TcpConnection__processSend = _process_send  # type: ignore[attr-defined]
 
 
 def installed() -> bool:
-    return getattr(tcp_connection, "zlib", None) is _SHIM
+    return (getattr(tcp_connection, "zlib", None) is _SHIM and TcpConnection.send is _send
+            and getattr(TcpConnection, "_TcpConnection__processSend", None) is _process_send)

@@ -249,6 +249,7 @@ class ReplicaStateMachine(SyncObj):
         except Exception as exc:  # noqa: BLE001 - the journal is read here
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc
+        self.snapshots.attach(self._SyncObj__serializer)  # type: ignore[attr-defined]
         self._count_handshake_drops()
 
     # -- connections that never authenticate -----------------------------------
@@ -484,7 +485,18 @@ class ReplicaStateMachine(SyncObj):
             else:
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)
+                started = time.monotonic()
                 self.storage.restore(filename)
+                log.info("%s: snapshot restored in %.1fs", self.spec.id,
+                         time.monotonic() - started)
+                # The leader's message that carried the snapshot restarted the
+                # election timer before the restore; PySyncObj checks the timer
+                # first thing next tick, before reading the heartbeats that came
+                # meanwhile, so a restore longer than the timeout made this member
+                # start an election at once and unseat a healthy leader. The
+                # leader was heard from just now, in effect: restart the timer.
+                self._SyncObj__raftElectionDeadline = (  # type: ignore[attr-defined]
+                    time.monotonic() + self._SyncObj__generateRaftTimeout())  # type: ignore[attr-defined]
             return header
         except Exception as exc:
             self._die(exc if isinstance(exc, StorageCorrupt)

@@ -165,3 +165,37 @@ def test_compaction_of_a_large_store_keeps_the_leader(replica_cluster_factory):
             f"{member.id}: leader {status.leader} term {status.term} after the compaction"
     check_exactly_once(cluster, pool, first)
     assert len(set(cluster.stop_and_digest().values())) == 1
+
+
+def test_catching_up_from_a_large_snapshot_keeps_the_leader(replica_cluster_factory):
+    """A member that missed a compaction gets a ~30 MB snapshot of 10^6 keys.
+    Two stalls used to unseat a healthy leader here (each alone failed this
+    test): the leader's tick thread copying its quadratic send buffer for
+    seconds (raft_wire's bytearray fixes it), and the restored member, whose
+    restore takes seconds on its tick thread, starting an election at once
+    because PySyncObj checks the election deadline before it reads the
+    heartbeats that came meanwhile (the deadline now restarts after it)."""
+    cluster = replica_cluster_factory(raft={"compaction_min_entries": 300,
+                                            "compaction_min_seconds": 3600})
+    preload(cluster, BULK_KEYS)
+    cluster.start(timeout=60)
+    first = create_client(cluster)
+    lagging = cluster.followers()[0]
+    lagging.kill()
+    leader = cluster.wait_leader(20)
+    term = leader.status().term
+    pool = WriterPool(cluster, task_commands(8, 2_000, "behind")).start()
+    pool.join()
+    assert not pool.failed, list(pool.failed.values())[:3]
+    others = [m for m in cluster.members if m is not lagging]
+    for member in others:
+        wait_for(lambda m=member: "snapshot at Raft index" in m.logs(), 90,
+                 f"a snapshot written by {member.id}")
+    lagging.start()
+    wait_for(lambda: "restoring snapshot" in lagging.logs(), 60, "the restore to begin")
+    check_exactly_once(cluster, pool, first)
+    for member in cluster.members:
+        status = member.status()
+        assert (status.leader, status.term) == (leader.id, term), \
+            f"{member.id}: leader {status.leader} term {status.term} after the catch-up"
+    assert len(set(cluster.stop_and_digest().values())) == 1

@@ -40,3 +40,40 @@ def test_corrupt_frames_still_raise_zlib_error():
     frame[-1] ^= 0xFF  # the Adler-32 checksum
     with pytest.raises(tcp_connection.zlib.error):
         tcp_connection.zlib.decompress(bytes(frame))
+
+
+def test_a_large_burst_arrives_whole_and_in_order_through_the_bytearray_buffer():
+    """A leader sends a whole snapshot in one tick: hundreds of 64 KiB messages,
+    far more than the socket takes at once. The send buffer (a bytearray, see
+    raft_wire) must deliver every byte, in order, as the socket drains."""
+    import socket
+    import time
+
+    from pysyncobj.poller import createPoller
+
+    assert tcp_connection.TcpConnection.send is raft_wire._send
+    left, right = socket.socketpair()
+    for sock in (left, right):
+        sock.setblocking(False)
+    got: list = []
+    poll_a, poll_b = createPoller("select"), createPoller("select")
+    sender = tcp_connection.TcpConnection(poll_a, socket=left)
+    receiver = tcp_connection.TcpConnection(poll_b, socket=right,
+                                            onMessageReceived=got.append)
+    messages = [{"type": "append_entries", "n": n, "serialized": (os.urandom(64 * 1024),
+                                                                    n == 0, n == 299)}
+                for n in range(300)]
+    try:
+        for message in messages:
+            sender.send(message)
+        assert type(sender._TcpConnection__writeBuffer) is bytearray
+        assert sender.getSendBufferSize() > 0  # most of it waits in the buffer
+        deadline = time.monotonic() + 30
+        while len(got) < len(messages) and time.monotonic() < deadline:
+            poll_a.poll(0.001)
+            poll_b.poll(0.001)
+        assert got == messages
+        assert sender.getSendBufferSize() == 0
+    finally:
+        sender.disconnect()
+        receiver.disconnect()
