@@ -139,6 +139,9 @@ listener $broker_port $broker_host
 allow_anonymous false
 password_file /etc/mosquitto/tarefa.passwd
 acl_file /etc/mosquitto/tarefa.acl
+# Mosquitto drops QoS 1 messages beyond 1000 queued per client (its default):
+# the listener's audit log would silently miss events (config/mosquitto.conf).
+max_queued_messages 1000000
 CONF
     refresh "$snippet" "$root/etc/mosquitto/conf.d/tarefa.conf" 0:0 644
     rm -f "$snippet"

@@ -428,8 +428,9 @@ class MosquittoProcess(DaemonProcess):
             os.makedirs(data_dir, exist_ok=True)
             store = f"persistence true\npersistence_location {data_dir}/\n"
         with open(self.conf_path, "w", encoding="utf-8") as fh:
+            # max_queued_messages as in config/mosquitto.conf (why: there).
             fh.write(f"listener {port} 127.0.0.1\n{access}{store}"
-                     "log_dest stdout\nuser root\n")
+                     "max_queued_messages 1000000\nlog_dest stdout\nuser root\n")
 
     def argv(self) -> list[str]:
         return [mosquitto_binary(), "-c", self.conf_path]

@@ -680,7 +680,8 @@ def check_mosquitto(root, uid: int, gid: int) -> None:
     conf = mosquitto_conf(root)
     assert conf == {"listener": "1883 127.0.0.1", "allow_anonymous": "false",
                     "password_file": "/etc/mosquitto/tarefa.passwd",
-                    "acl_file": "/etc/mosquitto/tarefa.acl"}
+                    "acl_file": "/etc/mosquitto/tarefa.acl",
+                    "max_queued_messages": "1000000"}
     mqtt = root / "etc/tarefa/secrets/mqtt"
     for key, source in (("password_file", "mosquitto.passwd"), ("acl_file", "mosquitto.acl")):
         copy = root / conf[key].lstrip("/")
