@@ -343,7 +343,8 @@ def _status_detail(row: dict[str, Any]) -> str:
     if row["kind"] == "listener" and row["reachable"]:
         return (f"events={row['events_written']} rejects={row['rejects']} "
                 f"broker={'up' if row['broker_connected'] else 'DOWN'}"
-                + (f" SESSIONS_LOST={row['sessions_lost']}" if row["sessions_lost"] else ""))
+                + (f" SESSIONS_LOST={row['sessions_lost']}" if row["sessions_lost"] else "")
+                + (f" MISSING={row['missing_revisions']}" if row["missing_revisions"] else ""))
     return row.get("error", "")
 
 

@@ -79,7 +79,8 @@ def collect_status(cluster: Cluster, timeout: float,
             row.update(reachable=True, broker_connected=st.broker_connected,
                        events_written=st.events_written, rejects=st.rejects,
                        duplicates=st.duplicates, out_of_order=st.out_of_order,
-                       sessions_lost=st.sessions_lost)
+                       sessions_lost=st.sessions_lost,
+                       missing_revisions=st.missing_revisions)
         except grpc.RpcError as exc:
             _failed(row, exc)
         rows.append(row)

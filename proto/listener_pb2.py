@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/listener.proto\x12\x0ftarefa.listener\"\x17\n\x15ListenerStatusRequest\"\xcf\x01\n\x16ListenerStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_written\x18\x03 \x01(\x04\x12\x12\n\nduplicates\x18\x04 \x01(\x04\x12\x14\n\x0cout_of_order\x18\x05 \x01(\x04\x12\x0f\n\x07rejects\x18\x06 \x01(\x04\x12\x11\n\taudit_log\x18\x07 \x01(\t\x12\x12\n\nreject_log\x18\x08 \x01(\t\x12\x15\n\rsessions_lost\x18\t \x01(\x04\x32k\n\x0eListenerStatus\x12Y\n\x06Status\x12&.tarefa.listener.ListenerStatusRequest\x1a\'.tarefa.listener.ListenerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/listener.proto\x12\x0ftarefa.listener\"\x17\n\x15ListenerStatusRequest\"\xea\x01\n\x16ListenerStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_written\x18\x03 \x01(\x04\x12\x12\n\nduplicates\x18\x04 \x01(\x04\x12\x14\n\x0cout_of_order\x18\x05 \x01(\x04\x12\x0f\n\x07rejects\x18\x06 \x01(\x04\x12\x11\n\taudit_log\x18\x07 \x01(\t\x12\x12\n\nreject_log\x18\x08 \x01(\t\x12\x15\n\rsessions_lost\x18\t \x01(\x04\x12\x19\n\x11missing_revisions\x18\n \x01(\x04\x32k\n\x0eListenerStatus\x12Y\n\x06Status\x12&.tarefa.listener.ListenerStatusRequest\x1a\'.tarefa.listener.ListenerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTENERSTATUSREQUEST']._serialized_start=41
   _globals['_LISTENERSTATUSREQUEST']._serialized_end=64
   _globals['_LISTENERSTATUSRESPONSE']._serialized_start=67
-  _globals['_LISTENERSTATUSRESPONSE']._serialized_end=274
-  _globals['_LISTENERSTATUS']._serialized_start=276
-  _globals['_LISTENERSTATUS']._serialized_end=383
+  _globals['_LISTENERSTATUSRESPONSE']._serialized_end=301
+  _globals['_LISTENERSTATUS']._serialized_start=303
+  _globals['_LISTENERSTATUS']._serialized_end=410
 # @@protoc_insertion_point(module_scope)

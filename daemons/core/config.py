@@ -141,6 +141,7 @@ class ListenerSpec:
     rotate_bytes: int = 64 * 1024 * 1024
     keep_files: int = 10
     dedupe_window: int = 100_000
+    missing_after: float = 10.0
 
     @property
     def address(self) -> str:
@@ -350,7 +351,7 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
             "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value,
             "fsync": c.choice(FSYNC_POLICIES), "fsync_interval": c.seconds,
             "rotate_bytes": c.positive_int, "keep_files": c.positive_int,
-            "dedupe_window": c.positive_int}),
+            "dedupe_window": c.positive_int, "missing_after": c.seconds}),
     }, required=("replicas",))
 
     raft_raw = top.get("raft", {})

@@ -395,6 +395,12 @@ class AuditLog:
     # -- reading -----------------------------------------------------------------
 
     @property
+    def highest_revision(self) -> int:
+        """The highest revision among the events remembered (0 if none)."""
+        with self._lock:
+            return max((revision for _, revision in self._seen), default=0)
+
+    @property
     def has_history(self) -> bool:
         """The log files held events when they were opened (or since)."""
         with self._lock:

@@ -34,6 +34,7 @@ from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.listener.audit import AuditLog
+from daemons.listener.gaps import RevisionGaps
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
 
@@ -97,6 +98,7 @@ class ListenerDaemon(Daemon):
                             login=mqtt_login(cluster.broker, self.spec.id))
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
+        self.gaps = RevisionGaps(self.spec.missing_after)
         # The broker should hold a session for us once we have had one: since
         # our first subscription, or before (the audit log holds events).
         self._expect_session = False
@@ -112,6 +114,8 @@ class ListenerDaemon(Daemon):
     def start(self) -> None:
         self.audit.open()
         self._expect_session = self.audit.has_history
+        if self.audit.has_history:
+            self.gaps.start_after(self.audit.highest_revision)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))
@@ -129,6 +133,14 @@ class ListenerDaemon(Daemon):
 
     def tick(self) -> None:
         self._write(self.audit.sync_if_due)
+        for first, last in self.gaps.overdue():
+            what = f"revision {first}" if first == last else f"revisions {first}-{last}"
+            log.warning("%s: %s never arrived (a later one has waited %.0fs): %s missing "
+                        "from the audit log (a portal that died before publishing, or a "
+                        "broker that lost or dropped queued events); %d missing since start",
+                        self.daemon_id, what, self.gaps.grace,
+                        "that change is" if first == last else "those changes are",
+                        self.gaps.missing)
 
     def stop(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
@@ -141,7 +153,7 @@ class ListenerDaemon(Daemon):
 
     def status(self) -> dict[str, Any]:
         return {"broker_connected": self.bus.connected, "sessions_lost": self.sessions_lost,
-                **self.audit.status()}
+                "missing_revisions": self.gaps.missing, **self.audit.status()}
 
     # -- the event bus (paho's network thread) -----------------------------------
 
@@ -177,6 +189,7 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, "cannot be written to the audit log "
                          f"({type(exc).__name__}: {exc})")
             return
+        self.gaps.seen(event["revision"])
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])

@@ -131,8 +131,9 @@ def persistent_env(tmp_path, request):
     yield from running_env(tmp_path, request, persistence=True)
 
 
-def running_env(tmp_path, request, persistence: bool = False):  # type: ignore[no-untyped-def]
-    e = Env(str(tmp_path / "env"), persistence=persistence)
+def running_env(tmp_path, request, persistence: bool = False,  # type: ignore[no-untyped-def]
+                **listener_keys: object):
+    e = Env(str(tmp_path / "env"), persistence=persistence, **listener_keys)
     try:
         e.broker.start()
         e.broker.wait_ready()
@@ -434,4 +435,34 @@ def test_bursts_beyond_the_brokers_default_queue_reach_the_audit_log(env):
     listener.start()
     wait_for(lambda: len(env.audit_lines()) == 5000, 60, "the burst while it was away")
     assert sorted(revisions(env.audit_lines())) == list(range(1, 5001))
+    assert listener.terminate() == 0
+
+
+@pytest.fixture
+def quick_gaps_env(tmp_path, request):
+    """A listener that reports a missing revision after 1 s instead of 10."""
+    yield from running_env(tmp_path, request, missing_after=1.0)
+
+
+def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
+    """Every change takes the next revision and is published once: a hole a
+    later revision has waited on for `missing_after` seconds is a change the
+    audit log misses. Reported once, in the log and in ListenerStatus; after
+    a restart, tracking resumes above the log's highest revision."""
+    env = quick_gaps_env
+    listener = env.listener()
+    listener.start()
+    listener.wait_ready()
+    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (1, 2, 5, 4, 6)])
+    wait_for(lambda: listener.status().missing_revisions == 1, 15, "revision 3 reported")
+    assert "revision 3 never arrived" in listener.logs()
+    env.publish(task_event(3, title="t3"))  # late: written, the report stands
+    wait_for(lambda: len(env.audit_lines()) == 6, 15, "the late revision written")
+    assert listener.terminate() == 0
+
+    listener.start()
+    listener.wait_ready()
+    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (7, 10)])
+    wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 8-9")
+    assert "revisions 8-9 never arrived" in listener.logs()
     assert listener.terminate() == 0
