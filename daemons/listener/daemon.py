@@ -189,7 +189,9 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, "cannot be written to the audit log "
                          f"({type(exc).__name__}: {exc})")
             return
-        self.gaps.seen(event["revision"])
+        if self.gaps.seen(event["revision"]):
+            log.info("%s: revision %d, reported missing, arrived late (written; %d still "
+                     "missing)", self.daemon_id, event["revision"], self.gaps.missing)
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])

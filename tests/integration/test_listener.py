@@ -447,8 +447,9 @@ def quick_gaps_env(tmp_path, request):
 def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
     """Every change takes the next revision and is published once: a hole a
     later revision has waited on for `missing_after` seconds is a change the
-    audit log misses. Reported once, in the log and in ListenerStatus; after
-    a restart, tracking resumes above the log's highest revision."""
+    audit log misses. Reported once, in the log and in ListenerStatus, and
+    withdrawn if it turns up late; after a restart, tracking resumes above the
+    log's highest revision."""
     env = quick_gaps_env
     listener = env.listener()
     listener.start()
@@ -456,13 +457,15 @@ def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
     env.publish_many([task_event(rev, title=f"t{rev}") for rev in (1, 2, 5, 4, 6)])
     wait_for(lambda: listener.status().missing_revisions == 1, 15, "revision 3 reported")
     assert "revision 3 never arrived" in listener.logs()
-    env.publish(task_event(3, title="t3"))  # late: written, the report stands
+    env.publish(task_event(3, title="t3"))  # late: written, and no longer missing
     wait_for(lambda: len(env.audit_lines()) == 6, 15, "the late revision written")
+    wait_for(lambda: listener.status().missing_revisions == 0, 15, "the report withdrawn")
+    assert "revision 3, reported missing, arrived late" in listener.logs()
     assert listener.terminate() == 0
 
     listener.start()
     listener.wait_ready()
     env.publish_many([task_event(rev, title=f"t{rev}") for rev in (7, 10)])
-    wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 8-9")
+    wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 8-9")  # new process
     assert "revisions 8-9 never arrived" in listener.logs()
     assert listener.terminate() == 0

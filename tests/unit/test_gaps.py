@@ -37,9 +37,9 @@ def test_a_hole_is_reported_once_after_the_grace_of_the_revision_behind_it():
     assert gaps.missing == 2 and gaps.waiting == 0
     clock.now += 60
     assert gaps.overdue() == []
-    gaps.seen(3)  # late: below the tracked range, nothing more to say
+    assert gaps.seen(3) is True  # late: written, and no longer missing
     gaps.seen(7)
-    assert gaps.waiting == 0 and gaps.missing == 2
+    assert gaps.waiting == 0 and gaps.missing == 1
 
 
 def test_a_late_revision_inside_the_grace_fills_the_hole():
@@ -82,3 +82,34 @@ def test_the_first_event_of_an_empty_log_expects_nothing_before_it():
     gaps.seen(501)
     clock.now += 60
     assert gaps.overdue() == [] and gaps.missing == 0
+
+
+def test_a_reported_revision_that_arrives_late_is_no_longer_missing():
+    gaps, clock = tracker()
+    for revision in (1, 9, 10):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [(2, 8)] and gaps.missing == 7
+    assert gaps.seen(5) is True  # splits the hole
+    assert gaps.seen(2) is True and gaps.seen(8) is True
+    assert gaps.seen(5) is False  # a duplicate of a late one
+    assert gaps.missing == 4
+    for revision in (3, 4, 6, 7):
+        assert gaps.seen(revision) is True
+    assert gaps.missing == 0
+    assert gaps.seen(1) is False  # an old, never-missing revision
+
+
+def test_only_the_newest_holes_are_remembered_but_all_stay_counted():
+    from daemons.listener import gaps as module
+
+    gaps, clock = tracker()
+    gaps.seen(0)
+    for n in range(module.MAX_HOLES + 5):
+        gaps.seen(2 * n + 2)  # a hole at every odd revision
+        clock.now += 11
+        gaps.overdue()
+    assert gaps.missing == module.MAX_HOLES + 5
+    assert gaps.seen(1) is False  # the oldest holes are forgotten
+    assert gaps.seen(2 * (module.MAX_HOLES + 4) + 1) is True
+    assert gaps.missing == module.MAX_HOLES + 4
