@@ -65,17 +65,26 @@ class PortalOperations:
         at = utc_now()
         command = pb.Command(request_id=_request_id(request_id), op=op, cid=cid,
                              title=title or "", at=at, **fields)
-        answer = await self.replicas.apply(command, timeout)
-        record = json.loads(answer.record) if answer.record else None
-        # A duplicate (a retry of a request id already applied) gets the first
-        # answer. It is published too: the attempt that committed it almost
-        # never reached a portal that published it (a per-try timeout, a
-        # failover, the caller's retry after UNAVAILABLE). Where it was
-        # published already, caches ignore the old revision and watchers get
-        # it once (events are deduplicated by change, not by origin).
-        self.coherence.local_change(events.make_event(
-            event, cid, answer.revision, self.portal_id, at, title=title, record=record))
-        return answer, record
+        records: list[Any] = []
+
+        def committed(answer: pb.ApplyResponse) -> None:
+            # Runs as soon as the replicas answer, even if our caller has gone
+            # (ReplicaClient): a committed change is always published. A
+            # duplicate (a retry of a request id already applied) gets the first
+            # answer and is published too: the attempt that committed it almost
+            # never reached a portal that published it (a per-try timeout, a
+            # failover, the caller's retry after UNAVAILABLE). Where it was
+            # published already, caches ignore the old revision and watchers get
+            # it once (events are deduplicated by change, not by origin).
+            record = json.loads(answer.record) if answer.record else None
+            records.append(record)
+            self.coherence.local_change(events.make_event(
+                event, cid, answer.revision, self.portal_id, at, title=title, record=record))
+
+        answer = await self.replicas.apply(command, timeout, committed)
+        if not records:  # `committed` failed (logged by ReplicaClient)
+            records.append(json.loads(answer.record) if answer.record else None)
+        return answer, records[0]
 
     async def _read(self, key: Key, kind: int, cid: str, title: str, linearizable: bool,
               timeout: float) -> dict | None:

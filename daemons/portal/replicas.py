@@ -11,6 +11,10 @@ UNAVAILABLE / DEADLINE_EXCEEDED from one member moves on to the next with the
 SAME request ids until the deadline, so a leader change or a killed member
 never applies a write twice and never hangs a call. Refusals (NOT_FOUND,
 ALREADY_EXISTS, INVALID_ARGUMENT) come back at once.
+
+A write's `on_commit` runs when its group's answer says it committed, in the
+group's task: also when its caller has gone meanwhile (cancelled, Ctrl-C),
+so a committed change is always published.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ MAX_GROUP = 256
 # not slowed (its group is sent at once either way).
 MAX_GROUPS_IN_FLIGHT = 1
 
+OnCommit = Callable[[pb.ApplyResponse], Any]
+
 
 class ReplicaClient:
     """Create and use on the portal's event loop."""
@@ -59,8 +65,8 @@ class ReplicaClient:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[replica_pb2_grpc.ReplicaStub] = []
         self._preferred = 0
-        self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float, int]] = \
-            collections.deque()
+        self._queue: collections.deque[tuple[pb.Command, asyncio.Future, float, int,
+                                             OnCommit | None]] = collections.deque()
         self._groups_in_flight = 0
         self._send_scheduled = False
         self._poller: asyncio.Task | None = None
@@ -113,10 +119,14 @@ class ReplicaClient:
 
     # -- writes (grouped) ------------------------------------------------------
 
-    async def apply(self, command: pb.Command, timeout: float) -> pb.ApplyResponse:
+    async def apply(self, command: pb.Command, timeout: float,
+                    on_commit: OnCommit | None = None) -> pb.ApplyResponse:
+        """Commit `command`; `on_commit(answer)` runs first, whether or not the
+        caller still waits (see the module doc)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._queue.append((command, future, time.monotonic() + timeout, command.ByteSize()))
+        self._queue.append((command, future, time.monotonic() + timeout, command.ByteSize(),
+                            on_commit))
         if not self._send_scheduled:
             # Send at the end of this loop iteration, so that the writes of
             # every handler the loop runs now travel in one group.
@@ -127,36 +137,43 @@ class ReplicaClient:
     def _send_groups(self) -> None:
         self._send_scheduled = False
         while self._queue and self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
-            command, future, deadline, size = self._queue.popleft()
-            group = [(command, future, deadline)]
+            command, future, deadline, size, on_commit = self._queue.popleft()
+            group = [(command, future, deadline, on_commit)]
             while self._queue and len(group) < MAX_GROUP \
                     and size + self._queue[0][3] < self._group_bytes:
-                command, future, deadline, cost = self._queue.popleft()
-                group.append((command, future, deadline))
+                command, future, deadline, cost, on_commit = self._queue.popleft()
+                group.append((command, future, deadline, on_commit))
                 size += cost
             self._groups_in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send_group(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send_group(self, group: list[tuple[pb.Command, asyncio.Future, float]]) -> None:
+    async def _send_group(self, group: list[tuple[pb.Command, asyncio.Future, float,
+                                                  OnCommit | None]]) -> None:
         try:
-            deadline = min(d for _, _, d in group)
-            request = pb.CommandBatch(commands=[c for c, _, _ in group])
+            deadline = min(d for _, _, d, _ in group)
+            request = pb.CommandBatch(commands=[c for c, _, _, _ in group])
             try:
                 answer = await self._call(
                     lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline, write=True)
             except TarefaError as exc:
-                for _, future, _ in group:
+                for _, future, _, _ in group:
                     if not future.done():
                         future.set_exception(exc)
                 return
-            for (_, future, _), result in zip(group, answer.results):
-                if future.done():
-                    continue
+            for (command, future, _, on_commit), result in zip(group, answer.results):
                 if result.code:
-                    future.set_exception(error_from_code(result.code, result.message))
-                else:
+                    if not future.done():
+                        future.set_exception(error_from_code(result.code, result.message))
+                    continue
+                if on_commit is not None:
+                    try:
+                        on_commit(result.response)
+                    except Exception:  # noqa: BLE001 - the others of the group go on
+                        log.exception("%s: handling the commit of request %s failed",
+                                      self.owner, command.request_id)
+                if not future.done():
                     future.set_result(result.response)
         finally:
             self._groups_in_flight -= 1

@@ -467,3 +467,40 @@ def test_bug_concurrent_large_writes_exceeded_the_message_limit_together(tmp_pat
         raise
     finally:
         s.stop()
+
+
+def test_a_change_whose_caller_went_away_is_still_published(stack):
+    """A caller that goes away (Ctrl-C, its own cancel) after sending a write
+    that then commits: the portal used to drop the answer, so no event went
+    out (other portals' caches stale until their TTL, watchers and the audit
+    log missed the change). Here the replicas lose their quorum while the call
+    is in flight, the caller cancels, the quorum returns and the write commits."""
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="6", data="{}"), timeout=10)
+    call = b.client.WatchTasks(pb.WatchTasksRequest(cid="6"))
+    seen: list = []
+    reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
+    reader.start()
+    time.sleep(0.3)  # the stream is registered once the first message could flow
+    followers = stack.followers()
+    try:
+        for member in followers:
+            member.signal(signal.SIGSTOP)
+        pending = a.client.CreateTask.future(pb.CreateTaskRequest(cid="6", title="orphan"),
+                                             timeout=20)
+        time.sleep(0.3)
+        pending.cancel()
+        time.sleep(0.3)
+    finally:
+        for member in followers:
+            member.signal(signal.SIGCONT)
+    assert pending.cancelled()
+    wait_for(lambda: any(e.task.title == "orphan" for e in seen), 10,
+             "the event of the orphaned write on portal B")
+    call.cancel()
+    reader.join(5)
+    assert not reader.is_alive()
+    got = b.client.GetTask(pb.TaskRef(cid="6", title="orphan"), timeout=10)
+    assert got.revision == next(e.revision for e in seen if e.task.title == "orphan")

@@ -248,9 +248,11 @@ def test_a_retried_write_answered_from_the_dedupe_table_is_published_once() -> N
     first = rec(10, "first")
 
     class Replicas:
-        async def apply(self, command, timeout):  # type: ignore[no-untyped-def]
-            return replica_pb2.ApplyResponse(revision=10, record=json.dumps(first),
-                                             duplicate=True)
+        async def apply(self, command, timeout, on_commit):  # type: ignore[no-untyped-def]
+            answer = replica_pb2.ApplyResponse(revision=10, record=json.dumps(first),
+                                               duplicate=True)
+            on_commit(answer)  # as ReplicaClient does, before the caller resumes
+            return answer
 
     class Bus:
         sent: list = []
