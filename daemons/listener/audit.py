@@ -394,11 +394,10 @@ class AuditLog:
 
     # -- reading -----------------------------------------------------------------
 
-    @property
-    def highest_revision(self) -> int:
-        """The highest revision among the events remembered (0 if none)."""
+    def remembered_revisions(self) -> list[int]:
+        """The revisions of the events remembered (the dedupe window)."""
         with self._lock:
-            return max((revision for _, revision in self._seen), default=0)
+            return [revision for _, revision in self._seen]
 
     @property
     def has_history(self) -> bool:

@@ -34,11 +34,13 @@ from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.listener.audit import AuditLog
-from daemons.listener.gaps import RevisionGaps
+from daemons.listener.gaps import MAX_JUMP, RevisionGaps, baseline
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+HOLES_SHOWN = 10  # holes named in one WARNING line
 
 GRPC_WORKERS = 4
 SUMMARY_EVERY = 1000  # events written between two INFO summary lines
@@ -99,6 +101,7 @@ class ListenerDaemon(Daemon):
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.gaps = RevisionGaps(self.spec.missing_after)
+        self._ignored_logged = 0
         # The broker should hold a session for us once we have had one: since
         # our first subscription, or before (the audit log holds events).
         self._expect_session = False
@@ -115,7 +118,7 @@ class ListenerDaemon(Daemon):
         self.audit.open()
         self._expect_session = self.audit.has_history
         if self.audit.has_history:
-            self.gaps.start_after(self.audit.highest_revision)
+            self.gaps.start_after(baseline(self.audit.remembered_revisions()))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))
@@ -133,14 +136,34 @@ class ListenerDaemon(Daemon):
 
     def tick(self) -> None:
         self._write(self.audit.sync_if_due)
-        for first, last in self.gaps.overdue():
-            what = f"revision {first}" if first == last else f"revisions {first}-{last}"
-            log.warning("%s: %s never arrived (a later one has waited %.0fs): %s missing "
-                        "from the audit log (a portal that died before publishing, or a "
-                        "broker that lost or dropped queued events); %d missing since start",
-                        self.daemon_id, what, self.gaps.grace,
-                        "that change is" if first == last else "those changes are",
-                        self.gaps.missing)
+        self._report_gaps()
+
+    def _report_gaps(self) -> None:
+        """At most one line of each kind per tick, however many holes."""
+        holes = self.gaps.overdue()
+        if holes:
+            count = sum(last - first + 1 for first, last in holes)
+            shown = ", ".join(str(first) if first == last else f"{first}-{last}"
+                              for first, last in holes[:HOLES_SHOWN])
+            more = f" and {len(holes) - HOLES_SHOWN} more holes" \
+                if len(holes) > HOLES_SHOWN else ""
+            what = f"revision {shown} never arrived" if count == 1 else \
+                f"{count} revisions never arrived ({shown}{more})"
+            log.warning("%s: %s, a later one has waited %.0fs: %s missing from the audit "
+                        "log (a portal that died before publishing, or a broker that lost or "
+                        "dropped queued events); %d missing now", self.daemon_id, what,
+                        self.gaps.grace, "that change is" if count == 1 else
+                        "those changes are", self.gaps.missing)
+        late = self.gaps.take_late()
+        if late:
+            log.info("%s: %d revision(s) reported missing arrived late (written); %d "
+                     "missing now", self.daemon_id, late, self.gaps.missing)
+        if self.gaps.ignored > self._ignored_logged:
+            log.warning("%s: %d event(s) with a revision more than %d above the expected "
+                        "one (forged, or this listener missed that many changes): written, "
+                        "not used to find missing revisions", self.daemon_id,
+                        self.gaps.ignored - self._ignored_logged, MAX_JUMP)
+            self._ignored_logged = self.gaps.ignored
 
     def stop(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
@@ -189,9 +212,7 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, "cannot be written to the audit log "
                          f"({type(exc).__name__}: {exc})")
             return
-        if self.gaps.seen(event["revision"]):
-            log.info("%s: revision %d, reported missing, arrived late (written; %d still "
-                     "missing)", self.daemon_id, event["revision"], self.gaps.missing)
+        self.gaps.seen(event["revision"])
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])

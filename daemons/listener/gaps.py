@@ -1,30 +1,47 @@
 """Revisions that never reach the audit log.
 
-Every committed change takes the next global revision and is published as
-one event, so the revisions the listener receives should have no holes.
-Events from different portals arrive slightly out of order, so a revision is
-only reported missing once a later revision has been waiting for it for
-`grace` seconds. Causes: a portal that died between commit and publish, a
-broker that lost the listener's session or dropped queued messages, events
-published while no listener was subscribed.
+Every committed change takes the next global revision and is published as an
+event (once; twice, under two origins, when a retried request id is answered
+by a second portal), so the revisions the listener receives should have no
+holes. Events from different portals arrive slightly out of order, so a
+revision is only reported missing once a later revision has been waiting for
+it for `grace` seconds. Causes: a broker that lost the listener's session or
+dropped queued messages, a portal that died between commit and publish,
+events published while no listener was subscribed.
 
 Only revisions above the highest one in the audit log at start (or, on an
 empty log, from the first event received) are tracked: holes older than that
 are not known to this process. A revision that arrives after being reported
 (a portal that was cut off from the broker for longer than `grace`) is
-written like any other, and `seen` says so: `missing` counts the reported
-revisions minus those that turned up later (recognised within the newest
-MAX_HOLES holes).
+written like any other and taken off `missing` (recognised within the
+newest MAX_HOLES holes).
+
+A revision more than MAX_JUMP above the next expected one is not tracked
+(counted in `ignored`): any login allowed to publish can forge an event, and
+one with a huge revision would otherwise be reported as a hole of billions
+and make every real revision look old from then on. The same bound keeps
+such a revision out of the baseline at start (`baseline`).
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 MAX_HOLES = 1000  # reported holes remembered for late arrivals (oldest forgotten)
+MAX_JUMP = 1_000_000  # a revision this far above the expected one is not tracked
+
+
+def baseline(revisions: Iterable[int]) -> int:
+    """The highest of `revisions` not isolated above the rest by more than MAX_JUMP
+    (0 if none): where tracking resumes after a restart."""
+    ordered = sorted(set(revisions))
+    while len(ordered) > 1 and ordered[-1] - ordered[-2] > MAX_JUMP:
+        ordered.pop()
+    return ordered[-1] if ordered else 0
 
 
 class RevisionGaps:
@@ -33,31 +50,42 @@ class RevisionGaps:
         self._clock = clock
         self._lock = threading.Lock()
         self._next: int | None = None  # lowest revision neither received nor reported
-        self._ahead: dict[int, float] = {}  # received revisions above _next: arrival time
+        self._arrived: dict[int, float] = {}  # received revisions above _next: arrival time
+        self._ahead: list[int] = []  # the same revisions, as a heap
         self._holes: list[list[int]] = []  # reported [first, last] ranges, in order
         self.missing = 0  # revisions reported missing, less those that arrived later
+        self.ignored = 0  # revisions too far ahead to track (MAX_JUMP)
+        self._late = 0  # reported revisions that arrived since take_late()
 
     def start_after(self, revision: int) -> None:
-        """Everything up to `revision` is accounted for (the log's highest at start)."""
+        """Everything up to `revision` is accounted for (the log's baseline at start)."""
         with self._lock:
             self._next = revision + 1
 
-    def seen(self, revision: int) -> bool:
-        """Note a received revision; True if it had been reported missing."""
+    def seen(self, revision: int) -> None:
+        """Note a received revision (called for every event, duplicates included)."""
         with self._lock:
             if self._next is None:
                 self._next = revision  # the first event ever: nothing before it expected
             if revision < self._next:
-                return self._arrived_late(revision)
-            if revision not in self._ahead:
-                self._ahead[revision] = self._clock()
+                self._arrived_late(revision)
+            elif revision - self._next > MAX_JUMP:
+                self.ignored += 1
+            elif revision not in self._arrived:
+                self._arrived[revision] = self._clock()
+                heapq.heappush(self._ahead, revision)
                 self._advance()
-            return False
 
-    def _arrived_late(self, revision: int) -> bool:
+    def _advance(self) -> None:
+        assert self._next is not None
+        while self._ahead and self._ahead[0] == self._next:
+            del self._arrived[heapq.heappop(self._ahead)]
+            self._next += 1
+
+    def _arrived_late(self, revision: int) -> None:
         at = bisect.bisect_right(self._holes, [revision, float("inf")]) - 1
         if at < 0 or self._holes[at][1] < revision:
-            return False  # seen before, or older than what is tracked
+            return  # seen before, or older than what is tracked
         first, last = self._holes[at]
         if first == last:
             del self._holes[at]
@@ -67,19 +95,9 @@ class RevisionGaps:
             self._holes[at][1] -= 1
         else:
             self._holes[at:at + 1] = [[first, revision - 1], [revision + 1, last]]
-            self._forget_old_holes()
+            del self._holes[:-MAX_HOLES]
         self.missing -= 1
-        return True
-
-    def _forget_old_holes(self) -> None:
-        """Keep the newest MAX_HOLES holes (older ones stay counted in `missing`)."""
-        del self._holes[:-MAX_HOLES]
-
-    def _advance(self) -> None:
-        assert self._next is not None
-        while self._next in self._ahead:
-            del self._ahead[self._next]
-            self._next += 1
+        self._late += 1
 
     def overdue(self) -> list[tuple[int, int]]:
         """Holes that later revisions have waited on for `grace` seconds, as
@@ -87,18 +105,22 @@ class RevisionGaps:
         holes: list[tuple[int, int]] = []
         with self._lock:
             now = self._clock()
-            while self._ahead:
+            while self._ahead and now - self._arrived[self._ahead[0]] >= self.grace:
                 assert self._next is not None
-                lowest = min(self._ahead)
-                if now - self._ahead[lowest] < self.grace:
-                    break
+                lowest = self._ahead[0]
                 holes.append((self._next, lowest - 1))
                 self._holes.append([self._next, lowest - 1])
                 self.missing += lowest - self._next
                 self._next = lowest
                 self._advance()
-            self._forget_old_holes()
+            del self._holes[:-MAX_HOLES]
         return holes
+
+    def take_late(self) -> int:
+        """Reported revisions that arrived since the last call."""
+        with self._lock:
+            late, self._late = self._late, 0
+            return late
 
     @property
     def waiting(self) -> int:
