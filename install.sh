@@ -59,7 +59,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 else
     say ".venv up to date"
 fi
-mkdir -p run/log run/broker
+mkdir -p run/log
 # The default stack is secured (config/cluster.yaml): admin token, Raft password,
 # a local CA with a certificate per daemon, MQTT logins and ACLs. Only what is
 # missing is created; nothing is overwritten. Delete a file and re-run to rotate it.

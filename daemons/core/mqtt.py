@@ -90,9 +90,12 @@ class EventBus:
         self._delay = RECONNECT_MIN_DELAY
         self._timer: asyncio.TimerHandle | None = None
         self._begun = False
-        # The last CONNACK's session-present flag: False after a reconnection
-        # means the broker kept no session (subscriptions, queued messages).
+        # False if any CONNACK since the last confirmed subscription said the
+        # broker had no session for us (subscriptions, queued messages): a
+        # connection whose subscription was refused does not hide that the next
+        # one (which finds the empty session it created) follows a loss.
         self.session_present: bool | None = None
+        self._sessions_kept = True
 
     @property
     def connected(self) -> bool:
@@ -270,7 +273,8 @@ class EventBus:
             log.warning("%s: broker %s:%d refused the connection: %s", self.client_id,
                         self.broker.host, self.broker.port, reason)
             return
-        self.session_present = bool(getattr(flags, "session_present", False))
+        self._sessions_kept = self._sessions_kept and bool(getattr(flags, "session_present",
+                                                                   False))
         if not self._subscriptions:
             self._mark_connected()
             return
@@ -317,6 +321,7 @@ class EventBus:
             self._sync()
 
     def _mark_connected(self) -> None:
+        self.session_present, self._sessions_kept = self._sessions_kept, True
         self._delay = RECONNECT_MIN_DELAY
         self._connected.set()
         log.info("%s: connected to broker %s:%d", self.client_id, self.broker.host,

@@ -47,7 +47,6 @@ def render(tmp: str) -> str:
             open(os.path.join(tmp, "supervisord.conf"), "w", encoding="utf-8") as dst:
         dst.write(src.read())
     os.makedirs(os.path.join(tmp, "run", "log"))
-    os.makedirs(os.path.join(tmp, "run", "broker"))
     # What install.sh does after creating .venv: the secured default stack's material.
     subprocess.run([os.path.join(ROOT, ".venv", "bin", "tarefa-secrets"), "--config",
                     os.path.join(tmp, "config", "cluster.yaml")], check=True,

@@ -72,3 +72,32 @@ def test_a_re_subscribe_scheduled_on_a_lost_connection_is_dropped():
     time.sleep(0.3)  # well past the stale timer's delay
     assert len(fake.subscribed) == 2 and states == [True]
 
+
+
+def test_a_session_lost_before_a_refused_subscription_is_still_told():
+    """The broker lost its data (no session), refused the re-subscription, the
+    connection dropped, and the next CONNACK found the empty session that the
+    refused connection had created: session_present must still say False at
+    the first confirmed subscription, or the listener would not report the loss."""
+    from types import SimpleNamespace
+
+    bus, fake, states = _bus(60)  # no automatic re-subscribe during the test
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    bus._handle_connect(fake, None, SimpleNamespace(session_present=True), ok, None)
+    bus._handle_subscribe(fake, None, 101, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert bus.session_present is True
+    bus._handle_disconnect(fake, None, {}, ReasonCode(PacketTypes.DISCONNECT, identifier=0),
+                           None)
+    bus._handle_connect(fake, None, SimpleNamespace(session_present=False), ok, None)
+    bus._handle_subscribe(fake, None, 102, [ReasonCode(PacketTypes.SUBACK, identifier=0x87)],
+                          None)
+    bus._handle_disconnect(fake, None, {}, ReasonCode(PacketTypes.DISCONNECT, identifier=0),
+                           None)
+    bus._handle_connect(fake, None, SimpleNamespace(session_present=True), ok, None)
+    bus._handle_subscribe(fake, None, 103, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert states == [True, False, True] and bus.session_present is False
+    bus._handle_disconnect(fake, None, {}, ReasonCode(PacketTypes.DISCONNECT, identifier=0),
+                           None)
+    bus._handle_connect(fake, None, SimpleNamespace(session_present=True), ok, None)
+    bus._handle_subscribe(fake, None, 104, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert bus.session_present is True  # reported once, then back to normal
