@@ -16,11 +16,16 @@ are not known to this process. A revision that arrives after being reported
 written like any other and taken off `missing` (recognised within the
 newest MAX_HOLES holes).
 
-A revision more than MAX_JUMP above the next expected one is not tracked
+A revision more than MAX_JUMP above the next expected one is set aside
 (counted in `ignored`): any login allowed to publish can forge an event, and
 one with a huge revision would otherwise be reported as a hole of billions
-and make every real revision look old from then on. The same bound keeps
-such a revision out of the baseline at start (`baseline`).
+and make every real revision look old from then on. A forged revision stays
+alone; real ones keep coming: once CONFIRM set-aside revisions lie within
+MAX_JUMP of each other they are tracked after all (the listener really
+missed more than MAX_JUMP changes, and that hole is reported). Tracking on
+an empty log starts the same way, from the first CONFIRM revisions that
+agree, so a forged first event cannot anchor it. The same bound keeps an
+isolated revision out of the baseline at start (`baseline`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import time
 from typing import Callable, Iterable
 
 MAX_HOLES = 1000  # reported holes remembered for late arrivals (oldest forgotten)
-MAX_JUMP = 1_000_000  # a revision this far above the expected one is not tracked
+MAX_JUMP = 1_000_000  # a revision this far above the expected one is set aside
+CONFIRM = 10  # set-aside revisions within MAX_JUMP of each other that are tracked
+MAX_ASIDE = 1000  # set-aside revisions remembered
 
 
 def baseline(revisions: Iterable[int]) -> int:
@@ -54,7 +61,8 @@ class RevisionGaps:
         self._ahead: list[int] = []  # the same revisions, as a heap
         self._holes: list[list[int]] = []  # reported [first, last] ranges, in order
         self.missing = 0  # revisions reported missing, less those that arrived later
-        self.ignored = 0  # revisions too far ahead to track (MAX_JUMP)
+        self.ignored = 0  # revisions set aside as too far ahead (MAX_JUMP)
+        self._aside: list[int] = []  # those, and those received before tracking began
         self._late = 0  # reported revisions that arrived since take_late()
 
     def start_after(self, revision: int) -> None:
@@ -65,16 +73,34 @@ class RevisionGaps:
     def seen(self, revision: int) -> None:
         """Note a received revision (called for every event, duplicates included)."""
         with self._lock:
-            if self._next is None:
-                self._next = revision  # the first event ever: nothing before it expected
-            if revision < self._next:
+            if self._next is None or revision - self._next > MAX_JUMP:
+                self._set_aside(revision)
+            elif revision < self._next:
                 self._arrived_late(revision)
-            elif revision - self._next > MAX_JUMP:
-                self.ignored += 1
-            elif revision not in self._arrived:
-                self._arrived[revision] = self._clock()
-                heapq.heappush(self._ahead, revision)
-                self._advance()
+            else:
+                self._track(revision, self._clock())
+
+    def _track(self, revision: int, arrived: float) -> None:
+        if revision not in self._arrived:
+            self._arrived[revision] = arrived
+            heapq.heappush(self._ahead, revision)
+            self._advance()
+
+    def _set_aside(self, revision: int) -> None:
+        if self._next is not None:
+            self.ignored += 1
+        self._aside.append(revision)
+        del self._aside[:-MAX_ASIDE]
+        agreeing = {r for r in self._aside if abs(r - revision) <= MAX_JUMP}
+        if len(agreeing) < CONFIRM:
+            return
+        self._aside = [r for r in self._aside if r not in agreeing]
+        if self._next is None:
+            self._next = min(agreeing)  # the first events: nothing before them expected
+        now = self._clock()
+        for r in agreeing:  # the hole below them is reported after `grace`
+            if r >= self._next:
+                self._track(r, now)
 
     def _advance(self) -> None:
         assert self._next is not None

@@ -23,10 +23,11 @@ nothing worth the CPU (a few MB/s at thousands of writes/s).
 `install()` also makes each connection's send buffer a bytearray. PySyncObj
 keeps unsent bytes in `bytes`, appends each message with `+=` and drops
 sent bytes by slicing: both copy the whole backlog, so a backlog grows in
-quadratic time. A leader sends a whole snapshot in one tick (chunks of
-logCompactionBatchSize, 64 KiB), far more than the socket takes at once:
-for 30 MB that was gigabytes of copying, seconds during which the leader's
-tick thread heartbeat nobody and elections followed. A bytearray appends in
+quadratic time. A leader sends a snapshot in chunks of
+logCompactionBatchSize (64 KiB) for up to an append-entries period every
+tick, far faster than the socket drains: for a 30 MB snapshot the backlog
+reached megabytes and the copying took seconds of the leader's tick thread,
+heartbeats fell behind and elections followed. A bytearray appends in
 place and `del buf[:n]` only moves its start: linear.
 """
 

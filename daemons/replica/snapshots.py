@@ -56,7 +56,7 @@ class SnapshotWriter:
 
     `refusal()` returns an error when no snapshot may be written now (after a
     fatal apply error, see ReplicaStateMachine). All methods run on the tick
-    thread except `cancel` at shutdown (after the tick thread stopped).
+    thread (at shutdown, Storage.close() stops a dump still running).
     """
 
     def __init__(self, storage: Storage, path: str, name: str,
@@ -74,10 +74,6 @@ class SnapshotWriter:
         # Left by a crash during a dump; the snapshot file itself is intact.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + PARTIAL_SUFFIX)
-
-    @property
-    def dumping(self) -> bool:
-        return self._dump is not None
 
     def attach(self, serializer: Any) -> None:
         """PySyncObj's Serializer (SyncObj's `_SyncObj__serializer`), see the module doc."""

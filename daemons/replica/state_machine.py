@@ -473,9 +473,9 @@ class ReplicaStateMachine(SyncObj):
 
     def _read_snapshot(self, filename: str) -> Any:
         """PySyncObj's deserializer: at start, and when the leader sent a snapshot."""
-        # The leader's snapshot is newer than any dump of ours still running.
-        self.snapshots.cancel("a snapshot from the leader is being installed")
         try:
+            # The leader's snapshot is newer than any dump of ours still running.
+            self.snapshots.cancel("a snapshot from the leader is being installed")
             header = Storage.read_header(filename)
             snap_index = header[0][1]
             applied = self.storage.applied_index()

@@ -7,7 +7,8 @@ one entry see each other's effects before anything is written.
 
 Snapshots (for Raft log compaction) are a stream of the whole key space read
 from a LevelDB snapshot, with a checksum, written by a background thread
-(`start_dump`) so the Raft tick thread never waits for it; restoring one
+(`start_dump`) so the Raft tick thread does not wait for it (cancelling one
+waits for the thread to stop: one block of pairs, or its final fsync); restoring one
 rewrites the DB in place behind a `m/restoring` marker so a crash half-way
 is noticed and the restore is redone.
 

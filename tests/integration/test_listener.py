@@ -423,8 +423,8 @@ def test_bursts_beyond_the_brokers_default_queue_reach_the_audit_log(env):
     """Mosquitto's default keeps at most 1000 QoS 1 messages queued per client
     and drops the rest silently: a 5,000-event burst to a connected listener
     (which fsyncs each event, so it falls behind) lost 2,389, and a listener
-    away during 3,000 events got 1,000. The shipped broker configuration (and
-    the harness's) queues up to 10^6."""
+    away during 3,000 events got 1,000. The harness's broker queues up to 10^6
+    as config/mosquitto.conf does (test_supervisord.py checks that file)."""
     listener = env.listener()
     listener.start()
     listener.wait_ready()
@@ -454,11 +454,13 @@ def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
     listener = env.listener()
     listener.start()
     listener.wait_ready()
-    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (1, 2, 5, 4, 6)])
+    # An empty log: tracking starts once 10 revisions agree (a forged first
+    # event cannot anchor it), here at revision 1.
+    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (1, 2, 5, 4, *range(6, 13))])
     wait_for(lambda: listener.status().missing_revisions == 1, 15, "revision 3 reported")
     assert "revision 3 never arrived" in listener.logs()
     env.publish(task_event(3, title="t3"))  # late: written, and no longer missing
-    wait_for(lambda: len(env.audit_lines()) == 6, 15, "the late revision written")
+    wait_for(lambda: len(env.audit_lines()) == 12, 15, "the late revision written")
     wait_for(lambda: listener.status().missing_revisions == 0, 15, "the report withdrawn")
     wait_for(lambda: "1 revision(s) reported missing arrived late" in listener.logs(), 10,
              "the late arrival logged (next tick)")
@@ -466,7 +468,7 @@ def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
 
     listener.start()
     listener.wait_ready()
-    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (7, 10)])
-    wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 8-9")  # new process
-    assert "2 revisions never arrived (8-9)" in listener.logs()
+    env.publish_many([task_event(rev, title=f"t{rev}") for rev in (13, 16)])
+    wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 14-15")  # new process
+    assert "2 revisions never arrived (14-15)" in listener.logs()
     assert listener.terminate() == 0

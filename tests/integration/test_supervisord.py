@@ -41,6 +41,8 @@ def render(tmp: str) -> str:
         mosquitto = fh.read()
     mosquitto, n = re.subn(r"^listener 1883 ", f"listener {broker_port} ", mosquitto, flags=re.M)
     assert n == 1, "config/mosquitto.conf no longer has 'listener 1883'"
+    # The default of 1000 silently dropped audit events (test_listener.py's burst test).
+    assert re.search(r"^max_queued_messages 1000000$", mosquitto, flags=re.M)
     with open(os.path.join(tmp, "config", "mosquitto.conf"), "w", encoding="utf-8") as fh:
         fh.write(mosquitto)
     with open(os.path.join(ROOT, "supervisord.conf"), encoding="utf-8") as src, \

@@ -29,6 +29,7 @@ def test_contiguous_and_reordered_revisions_leave_no_hole():
 
 def test_a_hole_is_reported_once_after_the_grace_of_the_revision_behind_it():
     gaps, clock = tracker()
+    gaps.start_after(0)  # a log with history up to 0
     for revision in (1, 2, 5, 6):
         gaps.seen(revision)
     clock.now += 9.9
@@ -55,6 +56,7 @@ def test_a_late_revision_inside_the_grace_fills_the_hole():
 
 def test_several_holes_each_wait_for_their_own_later_revision():
     gaps, clock = tracker()
+    gaps.start_after(0)  # a log with history up to 0
     gaps.seen(1)
     gaps.seen(3)  # hole: 2
     clock.now += 8
@@ -77,16 +79,17 @@ def test_start_after_the_log_s_highest_revision():
     assert gaps.overdue() == [(41, 42)]
 
 
-def test_the_first_event_of_an_empty_log_expects_nothing_before_it():
+def test_the_first_events_of_an_empty_log_expect_nothing_before_them():
     gaps, clock = tracker()
-    gaps.seen(500)
-    gaps.seen(501)
+    for revision in (501, 500, 502, 503, 504, 505, 506, 507, 508, 509, 511):
+        gaps.seen(revision)
     clock.now += 60
-    assert gaps.overdue() == [] and gaps.missing == 0
+    assert gaps.overdue() == [(510, 510)] and gaps.missing == 1
 
 
 def test_a_reported_revision_that_arrives_late_is_no_longer_missing():
     gaps, clock = tracker()
+    gaps.start_after(0)  # a log with history up to 0
     for revision in (1, 9, 10):
         gaps.seen(revision)
     clock.now += 11
@@ -148,3 +151,28 @@ def test_the_baseline_at_start_leaves_out_an_isolated_forged_revision():
     assert baseline([5, 3, 4]) == 5
     assert baseline([1, 2, 3, 2**63 - 1]) == 3
     assert baseline([10, 10 + MAX_JUMP]) == 10 + MAX_JUMP  # a real jump within the bound
+
+
+def test_a_loss_of_more_than_max_jump_is_reported_and_tracking_goes_on():
+    """A listener that missed more than MAX_JUMP changes: the revisions after
+    the loss are real (they keep coming), so after CONFIRM of them they are
+    tracked and the loss is reported; it used to stop tracking for good."""
+    gaps, clock = tracker()
+    gaps.start_after(1000)
+    start = 1000 + MAX_JUMP + 5
+    for revision in range(start, start + module.CONFIRM):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [(1001, start - 1)]
+    gaps.seen(start + module.CONFIRM + 1)  # and the next hole is found as usual
+    clock.now += 11
+    assert gaps.overdue() == [(start + module.CONFIRM, start + module.CONFIRM)]
+
+
+def test_a_forged_first_event_on_an_empty_log_does_not_anchor_tracking():
+    gaps, clock = tracker()
+    gaps.seen(2**63 - 1)
+    for revision in (1, 2, 5, 6, 7, 8, 9, 10, 11, 12):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [(3, 4)]
