@@ -203,11 +203,7 @@ def test_watch_streams_changes_from_other_portals(stack):
     a = stack.portal("portal-client-1")
     b = stack.portal("portal-client-2")
     admin.CreateClient(pb.CreateClientRequest(cid="5", data="{}"), timeout=10)
-    call = b.client.WatchTasks(pb.WatchTasksRequest(cid="5"))
-    seen: list = []
-    reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
-    reader.start()
-    time.sleep(0.3)  # the stream is registered once the first message could flow
+    call, seen, reader = _watch_in_background(b, "5")
     made = a.client.CreateTask(pb.CreateTaskRequest(cid="5", title="w/1"), timeout=10)
     done = a.client.UpdateTask(pb.UpdateTaskRequest(cid="5", title="w/1", status="done"),
                                timeout=10)
@@ -274,6 +270,16 @@ def test_a_watch_ends_when_its_client_is_deleted(stack):
     # nothing of the new client with the same CID comes at all.
     assert sorted(seen) == [("client.deleted", ""), ("task.created", "mine")]
     assert gone.revision > 0
+
+
+def _watch_in_background(portal, cid: str):  # type: ignore[no-untyped-def]
+    """A WatchTasks stream on `portal` read by a thread into a list: (call, events, thread)."""
+    call = portal.client.WatchTasks(pb.WatchTasksRequest(cid=cid))
+    seen: list = []
+    reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
+    reader.start()
+    time.sleep(0.3)  # the stream is registered once the first message could flow
+    return call, seen, reader
 
 
 def _until_cancel(call):
@@ -479,11 +485,7 @@ def test_a_change_whose_caller_went_away_is_still_published(stack):
     a = stack.portal("portal-client-1")
     b = stack.portal("portal-client-2")
     admin.CreateClient(pb.CreateClientRequest(cid="6", data="{}"), timeout=10)
-    call = b.client.WatchTasks(pb.WatchTasksRequest(cid="6"))
-    seen: list = []
-    reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
-    reader.start()
-    time.sleep(0.3)  # the stream is registered once the first message could flow
+    call, seen, reader = _watch_in_background(b, "6")
     followers = stack.followers()
     try:
         for member in followers:
