@@ -34,7 +34,7 @@ from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.listener.audit import AuditLog
-from daemons.listener.gaps import MAX_JUMP, RevisionGaps, baseline
+from daemons.listener.gaps import CONFIRM, MAX_JUMP, RevisionGaps, baseline
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
 
@@ -160,9 +160,10 @@ class ListenerDaemon(Daemon):
                      "missing now", self.daemon_id, late, self.gaps.missing)
         if self.gaps.ignored > self._ignored_logged:
             log.warning("%s: %d event(s) with a revision more than %d above the expected "
-                        "one (forged, or this listener missed that many changes): written, "
-                        "not used to find missing revisions", self.daemon_id,
-                        self.gaps.ignored - self._ignored_logged, MAX_JUMP)
+                        "one: written, set aside from the search for missing revisions "
+                        "(forged; or this listener missed that many changes, which is "
+                        "reported once %d such revisions agree)", self.daemon_id,
+                        self.gaps.ignored - self._ignored_logged, MAX_JUMP, CONFIRM)
             self._ignored_logged = self.gaps.ignored
 
     def stop(self, grace: float) -> None:
