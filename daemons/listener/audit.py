@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 
 from daemons.core.claims import lock_file
 from daemons.core.config import FSYNC_POLICIES
+from daemons.core.files import fsync_parent
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,6 @@ def _event_key(line: bytes) -> tuple[str, int] | None:
     return origin, revision
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _RotatingFile:
     """An append-only file that rotates by size: path -> path.1 -> ... -> path.<keep>."""
 
@@ -131,7 +124,7 @@ class _RotatingFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self.size = os.fstat(self._fd).st_size
         if created and self.sync_dir:
-            _fsync_dir(self.path)  # the new file's name is durable before its lines are
+            fsync_parent(self.path)  # the new file's name is durable before its lines are
         elif self.size and self._ends_torn():
             # A line cut by a crash mid-write: end it, so the next one is whole.
             self.write(b"\n")
@@ -217,7 +210,7 @@ class AuditLog:
         if not os.path.isdir(directory):
             os.makedirs(directory, exist_ok=True)
             if self.fsync_policy != "never":
-                _fsync_dir(directory)  # the directory's own entry in its parent
+                fsync_parent(directory)  # the directory's own entry in its parent
         self._take_lock()
         self._rejects.open()
         self._repair_tail()
@@ -398,12 +391,6 @@ class AuditLog:
         """The revisions of the events remembered (the dedupe window)."""
         with self._lock:
             return [revision for _, revision in self._seen]
-
-    @property
-    def has_history(self) -> bool:
-        """The log files held events when they were opened (or since)."""
-        with self._lock:
-            return bool(self._seen)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

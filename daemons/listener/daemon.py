@@ -116,9 +116,10 @@ class ListenerDaemon(Daemon):
 
     def start(self) -> None:
         self.audit.open()
-        self._expect_session = self.audit.has_history
-        if self.audit.has_history:
-            self.gaps.start_after(baseline(self.audit.remembered_revisions()))
+        history = self.audit.remembered_revisions()
+        self._expect_session = bool(history)
+        if history:
+            self.gaps.start_after(baseline(history))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))

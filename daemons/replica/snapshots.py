@@ -38,14 +38,13 @@ progress: the older dump must not replace the newer snapshot afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from typing import Any, Callable
 
 from pysyncobj.config import SERIALIZER_STATE
 
 from daemons.core.errors import StorageCorrupt, TarefaError
+from daemons.core.files import remove_if_present
 from daemons.replica.storage import PARTIAL_SUFFIX, Dump, Storage
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ class SnapshotWriter:
         self.written = 0
         self.cancelled = 0
         # Left by a crash during a dump; the snapshot file itself is intact.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + PARTIAL_SUFFIX)
+        remove_if_present(path + PARTIAL_SUFFIX)
 
     def attach(self, serializer: Any) -> None:
         """PySyncObj's Serializer (SyncObj's `_SyncObj__serializer`), see the module doc."""
@@ -104,8 +102,7 @@ class SnapshotWriter:
         below the label: harmless, a restore skips nothing real)."""
         index = raft_data[0][1]
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_filename)  # PySyncObj renames it over the snapshot on return
+            remove_if_present(tmp_filename)  # PySyncObj renames it over the snapshot on return
             refused = self._refusal()
             if refused is not None:
                 log.error("%s: not writing a snapshot labelled Raft index %s: %s", self.name,

@@ -36,6 +36,7 @@ import plyvel
 
 from daemons.core import domain
 from daemons.core.errors import StorageCorrupt, TarefaError, Unavailable
+from daemons.core.files import fsync_parent, remove_if_present
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +426,7 @@ class Dump:
         if self.running:
             raise TarefaError("the snapshot dump is still running")
         if self.cancelled or self.error is not None:
-            _remove(self.partial)
+            remove_if_present(self.partial)
             if self.cancelled:
                 raise TarefaError("the snapshot dump was cancelled")
             assert self.error is not None
@@ -433,7 +434,7 @@ class Dump:
                 raise self._storage._corrupt("snapshot read", self.error) from self.error
             raise self.error
         os.replace(self.partial, self.filename)
-        _fsync_dir(os.path.dirname(self.filename) or ".")
+        fsync_parent(self.filename)
         return self.count
 
     def cancel(self, timeout: float = 30.0) -> None:
@@ -442,7 +443,7 @@ class Dump:
         self._stop.set()
         self._thread.join(timeout)
         if not self.running:
-            _remove(self.partial)
+            remove_if_present(self.partial)
 
 
 class _Cancelled(Exception):
@@ -485,17 +486,6 @@ def _write_snapshot(out: Any, header: Any, pairs: Iterable[tuple[bytes, bytes]],
     return count
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
