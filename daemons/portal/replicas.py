@@ -9,8 +9,12 @@ poll of Status keeps that belief current; a follower would forward anyway).
 
 UNAVAILABLE / DEADLINE_EXCEEDED from one member moves on to the next with the
 SAME request ids until the deadline, so a leader change or a killed member
-never applies a write twice and never hangs a call. Refusals (NOT_FOUND,
-ALREADY_EXISTS, INVALID_ARGUMENT) come back at once.
+never applies a write twice and never hangs a call. That holds for a failed
+RPC and for a command the member answered it could not commit (no leader,
+leader changed, no commit within the try): only those commands of the group
+go again. A group runs until the latest deadline of its writes; each write
+fails alone at its own. Refusals (NOT_FOUND, ALREADY_EXISTS,
+INVALID_ARGUMENT) come back at once.
 
 A write's `on_commit` runs when its group's answer says it committed, in the
 group's task: also when its caller has gone meanwhile (cancelled, Ctrl-C),
@@ -37,6 +41,8 @@ from proto import replica_pb2_grpc
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The same, as a command's own result in an ApplyBatch answer.
+RETRYABLE_CODES = frozenset(code.name for code in RETRYABLE)
 PER_TRY_TIMEOUT = 1.5
 REVISION_HEADER = "tarefa-revision"
 MAX_GROUP = 256
@@ -132,7 +138,14 @@ class ReplicaClient:
             # every handler the loop runs now travel in one group.
             self._send_scheduled = True
             loop.call_soon(self._send_groups)
-        return await future
+        # Each write keeps its own deadline: its group goes on until the latest
+        # deadline of its members (so a caller in a hurry does not cut short
+        # the others), and its on_commit still runs if it commits after this.
+        timer = loop.call_later(timeout, _write_timed_out, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def _send_groups(self) -> None:
         self._send_scheduled = False
@@ -152,32 +165,59 @@ class ReplicaClient:
     async def _send_group(self, group: list[tuple[pb.Command, asyncio.Future, float,
                                                   OnCommit | None]]) -> None:
         try:
-            deadline = min(d for _, _, d, _ in group)
-            request = pb.CommandBatch(commands=[c for c, _, _, _ in group])
-            try:
-                answer = await self._call(
-                    lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline, write=True)
-            except TarefaError as exc:
-                for _, future, _, _ in group:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            for (command, future, _, on_commit), result in zip(group, answer.results):
-                if result.code:
-                    if not future.done():
-                        future.set_exception(error_from_code(result.code, result.message))
-                    continue
-                if on_commit is not None:
-                    try:
-                        on_commit(result.response)
-                    except Exception:  # noqa: BLE001 - the others of the group go on
-                        log.exception("%s: handling the commit of request %s failed",
-                                      self.owner, command.request_id)
-                if not future.done():
-                    future.set_result(result.response)
+            deadline = max(d for _, _, d, _ in group)
+            pending = group
+            attempt = 0
+            while pending:
+                request = pb.CommandBatch(commands=[c for c, _, _, _ in pending])
+                try:
+                    answer = await self._call(
+                        lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline,
+                        write=True)
+                except TarefaError as exc:
+                    for _, future, _, _ in pending:
+                        if not future.done():
+                            future.set_exception(exc)
+                    return
+                pending = self._settle_group(pending, answer.results, deadline)
+                if pending:
+                    # The member answered, but could not commit these (no leader,
+                    # leader changed, no quorum within the try): the next member
+                    # gets them, with the same request ids.
+                    attempt += 1
+                    self._preferred = (self._preferred + 1) % len(self._stubs)
+                    if attempt % len(self._stubs) == 0:
+                        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         finally:
             self._groups_in_flight -= 1
             self._send_groups()
+
+    def _settle_group(self, group: list[tuple[pb.Command, asyncio.Future, float,
+                                              OnCommit | None]],
+                      results: Any, deadline: float
+                      ) -> list[tuple[pb.Command, asyncio.Future, float, OnCommit | None]]:
+        """Hand each write its result; return those to try again on another member."""
+        retry = []
+        again = time.monotonic() < deadline - 0.001
+        for item, result in zip(group, results):
+            command, future, _, on_commit = item
+            if result.code:
+                if result.code in RETRYABLE_CODES and again:
+                    # Also if its caller has gone: should it commit, on_commit
+                    # still publishes it.
+                    retry.append(item)
+                elif not future.done():
+                    future.set_exception(error_from_code(result.code, result.message))
+                continue
+            if on_commit is not None:
+                try:
+                    on_commit(result.response)
+                except Exception:  # noqa: BLE001 - the others of the group go on
+                    log.exception("%s: handling the commit of request %s failed",
+                                  self.owner, command.request_id)
+            if not future.done():
+                future.set_result(result.response)
+        return retry
 
     # -- reads ---------------------------------------------------------------
 
@@ -218,6 +258,16 @@ class ReplicaClient:
                 continue
             if status.role != "leader" and status.leader in self.ids:
                 self._preferred = self.ids.index(status.leader)
+            elif status.role != "leader" and not status.leader:
+                # It knows no leader (cut off, or an election): try another.
+                self._preferred = (self._preferred + 1) % len(self._stubs)
+
+
+def _write_timed_out(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(Unavailable(
+            "no replica committed the change in time; the change may or may not be applied: "
+            "retry with the same request id"))
 
 
 def _as_error(exc: grpc.RpcError) -> TarefaError:

@@ -27,6 +27,14 @@ class _Down(grpc.RpcError):
         return "connection refused"
 
 
+class _Late(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+
 class _DownStub:
     """Every RPC fails as a member that is not there."""
 
@@ -64,3 +72,102 @@ def test_a_read_nobody_answered_changed_nothing(read):
         asyncio.run(call)
     assert "nothing was changed" in str(info.value) and "request id" not in str(info.value)
     assert all(stub.calls >= 1 for stub in stubs)
+
+
+class _BatchStub:
+    """Answers ApplyBatch with one result per command from `answer(request_id)`:
+    a CommandResult code ("" = committed). Records what it was sent."""
+
+    def __init__(self, answer) -> None:  # type: ignore[no-untyped-def]
+        self.answer = answer
+        self.sent: list[tuple[list[str], float]] = []
+
+    async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+        ids = [c.request_id for c in request.commands]
+        self.sent.append((ids, timeout))
+        results = []
+        for rid in ids:
+            code = self.answer(rid)
+            if code:
+                results.append(pb.CommandResult(code=code, message=f"{code} from a fake"))
+            else:
+                results.append(pb.CommandResult(response=pb.ApplyResponse(revision=7)))
+        return pb.ApplyBatchResponse(results=results)
+
+
+def _batch_client(*answers) -> tuple[ReplicaClient, list[_BatchStub]]:  # type: ignore[no-untyped-def]
+    client = ReplicaClient(load_cluster(os.path.join(ROOT, "config", "cluster.yaml")), "p")
+    stubs = [_BatchStub(answer) for answer in answers]
+    assert len(stubs) == len(client.ids)
+    client._stubs = stubs  # type: ignore[assignment]
+    return client, stubs
+
+
+def test_a_write_the_member_could_not_commit_goes_to_the_next_with_the_same_id():
+    # The member answered, but its proposer reported the command itself
+    # UNAVAILABLE (no leader, leader changed, no commit within the try): the
+    # portal must try the next member with the same request id, and publish.
+    client, stubs = _batch_client(lambda rid: "UNAVAILABLE", lambda rid: "", lambda rid: "")
+    committed: list[int] = []
+    answer = asyncio.run(client.apply(pb.Command(request_id="r1"), 2.0,
+                                      lambda a: committed.append(a.revision)))
+    assert answer.revision == 7 and committed == [7]
+    assert [ids for ids, _ in stubs[0].sent] == [["r1"]]
+    assert [ids for ids, _ in stubs[1].sent] == [["r1"]]
+
+
+def test_only_the_uncommitted_writes_of_a_group_are_sent_again():
+    client, stubs = _batch_client(
+        lambda rid: {"a": "", "b": "UNAVAILABLE", "c": "ALREADY_EXISTS"}[rid],
+        lambda rid: "", lambda rid: "")
+
+    async def three() -> list:
+        calls = [client.apply(pb.Command(request_id=rid), 2.0) for rid in "abc"]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    a, b, c = asyncio.run(three())
+    assert a.revision == 7 and b.revision == 7
+    assert type(c).__name__ == "AlreadyExists"  # a refusal is final: not sent again
+    assert [ids for ids, _ in stubs[0].sent] == [["a", "b", "c"]]
+    assert [ids for ids, _ in stubs[1].sent] == [["b"]]
+
+
+def test_a_write_no_member_can_commit_fails_at_its_deadline():
+    client, stubs = _batch_client(*[lambda rid: "UNAVAILABLE"] * 3)
+    with pytest.raises(Unavailable, match="retry with the same request id"):
+        asyncio.run(client.apply(pb.Command(request_id="r1"), 0.3))
+    assert all(stub.sent for stub in stubs)
+
+
+def test_a_caller_in_a_hurry_does_not_cut_short_the_others_of_its_group():
+    # One group, one short and one long deadline: the group is sent with the
+    # long one; the short caller alone gets UNAVAILABLE at its own deadline.
+    release = asyncio.Event()
+
+    class _Slow(_BatchStub):
+        async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+            try:
+                await asyncio.wait_for(release.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise _Late() from None
+            return await super().ApplyBatch(request, timeout)
+
+    client = ReplicaClient(load_cluster(os.path.join(ROOT, "config", "cluster.yaml")), "p")
+    stubs = [_Slow(lambda rid: "") for _ in client.ids]
+    client._stubs = stubs  # type: ignore[assignment]
+    committed: list[str] = []
+
+    async def run() -> list:
+        short = asyncio.ensure_future(client.apply(
+            pb.Command(request_id="short"), 0.1, lambda a: committed.append("short")))
+        long = asyncio.ensure_future(client.apply(
+            pb.Command(request_id="long"), 1.0, lambda a: committed.append("long")))
+        await asyncio.sleep(0.3)
+        release.set()
+        return await asyncio.gather(short, long, return_exceptions=True)
+
+    short, long = asyncio.run(run())
+    assert isinstance(short, Unavailable) and "may or may not be applied" in str(short)
+    assert long.revision == 7
+    assert committed == ["short", "long"]  # both committed, both published
+    assert stubs[0].sent[0][0] == ["short", "long"] and stubs[0].sent[0][1] > 0.5
