@@ -15,12 +15,13 @@ from daemons.core.config import Cluster
 from daemons.core.errors import StorageCorrupt, TarefaError
 from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.log import LevelCounter
+from daemons.core.rpc import add_service
 from daemons.core.security import add_port, load_tls, server_options
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
 from daemons.replica.state_machine import ReplicaStateMachine, raft_password
 from daemons.replica.storage import Storage
-from proto import replica_pb2_grpc
+from proto import replica_pb2
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,14 @@ class ReplicaDaemon(Daemon):
     async def _serve(self) -> None:
         assert self.node is not None and self.storage is not None and self.proposer is not None
         self.server = grpc.aio.server(options=server_options(self.cluster.limits))
-        replica_pb2_grpc.add_ReplicaServicer_to_server(
+        # add_service, not the generated add_*: a request that does not parse
+        # gets INVALID_ARGUMENT, not UNKNOWN and a traceback (see rpc.py).
+        add_service(
+            self.server, replica_pb2, "Replica",
             ReplicaServicer(self.daemon_id, self.node, self.storage, self.proposer,
                             self.cluster.raft.apply_timeout,
                             lambda: (self.raft_log.warnings, self.raft_log.criticals),
-                            page_bytes=self.cluster.limits.max_message_bytes // 2),
-            self.server)
+                            page_bytes=self.cluster.limits.max_message_bytes // 2))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_port(self.server, self.spec.grpc_address, self.tls, require_client_auth=True)

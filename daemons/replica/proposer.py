@@ -211,7 +211,9 @@ class Proposer:
                 error = Unavailable(f"leader changed before commit (reason {err}); the outcome "
                                     "is unknown: retry with the same request id")
         elif results is None:
-            error = TarefaError("this replica stopped applying (see its log)")
+            # Committed by Raft, maybe applied by the other members: not a refusal.
+            error = Unavailable("this replica stopped applying (see its log); the outcome is "
+                                "unknown: retry with the same request id on another replica")
         self._finish(batch, results, error)
 
     def _finish(self, batch: _Batch, results: Any, error: TarefaError | None) -> None:

@@ -111,6 +111,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 positions.append(i)
             except TarefaError as exc:
                 results[i] = replica_pb2.CommandResult(code=exc.code, message=exc.message)
+        if not commands:  # nothing valid to commit: the refusals are the answer
+            return replica_pb2.ApplyBatchResponse(results=results)
         outcomes = await self.proposer.propose_many(commands, self._timeout(context))
         for i, outcome in zip(positions, outcomes):
             if isinstance(outcome, TarefaError):

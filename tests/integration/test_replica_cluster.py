@@ -104,6 +104,19 @@ def test_every_command_succeeds_and_fails_properly(cluster, target):
     expect_error(stub, pb.Command(request_id="", op=pb.CREATE_CLIENT, cid="5", data="{}"),
                  grpc.StatusCode.INVALID_ARGUMENT, "request_id")
 
+    # A batch with nothing valid in it: each command's refusal, nothing applied.
+    assert list(stub.ApplyBatch(pb.CommandBatch(), timeout=5).results) == []
+    refused = stub.ApplyBatch(pb.CommandBatch(commands=[
+        pb.Command(request_id="", op=pb.CREATE_CLIENT, cid="5", data="{}")]), timeout=5)
+    assert [r.code for r in refused.results] == ["INVALID_ARGUMENT"]
+    assert "request_id" in refused.results[0].message
+    # A request that does not parse (invalid UTF-8 in a string field).
+    raw_get = member.channel.unary_unary("/tarefa.replica.Replica/Get")
+    with pytest.raises(grpc.RpcError) as info:
+        raw_get(b"\x08\x01\x12\x02\xff\xfe", timeout=5)  # kind=CLIENT, cid=b"\xff\xfe"
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "not a valid protobuf message" in info.value.details()
+
 
 def test_scan_pages_and_filters(cluster):
     stub = cluster.followers()[0].stub
