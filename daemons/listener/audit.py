@@ -13,8 +13,11 @@ returned (the listener's MQTT callback does):
 - every line is written with one write() and flushed; with `fsync=always`
   it is on disk before `append` returns, with `interval` at most
   `fsync_interval` seconds later, with `never` when the OS decides;
-- an event is written at most once per (origin, revision) among the latest
-  `dedupe_window` ones, across restarts: `open()` rebuilds that window from
+- an event is written at most once per (origin, revision, change) among the
+  latest `dedupe_window` ones, across restarts (the change, i.e. event type,
+  cid and title, is part of the key so that a different change under a
+  reused revision, e.g. after the cluster was wiped, is never taken for a
+  redelivery): `open()` rebuilds that window from
   the tail of the current and rotated files, newest first;
 - a line torn by a crash mid-write is repaired at `open()`: kept if it is a
   whole event that only lacks its newline, else moved to the reject file and
@@ -95,7 +98,16 @@ def lines_backwards(path: str) -> Iterator[bytes]:
             yield rest
 
 
-def _event_key(line: bytes) -> tuple[str, int] | None:
+# (origin, revision, event type, cid, title): what makes two lines the same event.
+EventKey = tuple[str, int, Any, Any, Any]
+
+
+def event_key(event: dict[str, Any]) -> EventKey:
+    return (event["origin"], event["revision"], event.get("event"), event.get("cid"),
+            event.get("title"))
+
+
+def _event_key(line: bytes) -> EventKey | None:
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -105,7 +117,12 @@ def _event_key(line: bytes) -> tuple[str, int] | None:
     origin, revision = obj.get("origin"), obj.get("revision")
     if not isinstance(origin, str) or not isinstance(revision, int) or isinstance(revision, bool):
         return None
-    return origin, revision
+    try:
+        key = event_key(obj)
+        hash(key)
+    except TypeError:  # a hand-edited line with a list for a title: never a redelivery
+        return None
+    return key
 
 
 class _RotatingFile:
@@ -192,7 +209,7 @@ class AuditLog:
         self._rejects = _RotatingFile(self.reject_path, rotate_bytes, keep_files, sync_dir)
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
-        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[EventKey, None] = collections.OrderedDict()
         self._highest: dict[str, int] = {}
         self._dirty = False
         self._last_sync = 0.0
@@ -277,7 +294,7 @@ class AuditLog:
         self._rejects.fsync()
 
     def _rebuild(self) -> None:
-        keys: list[tuple[str, int]] = []
+        keys: list[EventKey] = []
         files = [self.path, *rotated_paths(self.path)]
         for path in files:
             if len(keys) >= self.dedupe_window:
@@ -295,7 +312,7 @@ class AuditLog:
                 continue
         for key in reversed(keys):
             self._remember(key)
-            origin, revision = key
+            origin, revision = key[0], key[1]
             if revision > self._highest.get(origin, 0):
                 self._note_highest(origin, revision)
         if self.unreadable_lines:
@@ -310,7 +327,7 @@ class AuditLog:
         while len(self._highest) > MAX_ORIGINS:
             del self._highest[next(iter(self._highest))]
 
-    def _remember(self, key: tuple[str, int]) -> None:
+    def _remember(self, key: EventKey) -> None:
         self._seen[key] = None
         self._seen.move_to_end(key)
         while len(self._seen) > self.dedupe_window:
@@ -324,7 +341,7 @@ class AuditLog:
         Raises OSError if the line could not be written: the caller must then
         not acknowledge the event.
         """
-        key = (event["origin"], event["revision"])
+        key = event_key(event)
         with self._lock:
             if key in self._seen:
                 self.duplicates += 1
@@ -390,7 +407,7 @@ class AuditLog:
     def remembered_revisions(self) -> list[int]:
         """The revisions of the events remembered (the dedupe window)."""
         with self._lock:
-            return [revision for _, revision in self._seen]
+            return [key[1] for key in self._seen]
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -105,6 +105,21 @@ def test_dedupe_survives_reopen(path, opened):
     assert all_keys(path) == [("portal-client-1", r) for r in range(1, 9)]
 
 
+def test_a_different_change_under_a_reused_revision_is_not_a_duplicate(path, opened):
+    # Same origin and revision, another change (a wiped cluster counting again,
+    # or a forged event that came first): both are written, in a run and
+    # across a reopen; a true redelivery of either is still dropped.
+    first = opened(path)
+    assert first.append(task_event(5, title="buy milk"), TOPIC) is not None
+    assert first.append(task_event(5, title="pay rent"), TOPIC) is not None
+    first.close()
+    second = opened(path)
+    assert second.append(task_event(5, title="buy milk"), TOPIC) is None
+    assert second.append(task_event(5, title="pay rent"), TOPIC) is None
+    assert second.append(task_event(5, title="call mum"), TOPIC) is not None
+    assert [line["title"] for line in read_lines(path)] == ["buy milk", "pay rent", "call mum"]
+
+
 def test_dedupe_window_is_bounded_and_rebuilt_from_the_tail(path, opened):
     first = opened(path, dedupe_window=3)
     for rev in range(1, 6):
