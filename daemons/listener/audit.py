@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 from daemons.core.claims import lock_file
 from daemons.core.config import FSYNC_POLICIES
+from daemons.core.errors import TarefaError
 from daemons.core.files import fsync_parent
 
 log = logging.getLogger(__name__)
@@ -174,9 +176,11 @@ class _RotatingFile:
         for old in rotated_paths(self.path):
             if int(old.rsplit(".", 1)[1]) >= self.keep_files:
                 os.remove(old)
-        for n in range(self.keep_files - 1, 0, -1):
-            if os.path.exists(f"{self.path}.{n}"):
-                os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+        # Only the files that exist, oldest first (keep_files may be large).
+        for old in reversed(rotated_paths(self.path)):
+            n = int(old.rsplit(".", 1)[1])
+            if n < self.keep_files:
+                os.rename(old, f"{self.path}.{n + 1}")
         os.rename(self.path, f"{self.path}.1")
         self.open()  # creates the file, and with sync_dir fsyncs the directory
         log.info("rotated %s (kept %d older files at most)", self.path, self.keep_files)
@@ -222,17 +226,33 @@ class AuditLog:
     # -- lifecycle ---------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock, repair a torn last line, rebuild the dedupe window, open both files."""
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, exist_ok=True)
-            if self.fsync_policy != "never":
-                fsync_parent(directory)  # the directory's own entry in its parent
-        self._take_lock()
-        self._rejects.open()
-        self._repair_tail()
-        self._rebuild()
-        self._audit.open()
+        """Lock, repair a torn last line, rebuild the dedupe window, open both files.
+
+        TarefaError (naming the path and the reason) if the files cannot be
+        opened, e.g. `audit_log` names a directory or lies under a file.
+        """
+        try:
+            directory = os.path.dirname(self.path)
+            if os.path.exists(directory) and not os.path.isdir(directory):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
+            if not os.path.isdir(directory):
+                os.makedirs(directory, exist_ok=True)
+                if self.fsync_policy != "never":
+                    fsync_parent(directory)  # the directory's own entry in its parent
+            self._take_lock()
+            self._rejects.open()
+            self._repair_tail()
+            self._rebuild()
+            self._audit.open()
+        except OSError as exc:
+            self._audit.close()
+            self._rejects.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            where = exc.filename or self.path
+            raise TarefaError(f"audit log {self.path}: cannot open it: {where}: "
+                              f"{exc.strerror or exc}") from None
         self._last_sync = self._clock()
         log.info("audit log %s: %d bytes, %d rotated files, remembering %d events from %d "
                  "origins", self.path, self._audit.size, len(rotated_paths(self.path)),

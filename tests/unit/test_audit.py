@@ -173,6 +173,29 @@ def test_rotation_deletes_beyond_keep_files(path, opened):
     assert keys == [("portal-client-1", r) for r in range(keys[0][1], 61)]
 
 
+def test_a_rotation_touches_only_the_files_that_exist(path, opened, monkeypatch):
+    # keep_files may be large: a rotation must not look at every possible slot.
+    log = opened(path, rotate_bytes=1000, keep_files=10**5)
+    checked: list[str] = []
+    real_exists = os.path.exists
+    monkeypatch.setattr(audit_module.os.path, "exists",
+                        lambda p: checked.append(p) or real_exists(p))
+    for rev in range(1, 61):
+        log.append(task_event(rev), TOPIC)
+    assert len(rotated_paths(path)) >= 5 and len(checked) < 100
+    assert all_keys(path) == [("portal-client-1", r) for r in range(1, 61)]
+
+
+def test_an_audit_log_that_names_a_directory_is_refused_clearly(tmp_path):
+    (tmp_path / "audit.jsonl").mkdir()
+    with pytest.raises(TarefaError, match=r"audit log .*audit.jsonl: cannot open it: .*"
+                                          r"[Ii]s a directory"):
+        AuditLog(str(tmp_path / "audit.jsonl")).open()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TarefaError, match=r"cannot open it: .*[Nn]ot a directory"):
+        AuditLog(str(tmp_path / "file" / "audit.jsonl")).open()
+
+
 def test_rejects_rotate_too(path, opened):
     log = opened(path, rotate_bytes=500, keep_files=3)
     for n in range(30):
