@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +30,9 @@ MAX_SECONDS = 7 * 24 * 3600.0
 MAX_INT = 2**31 - 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # one host for clash checks (IPv4 loopback)
 AUTH_MODES = ("token", "cid-only")
+_DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Audit-log files kept: each rotation renames every kept file.
+MAX_KEEP_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,26 @@ class _Checker:
             return None
         return value
 
+    def daemon_id(self, value: Any, path: str) -> str | None:
+        """A daemon id: it names files (TLS, MQTT passwords), ACL lines, MQTT
+        sessions and supervisord programs, so only a safe spelling goes."""
+        if self.string(value, path) is None:
+            return None
+        if not _DAEMON_ID.fullmatch(value):
+            self.fail(path, f"{value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit")
+            return None
+        return value
+
+    def bounded_int(self, high: int) -> Callable[[Any, str], int | None]:
+        def check(value: Any, path: str) -> int | None:
+            number = self.positive_int(value, path)
+            if number is not None and number > high:
+                self.fail(path, f"must be at most {high} (got {number})")
+                return None
+            return number
+        return check
+
     def optional_string(self, value: Any, path: str) -> str | None:
         return None if value is None else self.string(value, path)
 
@@ -339,18 +363,18 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
             "max_watch_streams_per_client": c.positive_int,
             "client_write_rate": c.optional_rate, "client_write_burst": c.optional_positive_int}),
         "replicas": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
-            "id": c.string, "host": c.string, "raft_port": c.port, "grpc_port": c.port,
+            "id": c.daemon_id, "host": c.string, "raft_port": c.port, "grpc_port": c.port,
             "data_dir": c.path_value}, required=("id", "host", "raft_port", "grpc_port",
                                                  "data_dir"))),
         "portals": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
-            "id": c.string, "host": c.string, "port": c.port, "services": c.services,
+            "id": c.daemon_id, "host": c.string, "port": c.port, "services": c.services,
             "cache_entries": c.positive_int, "cache_bytes": c.positive_int,
             "cache_ttl": c.seconds},
             required=("id", "host", "port", "services"))),
         "listener": lambda v, p: c.mapping(v, p, {
-            "id": c.string, "host": c.string, "port": c.port, "audit_log": c.path_value,
+            "id": c.daemon_id, "host": c.string, "port": c.port, "audit_log": c.path_value,
             "fsync": c.choice(FSYNC_POLICIES), "fsync_interval": c.seconds,
-            "rotate_bytes": c.positive_int, "keep_files": c.positive_int,
+            "rotate_bytes": c.positive_int, "keep_files": c.bounded_int(MAX_KEEP_FILES),
             "dedupe_window": c.positive_int, "missing_after": c.seconds}),
     }, required=("replicas",))
 

@@ -232,6 +232,28 @@ def test_duplicate_daemon_id(raw):
     ]
 
 
+@pytest.mark.parametrize("section,index,value", [
+    ("portals", 0, "../../evil"), ("portals", 1, "portal c"), ("replicas", 0, "-r"),
+    ("replicas", 2, "r" * 65), ("listener", None, "listener/1"),
+])
+def test_daemon_id_spelling(raw, section, index, value):
+    # Ids name files, ACL lines, MQTT sessions and supervisord programs.
+    daemon = raw[section] if index is None else raw[section][index]
+    daemon["id"] = value
+    where = section if index is None else f"{section}[{index}]"
+    assert only_problem(raw) == (
+        f"cluster.yaml: {where}.id: {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit")
+
+
+def test_keep_files_is_bounded(raw):
+    raw["listener"]["keep_files"] = 10_001
+    assert only_problem(raw) == \
+        "cluster.yaml: listener.keep_files: must be at most 10000 (got 10001)"
+    raw["listener"]["keep_files"] = 10_000
+    assert parse_cluster(raw, SOURCE, "/etc/tarefa").listener.keep_files == 10_000
+
+
 def test_duplicate_host_port(raw):
     raw["portals"][1]["port"] = 7001
     assert only_problem(raw) == (
