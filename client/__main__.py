@@ -34,6 +34,7 @@ from daemons.core.config import Cluster, load_cluster
 from daemons.core.domain import validate_request_id
 from daemons.core.errors import ConfigError, InvalidArgument
 from daemons.core.security import CLI_CERT, TlsMaterial, load_tls, open_channel
+from daemons.core.terminal import terminal_safe
 from proto import portal_pb2 as pb
 from proto import portal_pb2_grpc
 
@@ -211,6 +212,10 @@ def _cid(args: argparse.Namespace, s: Session | None = None) -> str:
 # ---- verbs: one small function each ------------------------------------------
 
 def client_add(s: Session, a: argparse.Namespace) -> None:
+    if a.cid is not None and not a.cid.strip():
+        # e.g. --cid "$CID" with CID unset: a generated CID would be a surprise.
+        raise CliError("--cid: empty (omit --cid to have the portal generate a CID)",
+                       EXIT_USAGE)
     c = s.call("admin", "CreateClient", pb.CreateClientRequest(cid=a.cid or "", data=a.data,
                                                                request_id=s.request_id))
     if not c.secret:  # auth: cid-only, or a retry of a request id already applied
@@ -489,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_text_arguments(args)
         args.fn(Session(args), args)
     except CliError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        # Messages may quote a portal's words (or a stranger's, with --portal).
+        print(f"Error: {terminal_safe(str(exc), keep=chr(10))}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)

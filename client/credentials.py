@@ -20,7 +20,7 @@ import os
 import stat
 from typing import Mapping
 
-from daemons.core.config import Cluster
+from daemons.core.config import Cluster, printable_ascii
 from daemons.core.errors import ConfigError
 from daemons.core.security import read_secret_file
 
@@ -61,6 +61,13 @@ def read_credentials_file(path: str) -> dict[str, str]:
     return values
 
 
+def _sendable(value: str, source: str) -> str:
+    if not printable_ascii(value):
+        raise CredentialsError(f"{source}: not a usable token or secret: it must be printable "
+                               "ASCII (no accents, tabs, line breaks or control characters)")
+    return value
+
+
 class Credentials:
     """Resolves the admin token and the client secret lazily (a verb needs one of them)."""
 
@@ -80,8 +87,18 @@ class Credentials:
             self._values = read_credentials_file(self.file)
         return self._values.get(key)
 
+    def _given(self, option: str | None, option_name: str, env_name: str, key: str
+               ) -> str | None:
+        """The first of option, environment variable and file key that is set;
+        CredentialsError naming it if it cannot travel as gRPC metadata."""
+        for value, source in ((option, option_name), (self.env.get(env_name), env_name)):
+            if value:
+                return _sendable(value, source)
+        value = self._from_file(key)
+        return _sendable(value, f"{self.file}: {key}") if value else None
+
     def admin_token(self, cluster: Cluster | None) -> str | None:
-        found = self.insecure_token or self.env.get("TAREFA_TOKEN") or self._from_file("token")
+        found = self._given(self.insecure_token, "--insecure-token", "TAREFA_TOKEN", "token")
         if found or cluster is None:
             return found or None
         security = cluster.security
@@ -95,7 +112,7 @@ class Credentials:
         return None
 
     def client_secret(self) -> str | None:
-        return self.insecure_secret or self.env.get("TAREFA_SECRET") or self._from_file("secret")
+        return self._given(self.insecure_secret, "--insecure-secret", "TAREFA_SECRET", "secret")
 
     def cid(self) -> str | None:
         return self._from_file("cid")

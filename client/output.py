@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any, TextIO
 
+from daemons.core.terminal import terminal_safe
 from proto import portal_pb2 as pb
 
 
@@ -88,25 +88,8 @@ class Printer:
         if "task" in value:
             parts.append(f"status={value['task']['status']}")
         parts.append(f"by {value['origin']}")
-        print("  ".join(parts), file=self.out, flush=True)
-
-
-# C0 and C1 controls (escape sequences, carriage returns, ...), DEL and the
-# bidirectional overrides and isolates, which could rewrite what a terminal shows.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def terminal_safe(text: str, keep: str = "") -> str:
-    """`text` with every control character shown as an escape (`\\n`, `\\x1b`),
-    except those in `keep`: descriptions are user data and reach the operator's
-    terminal. --json output is JSON-escaped already."""
-    def escape(found: re.Match) -> str:
-        ch = found.group()
-        if ch in keep:
-            return ch
-        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or \
-            (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-    return _UNSAFE.sub(escape, text)
+        # Every field may come from a forged event: no escape reaches the terminal.
+        print(terminal_safe("  ".join(parts)), file=self.out, flush=True)
 
 
 def _cell(value: Any, limit: int | None) -> str:

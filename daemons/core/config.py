@@ -434,6 +434,10 @@ def _security(c: _Checker, raw: dict, complain: bool) -> Security:
                                "(or auth: cid-only, the unauthenticated compatibility mode)")
         if security.admin_token is not None and len(security.admin_token) < 16:
             c.fail("security.admin_token", "must be at least 16 characters")
+        elif security.admin_token is not None and not printable_ascii(security.admin_token):
+            # It travels as gRPC metadata, which carries printable ASCII only.
+            c.fail("security.admin_token", "must be printable ASCII (no accents, tabs or "
+                                           "control characters)")
     return security
 
 
@@ -475,6 +479,11 @@ def _check_raft(c: _Checker, raft: RaftSettings, given: dict) -> None:
 def _canonical_host(host: str) -> str:
     """One name per machine address for clash checks: the loopback spellings agree."""
     return "127.0.0.1" if host.lower() in LOOPBACK_HOSTS else host.lower()
+
+
+def printable_ascii(text: str) -> bool:
+    """What a gRPC metadata value (a token, a secret) can carry: ASCII 0x20-0x7E."""
+    return text.isascii() and text.isprintable()
 
 
 def _check_unique(c: _Checker, raw: Any) -> None:

@@ -33,6 +33,7 @@ from daemons.core.errors import ConfigError, InvalidArgument
 from daemons.core.lifecycle import EXIT_FAILURE, Daemon
 from daemons.core.mqtt import EventBus
 from daemons.core.security import add_port, load_tls, mqtt_login, server_options
+from daemons.core.terminal import terminal_safe
 from daemons.listener.audit import AuditLog
 from daemons.listener.gaps import CONFIRM, MAX_JUMP, RevisionGaps, baseline
 from proto import listener_pb2 as pb
@@ -69,7 +70,7 @@ def readable_line(entry: dict[str, Any]) -> str:
     line = f"rev {entry['revision']}  {entry['event']}  {subject}  by {entry['origin']}"
     if entry.get("out_of_order"):
         line += "  (out of order)"
-    return line
+    return terminal_safe(line)  # every field may come from a forged event
 
 
 class StatusServicer(listener_pb2_grpc.ListenerStatusServicer):

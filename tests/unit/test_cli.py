@@ -206,3 +206,39 @@ def test_an_empty_cid_option_is_not_silently_replaced(capsys, monkeypatch):
     code, _, err = run(capsys, "task", "ls", "--cid", "")
     assert code == cli.EXIT_USAGE and "--cid: empty" in err
 
+
+
+def test_client_add_with_an_empty_cid_is_refused_not_generated(capsys):
+    # e.g. --cid "$CID" with CID unset: the portal would generate one.
+    code, _, err = run(capsys, "client", "add", "--cid", "", "{}")
+    assert code == cli.EXIT_USAGE and "--cid: empty" in err
+
+
+@pytest.mark.parametrize("name, value", [
+    ("TAREFA_TOKEN", "\udcff\udcfe"), ("TAREFA_TOKEN", "t\u00e9"),
+    ("TAREFA_SECRET", "abc\r"), ("TAREFA_SECRET", "abc\ndef"), ("TAREFA_SECRET", "s\u00e9cret"),
+])
+def test_a_credential_that_cannot_travel_is_a_usage_error_naming_its_source(
+        capsys, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    verb = ["client", "get", "7"] if name == "TAREFA_TOKEN" else ["task", "get", "--cid", "7", "t"]
+    code, _, err = run(capsys, *verb)
+    assert code == cli.EXIT_USAGE, err
+    assert f"{name}: not a usable token or secret" in err and "Traceback" not in err
+    assert value not in err
+
+
+def test_a_forged_event_cannot_drive_the_terminal():
+    out = io.StringIO()
+    Printer(False, out).event({"revision": 5, "event": "task.updated", "cid": "7",
+                               "title": "t\u202e", "task": {"status": "done\x9b2J"},
+                               "origin": "evil\x1b]0;pwned\x07"})
+    shown = out.getvalue()
+    assert not any(ch in shown for ch in "\x1b\x07\x9b\u202e")
+    assert "by evil\\x1b]0;pwned\\x07" in shown
+
+
+def test_an_error_message_cannot_drive_the_terminal(capsys, monkeypatch):
+    _answering(monkeypatch, _Failure(grpc.StatusCode.NOT_FOUND, "no such \x1b[2J task"))
+    code, _, err = run(capsys, "task", "get", "--cid", "7", "t")
+    assert code == cli.EXIT_REFUSED and "\x1b" not in err and "\\x1b[2J" in err

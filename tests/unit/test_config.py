@@ -246,6 +246,12 @@ def test_daemon_id_spelling(raw, section, index, value):
         "starting with a letter or digit")
 
 
+def test_admin_token_must_be_printable_ascii(raw):
+    raw["security"] = {"auth": "token", "admin_token": "\u00e9" * 16}
+    assert only_problem(raw) == ("cluster.yaml: security.admin_token: must be printable ASCII "
+                                 "(no accents, tabs or control characters)")
+
+
 def test_keep_files_is_bounded(raw):
     raw["listener"]["keep_files"] = 10_001
     assert only_problem(raw) == \
