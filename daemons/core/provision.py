@@ -173,25 +173,36 @@ class Provisioner:
         before = len(self.created)
         for daemon_id, _ in logins:
             self._secret(os.path.join(directory, daemon_id))
-        passwd_path = os.path.join(directory, MOSQUITTO_PASSWD)
-        if len(self.created) == before and _users(passwd_path) == [d for d, _ in logins] \
-                and os.path.exists(os.path.join(directory, MOSQUITTO_ACL)):
-            return
-        lines, acl = [], [
+        new_passwords = len(self.created) > before
+        acl = [
             "# Written by tarefa-secrets from the cluster file; re-run it after editing that.",
             "# Portals publish and subscribe on the event topics, the listener only",
             "# subscribes; any other login may do neither (no anonymous access)."]
         topics = events.subscription(self.cluster.name)
         for daemon_id, kind in logins:
+            access = "readwrite" if kind == "portal" else "read"
+            acl += ["", f"user {daemon_id}", f"topic {access} {topics}"]
+        acl_path = os.path.join(directory, MOSQUITTO_ACL)
+        acl_text = "\n".join(acl).encode() + b"\n"
+        if _content(acl_path) != acl_text:  # e.g. the cluster was renamed: new topics
+            self._write(acl_path, acl_text, replace=True)
+        passwd_path = os.path.join(directory, MOSQUITTO_PASSWD)
+        if not new_passwords and _users(passwd_path) == [d for d, _ in logins]:
+            return  # the same logins and passwords: keep the file (its hashes are salted)
+        lines = []
+        for daemon_id, _ in logins:
             with open(os.path.join(directory, daemon_id), encoding="utf-8") as handle:
                 password = handle.readline().strip()
             lines.append(f"{daemon_id}:{mosquitto_hash(password)}")
-            access = "readwrite" if kind == "portal" else "read"
-            acl += ["", f"user {daemon_id}", f"topic {access} {topics}"]
-        self._write(passwd_path, "\n".join(lines).encode() + b"\n",
-                    replace=True)
-        self._write(os.path.join(directory, MOSQUITTO_ACL), "\n".join(acl).encode() + b"\n",
-                    replace=True)
+        self._write(passwd_path, "\n".join(lines).encode() + b"\n", replace=True)
+
+
+def _content(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
 
 
 def _users(passwd_path: str) -> list[str]:

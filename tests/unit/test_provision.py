@@ -93,6 +93,19 @@ def test_acl_lets_portals_write_and_the_listener_only_read(cluster_file, tmp_pat
     assert password not in acl and password not in "\n".join(users)
 
 
+def test_renaming_the_cluster_rewrites_the_acl_and_keeps_the_passwords(cluster_file, tmp_path):
+    main(["--config", str(cluster_file)])
+    mqtt = tmp_path / "run" / "secrets" / "mqtt"
+    passwd = (mqtt / MOSQUITTO_PASSWD).read_text()
+    raw = yaml.safe_load(cluster_file.read_text())
+    raw["cluster"]["name"] = "prod"
+    cluster_file.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(cluster_file)]) == 0
+    acl = (mqtt / MOSQUITTO_ACL).read_text()
+    assert "topic readwrite tarefa/prod/#" in acl and "tarefa/tarefa/" not in acl
+    assert (mqtt / MOSQUITTO_PASSWD).read_text() == passwd  # same logins: not rehashed
+
+
 def test_mosquitto_hash_is_pbkdf2_sha512():
     salt = b"0123456789ab"
     entry = mosquitto_hash("pw", salt)
