@@ -23,6 +23,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -38,7 +39,11 @@ RECONNECT_MIN_DELAY = 0.2
 RECONNECT_MAX_DELAY = 2.0
 KEEPALIVE = 5
 MISC_PERIOD = 1.0  # loop mode: how often keepalive and timeouts are checked
-MAX_QUEUED = 100_000  # QoS 1 messages kept while the broker is away; then new ones drop
+# QoS 1 messages kept while the broker is away; then new ones drop (counted in
+# `dropped`, logged). paho numbers messages with 16-bit ids and refuses one whose
+# id is still pending, so it can never hold more than 65,535.
+MAX_QUEUED = 65_000
+DROP_WARNING_SECONDS = 10.0
 
 
 class EventBus:
@@ -87,6 +92,9 @@ class EventBus:
         self._writing = False
         self._reconnecting = False  # reconnect() runs in the executor: hands off paho
         self._held: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.dropped = 0  # publishes lost because too many waited for the broker
+        self._dropped_logged = 0
+        self._drop_logged_at = -DROP_WARNING_SECONDS
         self._delay = RECONNECT_MIN_DELAY
         self._timer: asyncio.TimerHandle | None = None
         self._begun = False
@@ -140,7 +148,7 @@ class EventBus:
     def publish(self, topic: str, payload: bytes) -> None:
         """Queue a QoS 1 message; paho sends it (again) once connected."""
         if self._loop is None:
-            self._client.publish(topic, payload, qos=1)
+            self._send(topic, payload)
         elif not self._on_loop():
             self._loop.call_soon_threadsafe(self.publish, topic, payload)
         elif self._reconnecting or not self._begun:
@@ -148,9 +156,26 @@ class EventBus:
             # reconnect() returns: sent after it
             if len(self._held) < MAX_QUEUED:
                 self._held.append((topic, payload))
+            else:
+                self._drop()
         else:
-            self._client.publish(topic, payload, qos=1)  # written now if connected
+            self._send(topic, payload)  # written now if connected
             self._sync()
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        if self._client.publish(topic, payload, qos=1).rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self._drop()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_WARNING_SECONDS:
+            log.warning("%s: %d change event(s) dropped: more than %d wait for broker %s:%d "
+                        "(other portals' caches miss them until cache_ttl; the listener "
+                        "reports their revisions missing)", self.client_id,
+                        self.dropped - self._dropped_logged, MAX_QUEUED, self.broker.host,
+                        self.broker.port)
+            self._dropped_logged, self._drop_logged_at = self.dropped, now
 
     # -- loop mode: paho's I/O on the owner's asyncio loop -------------------
 
@@ -199,7 +224,7 @@ class EventBus:
             self._watch()
         while self._held and not self._reconnecting:
             topic, payload = self._held.popleft()
-            self._client.publish(topic, payload, qos=1)
+            self._send(topic, payload)
         self._sync()
 
     def _watch(self) -> None:

@@ -101,3 +101,20 @@ def test_a_session_lost_before_a_refused_subscription_is_still_told():
     bus._handle_connect(fake, None, SimpleNamespace(session_present=True), ok, None)
     bus._handle_subscribe(fake, None, 104, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
     assert bus.session_present is True  # reported once, then back to normal
+
+
+def test_publishes_beyond_what_can_wait_for_the_broker_are_counted_and_logged(caplog):
+    # The real paho client, never connected: it keeps QoS 1 messages until
+    # MAX_QUEUED (its 16-bit message ids allow no more than 65,535), then
+    # refuses them. Each refusal is counted and logged, never silent.
+    from daemons.core import mqtt as mqtt_module
+
+    bus = EventBus(Broker(), "portal-x", ["tarefa/test/#"], lambda topic, payload: None,
+                   lambda connected: None)
+    for i in range(mqtt_module.MAX_QUEUED + 25):
+        bus.publish("tarefa/test/e", b"%d" % i)
+    assert bus.dropped == 25
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited
+    assert "portal-x: 1 change event(s) dropped: more than 65000 wait for broker" in warnings[0]
+    assert mqtt_module.MAX_QUEUED < 65_536
