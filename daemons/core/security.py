@@ -100,12 +100,29 @@ def message_options(limits: Limits) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", limits.max_message_bytes)]
 
 
-def server_options(limits: Limits) -> list[tuple[str, Any]]:
-    """Options of every daemon's gRPC server: the message bounds, and no
-    SO_REUSEPORT. gRPC sets it by default on Linux, so a second daemon started
-    on a port in use (the same portal twice, a port typo) would bind without an
-    error and silently take a share of the first one's connections."""
-    return [*message_options(limits), ("grpc.so_reuseport", 0)]
+# A server pings a client connection that has been quiet this long, and drops it
+# (cancelling its calls: a WatchTasks stream frees its slot) if the client does
+# not answer within KEEPALIVE_TIMEOUT_MS. gRPC's default is 2 hours, so a watcher
+# whose host vanished without a TCP reset held its stream that long.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def server_options(limits: Limits, keepalive_ms: int = KEEPALIVE_TIME_MS,
+                   keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list[tuple[str, Any]]:
+    """Options of every daemon's gRPC server: the message bounds, keepalive
+    pings (see KEEPALIVE_TIME_MS), and no SO_REUSEPORT. gRPC sets it by default
+    on Linux, so a second daemon started on a port in use (the same portal
+    twice, a port typo) would bind without an error and silently take a share
+    of the first one's connections."""
+    return [*message_options(limits), ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+            # grpcio 1.85 waits for a ping's answer this long, whatever the above
+            # says (default 60 s): measured, tests/integration/test_keepalive.py
+            ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
+            # keep pinging an idle stream: by default only 2 pings go without data
+            ("grpc.http2.max_pings_without_data", 0)]
 
 
 def add_port(server: Any, address: str, material: TlsMaterial | None,
