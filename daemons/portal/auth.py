@@ -202,10 +202,14 @@ class Authenticator:
         if self._token is None or not hmac.compare_digest(given, self._token):
             self._refuse(PermissionDenied("admin token refused"), method, context)
 
-    async def client(self, context: Any, method: str, cid: str, timeout: float) -> None:
-        """Raise unless the call carries the secret of client `cid` (token mode)."""
+    async def client(self, context: Any, method: str, cid: str, timeout: float) -> int:
+        """Raise unless the call carries the secret of client `cid` (token mode).
+
+        Returns the revision of the secret record that matched (0 when not
+        enforcing): a rotation at or below it is the one that made that secret.
+        """
         if not self.enforcing:
-            return
+            return 0
         presented = bearer(context.invocation_metadata())
         if presented is None:
             self._refuse(Unauthenticated("client secret required: send metadata "
@@ -214,15 +218,16 @@ class Authenticator:
         domain.validate_cid(cid)  # INVALID_ARGUMENT tells nothing about which CIDs exist
         record = await self.read_secret(cid, timeout, False)
         if await self.hasher.verify(cid, record, presented):  # type: ignore[arg-type]
-            return
+            return record["revision"]  # type: ignore[index]
         if record is not None:
             # A cached record may predate a rotation whose event is still on its
             # way here: a new secret must work at once, so ask the replicas.
             fresh = await self.read_secret(cid, timeout, True)
             if fresh is not None and fresh != record \
                     and await self.hasher.verify(cid, fresh, presented):  # type: ignore[arg-type]
-                return
+                return fresh["revision"]
         self._refuse(PermissionDenied(DENIED), method, context, cid)
+        return 0  # not reached: _refuse raises
 
     def _refuse(self, error: TarefaError, method: str, context: Any,
                 cid: str | None = None) -> None:

@@ -165,18 +165,19 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                          context: Any) -> AsyncIterator[pb.TaskEvent]:
         await reject_undecodable(request, context)
         try:
-            await self.auth.client(context, "WatchTasks", request.cid, self.default_timeout)
+            secret_revision = await self.auth.client(context, "WatchTasks", request.cid,
+                                                     self.default_timeout)
             self.limits.watch.acquire(request.cid)
         except TarefaError as exc:
             await context.abort(grpc_code(exc), exc.message)
         try:
-            async for message in self._watch(request, context):
+            async for message in self._watch(request, context, secret_revision):
                 yield message
         finally:
             self.limits.watch.release(request.cid)
 
-    async def _watch(self, request: pb.WatchTasksRequest,
-                     context: Any) -> AsyncIterator[pb.TaskEvent]:
+    async def _watch(self, request: pb.WatchTasksRequest, context: Any,
+                     secret_revision: int) -> AsyncIterator[pb.TaskEvent]:
         try:
             client = await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
@@ -220,7 +221,9 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
                 if kind == "client.secret_rotated":
-                    if self.auth.enforcing:  # the stream was opened with the old secret
+                    # Above secret_revision: the stream was opened with the old
+                    # secret. At or below it: the rotation that made the one used.
+                    if self.auth.enforcing and event["revision"] > secret_revision:
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                             "the client's secret was rotated; watch again with "
                                             "the new one")

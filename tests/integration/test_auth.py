@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -183,6 +184,37 @@ def test_client_calls_need_that_clients_own_secret(secured):
                         metadata=bearer(clients.secrets["7"]))
         log = secured.portal(portal_id).logs()
         assert "refused GetTask from ipv4:127.0.0.1:" in log and "cid='9'" in log
+
+
+def test_a_watch_opened_with_the_new_secret_outlives_the_late_rotation_event(secured):
+    # The rotation's event reaches this portal after a watch was opened with
+    # the new secret (authenticated by a fresh read): that event is the one
+    # that made the secret in use, not a reason to end the stream.
+    clients = Clients(secured)
+    portal = secured.portal("portal-client-1")
+    portal.client.ListTasks(pb.ListTasksRequest(cid="7"), timeout=10,
+                            metadata=bearer(clients.secrets["7"]))  # old record cached
+
+    def received() -> int:
+        return portal.status_stub.Status(pb.PortalStatusRequest(), timeout=5).events_received
+
+    secured.broker.signal(signal.SIGSTOP)  # holds the rotation's event back
+    try:
+        before = received()
+        new = bearer(clients.admin.RotateSecret(pb.RotateSecretRequest(cid="7"), timeout=10,
+                                                metadata=clients.token).secret)
+        watch = portal.client.WatchTasks(pb.WatchTasksRequest(cid="7"), timeout=30,
+                                         metadata=new)
+        wait_for(lambda: portal.status_stub.Status(pb.PortalStatusRequest(), timeout=5)
+                 .watch_streams == 1, 10, "the watch to open")
+    finally:
+        secured.broker.signal(signal.SIGCONT)
+    wait_for(lambda: received() > before, 10, "the rotation event to reach the portal")
+    portal.client.CreateTask(pb.CreateTaskRequest(cid="7", title="after"), timeout=10,
+                             metadata=new)
+    event = next(watch)
+    assert (event.event, event.title) == ("task.created", "after")
+    watch.cancel()
 
 
 def test_rotated_secret_is_refused_on_every_portal_within_a_second(secured):
