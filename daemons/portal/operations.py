@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 import uuid
 from typing import Any
 
@@ -101,9 +102,11 @@ class PortalOperations:
             entry = self.cache.get(key)
             if entry is not None:
                 return entry.value
+        deadline = time.monotonic() + timeout  # for all attempts together
         for _ in range(_READ_ATTEMPTS):
             token = self.cache.read_token()
-            record, read_revision = await self.replicas.get(kind, cid, title, timeout)
+            record, read_revision = await self.replicas.get(
+                kind, cid, title, max(0.0, deadline - time.monotonic()))
             if self.coherence.settle_read(key, record, read_revision, token) or linearizable:
                 return record
             # A newer change of this key arrived while we read: the answer may be

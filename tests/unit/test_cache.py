@@ -281,6 +281,35 @@ def test_a_retried_write_answered_from_the_dedupe_table_is_published_once() -> N
     assert len(Bus.sent) == 1
 
 
+def test_reads_retried_for_newer_changes_share_the_call_s_timeout() -> None:
+    """A read whose answer keeps being overtaken by newer events reads again,
+    up to 5 times: all of them within the one timeout of the call, not 5 x it."""
+    import asyncio
+    import time
+
+    import pytest
+
+    from daemons.core.errors import Unavailable
+    from daemons.portal.operations import PortalOperations
+
+    given: list[float] = []
+    coherence = Coherence("portal-client-2", "test", PortalCache(100, 60))
+
+    class Replicas:
+        async def get(self, kind, cid, title, timeout):  # type: ignore[no-untyped-def]
+            given.append(timeout)
+            await asyncio.sleep(0.05)
+            coherence.apply_event(_task_event("t", 100 + len(given), "newer"))
+            return rec(1, "old"), 1  # always older than what arrived meanwhile
+
+    ops = PortalOperations("portal-client-2", Replicas(), coherence)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="changed too often"):
+        asyncio.run(ops.get_task(CID, "t", False, 0.12))
+    assert time.monotonic() - started < 0.5
+    assert sum(given) < 0.12 * 3 and given == sorted(given, reverse=True)
+
+
 def test_a_deletion_read_before_its_own_event_leaves_no_old_entry() -> None:
     """Regression (the partition fault run, after reads started raising marks): a
     read showed the deletion (NOT_FOUND at 25) before the portal applied its own
