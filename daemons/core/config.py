@@ -583,6 +583,12 @@ def load_cluster(path: str) -> Cluster:
         raise ConfigError([f"{path}: nested too deeply to be a cluster file"]) from None
     finally:
         loader.dispose()
+    base = os.path.dirname(os.path.abspath(path))
     if loader.duplicates:
-        raise ConfigError([f"{path}: {problem}" for problem in loader.duplicates])
-    return parse_cluster(raw, path, os.path.dirname(os.path.abspath(path)))
+        problems = [f"{path}: {problem}" for problem in loader.duplicates]
+        try:  # every problem at once: also those of what the file says otherwise
+            parse_cluster(raw, path, base)
+        except ConfigError as exc:
+            problems += exc.problems
+        raise ConfigError(problems)
+    return parse_cluster(raw, path, base)

@@ -396,10 +396,13 @@ def test_a_key_given_twice_is_reported_with_its_line(tmp_path):
                     "  heartbeat_period: 0.1\nlog_level: debug\n")
     with pytest.raises(ConfigError) as info:
         load_cluster(str(path))
-    assert sorted(info.value.problems) == [
+    problems = info.value.problems
+    assert sorted(problems[:2]) == [
         f"{path}: line 4: key 'heartbeat_period' given twice in one mapping",
         f"{path}: line 5: key 'log_level' given twice in one mapping",
     ]
+    # ... and, all at once, what is wrong with the rest (here: no replicas, ...).
+    assert f"{path}: replicas: required" in problems[2:]
 
 
 def test_yaml_merge_keys_still_load(tmp_path):
