@@ -482,6 +482,10 @@ class ReplicaStateMachine(SyncObj):
             if applied >= snap_index:
                 log.info("%s: snapshot at %d not restored: LevelDB already at %d",
                          self.spec.id, snap_index, applied)
+            elif self.storage.holds_snapshot(filename):
+                log.info("%s: snapshot at %d not restored: LevelDB at %d holds it already "
+                         "(the entries after %d were PySyncObj no-ops)", self.spec.id,
+                         snap_index, applied, applied)
             else:
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)

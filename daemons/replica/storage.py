@@ -334,6 +334,22 @@ class Storage:
             if _read_exact(src, 32, filename) != h.digest():
                 raise StorageCorrupt(f"{filename}: snapshot checksum mismatch")
 
+    def holds_snapshot(self, filename: str) -> bool:
+        """True if this DB already holds what snapshot `filename` holds although
+        the snapshot's Raft label is higher: the DB's applied index is the one
+        stored in the snapshot, and the entries between it and the label were
+        PySyncObj's own no-ops, which never reach the state machine. (Without
+        this, a member whose last compaction followed a no-op restored its own
+        snapshot, rewriting the whole DB, at every start.) Reads the snapshot
+        only up to the applied-index key."""
+        applied = self.applied_index()
+        if applied <= 0:
+            return False
+        for key, value in self.snapshot_pairs(filename):
+            if key >= domain.META_APPLIED:
+                return key == domain.META_APPLIED and value == b"%d" % applied
+        return False
+
     def restore(self, filename: str) -> None:
         """Replace the whole DB with the snapshot's contents (crash-safe: redone on restart)."""
         for _ in self.snapshot_pairs(filename):  # verify the checksum before touching the DB

@@ -94,6 +94,23 @@ def test_a_label_past_the_db_without_a_fatal_error_is_fine(tmp_path, storage):
     assert Storage.read_header(h.path) == raft_data(23)[1:]
 
 
+def test_a_db_whose_own_snapshot_ends_in_no_ops_holds_it(tmp_path, storage):
+    """The label (23) is past the stored index (22) only by a no-op: the DB
+    holds the snapshot, so a restart need not restore it (it restored the
+    whole DB at every start). Another DB, or one behind, does not hold it."""
+    h = Harness(tmp_path, storage)
+    h.serialize(23)
+    assert h.settle() == (SERIALIZER_STATE.SUCCESS, 23)
+    assert storage.holds_snapshot(h.path)
+    write(storage, {domain.META_APPLIED: b"21"})  # behind what the snapshot holds
+    assert not storage.holds_snapshot(h.path)
+    empty = Storage(str(tmp_path / "empty"))
+    try:
+        assert not empty.holds_snapshot(h.path)
+    finally:
+        empty.close()
+
+
 def test_no_snapshot_after_a_fatal_error(tmp_path, storage):
     h = Harness(tmp_path, storage, fatal=StorageCorrupt("apply failed"))
     with pytest.raises(StorageCorrupt, match="refused"):
