@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -115,11 +116,15 @@ class PortalDaemon(Daemon):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def _shutdown(self, grace: float) -> None:
+        started = time.monotonic()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        await self.replicas.close()
+        # Writes whose callers were cancelled by the stop may still commit:
+        # give their groups the rest of the grace (at least a second) to be
+        # answered and published.
+        await self.replicas.close(drain=max(1.0, grace - (time.monotonic() - started)))
 
     def reload(self) -> None:
         log.info("%s: SIGHUP: nothing to reload (cache size and TTL are fixed at start)",

@@ -85,9 +85,13 @@ class ReplicaClient:
         self._stubs = [replica_pb2_grpc.ReplicaStub(ch) for ch in self._channels]
         self._poller = asyncio.get_running_loop().create_task(self._poll_leader())
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop; first wait up to `drain` seconds for write groups in flight, so
+        that what the replicas commit meanwhile is still published."""
         if self._poller is not None:
             self._poller.cancel()
+        if self._tasks and drain > 0:
+            await asyncio.wait(set(self._tasks), timeout=drain)
         for channel in self._channels:
             await channel.close()
 

@@ -171,3 +171,27 @@ def test_a_caller_in_a_hurry_does_not_cut_short_the_others_of_its_group():
     assert long.revision == 7
     assert committed == ["short", "long"]  # both committed, both published
     assert stubs[0].sent[0][0] == ["short", "long"] and stubs[0].sent[0][1] > 0.5
+
+
+def test_closing_waits_for_a_group_in_flight_so_its_commit_is_published():
+    # SIGTERM: the server's stop cancels the callers; their group may still
+    # commit, and what commits must be published before the channels close.
+    class _Late(_BatchStub):
+        async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.2)
+            return await super().ApplyBatch(request, timeout)
+
+    client = ReplicaClient(load_cluster(os.path.join(ROOT, "config", "cluster.yaml")), "p")
+    client._stubs = [_Late(lambda rid: "") for _ in client.ids]  # type: ignore[assignment]
+    client._channels = []
+    committed: list[str] = []
+
+    async def run() -> None:
+        caller = asyncio.ensure_future(client.apply(
+            pb.Command(request_id="r"), 5.0, lambda a: committed.append("r")))
+        await asyncio.sleep(0.05)
+        caller.cancel()  # as server.stop(grace) does to a handler
+        await client.close(drain=2.0)
+
+    asyncio.run(run())
+    assert committed == ["r"]
