@@ -62,6 +62,16 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def cannot_run(reason: str) -> None:
+    """A test that needs something this machine lacks: skipped on a developer's
+    machine, but a FAILURE in CI (CI=true), where a skip would pass unseen."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -25,20 +25,22 @@ def test_history_under_faults_is_correct(tmp_path, capsys):
     workdir = str(tmp_path / "stack")
     stack = Stack(workdir)
     run = None
+    # TAREFA_SEED=N replays a run's fault and workload schedule (as far as timing allows).
+    seed = int(os.environ.get("TAREFA_SEED") or time.time()) % 1000
     try:
         stack.start()
-        run = run_robustness(stack, SECONDS, clients=6, seed=int(time.time()) % 1000)
+        run = run_robustness(stack, SECONDS, clients=6, seed=seed)
         verdicts = judge(stack, run)
     except BaseException as exc:
         stack.stop()
         kept = keep(workdir, run)
-        raise AssertionError(f"the robustness run failed: {exc!r}\n"
+        raise AssertionError(f"the robustness run (seed {seed}) failed: {exc!r}\n"
                              f"logs and histories kept in {kept}") from exc
     finally:
         stack.stop()
     line = verdict_line(summary(run), verdicts)
     with capsys.disabled():  # the summary line belongs in every run's output
-        print(f"\nrobustness ({SECONDS:.0f}s): {line}")
+        print(f"\nrobustness ({SECONDS:.0f}s, seed {seed}): {line}")
     assert sum(run.faults.values()) >= max(1, int(SECONDS // 6)), "the nemesis hardly ran"
     acknowledged = sum(1 for o in run.history.ops if o.type == "ok")
     assert acknowledged >= 50, f"only {acknowledged} operations completed: {line}"

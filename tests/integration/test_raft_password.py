@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from proto import replica_pb2 as pb
-from tests.harness import ROOT, ReplicaCluster, ReplicaProcess, new_request_id, wait_for
+from tests.harness import ROOT, ReplicaCluster, ReplicaProcess, cannot_run, new_request_id, wait_for
 
 PASSWORD = "correct horse battery staple 7f3a9c"
 WRONG = "another password entirely 11d2e0"
@@ -218,9 +218,10 @@ def readable(frame: bytes) -> bytes | None:
         return None
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 @pytest.mark.parametrize("encrypted", [True, False])
 def test_raft_frames_are_ciphertext(replica_cluster_factory, tmp_path, encrypted):
+    if shutil.which("strace") is None:
+        cannot_run("needs strace (Debian package strace)")
     marker = f"MARKER-{new_request_id()}"
     extra = password_extra(write_secret(str(tmp_path / "raft.password"), PASSWORD)) \
         if encrypted else None
@@ -236,17 +237,21 @@ def test_raft_frames_are_ciphertext(replica_cluster_factory, tmp_path, encrypted
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def recording() -> bool:
-            if tracer.poll() is not None:
-                pytest.skip(f"strace cannot attach here (exit {tracer.returncode})")
-            return os.path.exists(out) and os.path.getsize(out) > 0
+            return tracer.poll() is not None or (os.path.exists(out) and os.path.getsize(out) > 0)
         wait_for(recording, 15, "strace to record Raft traffic")
+        if tracer.poll() is not None:
+            cannot_run(f"strace cannot attach here (exit {tracer.returncode})")
         member.stub.Apply(cmd(pb.CREATE_CLIENT, cid="1", data="{}"), timeout=10)
         for i in range(5):
             member.stub.Apply(cmd(pb.CREATE_TASK, cid="1", title=f"{marker} {i}"), timeout=10)
         time.sleep(0.5)  # heartbeats after the writes: the last frames get recorded too
     finally:
         tracer.terminate()
-        tracer.wait(10)
+        try:
+            tracer.wait(10)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(10)
     all_frames = [f for s in sent_streams(out).values() for f in frames(s)]
     assert len(all_frames) >= 5
     sent = b"".join(all_frames)
