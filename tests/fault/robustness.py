@@ -79,11 +79,15 @@ class Client(threading.Thread):
         self.deadline = deadline
         self.started = started
         self.count = 0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        while not self.run_.stop.is_set() and time.monotonic() < self.deadline:
-            self.one()
-            self.count += 1
+        try:
+            while not self.run_.stop.is_set() and time.monotonic() < self.deadline:
+                self.one()
+                self.count += 1
+        except BaseException as exc:  # noqa: BLE001 - an unexpected answer fails the run
+            self.error = exc
 
     def one(self) -> None:
         portal = self.portals[(self.process + self.count) % len(self.portals)] \
@@ -279,8 +283,13 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
     assert not any(t.is_alive() for t in workers), "clients did not stop"
     if network is not None:
         network.heal()
+    assert not nemesis.is_alive(), "the nemesis did not stop (still injecting faults)"
     if nemesis.error is not None:
         raise nemesis.error
+    for worker in workers:  # e.g. INTERNAL from a portal: a bug, whatever the checkers say
+        if worker.error is not None:
+            raise AssertionError(f"{worker.name} stopped on an unexpected answer: "
+                                 f"{worker.error!r}") from worker.error
     heal(stack)
     return run
 

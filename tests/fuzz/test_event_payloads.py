@@ -307,8 +307,10 @@ def test_topics_mosquitto_refuses_never_reach_the_daemons(ev_world: FuzzStack,
             sock.settimeout(2)
             try:
                 closed = sock.recv(16) == b""  # Mosquitto drops the connection
-            except (ConnectionResetError, TimeoutError):
+            except ConnectionResetError:
                 closed = True
+            except TimeoutError:  # silent for 2 s: the connection is still open
+                closed = False
             assert closed, f"Mosquitto kept a connection that published on {topic!r}"
     publish(env, f"{ROOT}/clients/{EV_CID}", b"sentinel garbage")
     after = wait_counted(env, before, f"{ROOT}/clients/{EV_CID}", accepted=0, rejected=1)
