@@ -98,7 +98,12 @@ def secured(tmp_path, request):
     s.listener = ListenerProcess(s.workdir, s.config_path, listener_port)
     s.audit_log = os.path.join(s.workdir, "audit", "audit.jsonl")
     start(s, request, s.listener)
-    wait_for(lambda: "connected to broker" in s.listener.logs(), 20, "the listener's broker login")
+    try:
+        wait_for(lambda: "connected to broker" in s.listener.logs(), 20,
+                 "the listener's broker login")
+    except BaseException:
+        stop(s, request, s.listener, failed=True)
+        raise
     yield s
     stop(s, request, s.listener)
 

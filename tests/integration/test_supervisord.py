@@ -56,6 +56,16 @@ def render(tmp: str) -> str:
     return os.path.join(tmp, "config", "cluster.yaml")
 
 
+def _runs_from(pid: int, directory: str) -> bool:
+    """Whether `pid` is alive and one of this test's programs (every command
+    line of the rendered supervisord.conf names a path under `directory`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return directory.encode() in handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_stack_under_supervisord(tmp_path):
     tmp = str(tmp_path)
     config = render(tmp)
@@ -124,9 +134,7 @@ def test_stack_under_supervisord(tmp_path):
             except subprocess.TimeoutExpired:
                 supervisord.kill()
         for pid in pids:  # nothing may outlive supervisord
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
+            if not _runs_from(pid, tmp):
+                continue  # gone (a PID reused since is not ours: never signalled)
             os.kill(pid, signal.SIGKILL)
             pytest.fail(f"process {pid} outlived supervisord")

@@ -608,7 +608,7 @@ def test_install_units_makes_secrets_the_daemons_and_mosquitto_can_read():
     root = pathlib.Path(workdir) / "root"
     try:
         host_mosquitto = subprocess.run(["getent", "passwd", "mosquitto"], capture_output=True,
-                                        text=True).stdout
+                                        text=True, timeout=30).stdout
         assert host_mosquitto, "Debian's mosquitto package is missing: run ./install.sh"
         mosquitto_uid = staged_mosquitto_user(root, host_mosquitto)
         mosquitto_gid = int(host_mosquitto.split(":")[3])
@@ -669,10 +669,11 @@ def check_secrets(root, as_tarefa: bool = False) -> None:
         return
     # As the daemons' user: every secret reads, the CA key does not.
     as_user = [tool("setpriv"), f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "cat"]
-    read = subprocess.run([*as_user, *map(str, readable)], capture_output=True, text=True)
+    read = subprocess.run([*as_user, *map(str, readable)], capture_output=True, text=True,
+                          timeout=30)
     assert read.returncode == 0, read.stderr
     refused = subprocess.run([*as_user, str(secrets / "tls/ca.key")], capture_output=True,
-                             text=True)
+                             text=True, timeout=30)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
 
 
@@ -720,7 +721,7 @@ def test_staged_mosquitto_config_lets_each_daemon_in_and_nobody_else():
     broker = None
     try:
         host_mosquitto = subprocess.run(["getent", "passwd", "mosquitto"], capture_output=True,
-                                        text=True).stdout
+                                        text=True, timeout=30).stdout
         assert host_mosquitto, "Debian's mosquitto package is missing: run ./install.sh"
         staged_mosquitto_user(root, host_mosquitto)
         done = install_units(str(root))
@@ -748,7 +749,11 @@ def test_staged_mosquitto_config_lets_each_daemon_in_and_nobody_else():
     finally:
         if broker is not None:
             broker.terminate()
-            broker.wait(10)
+            try:
+                broker.wait(10)
+            except subprocess.TimeoutExpired:
+                broker.kill()
+                broker.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -120,7 +120,8 @@ def test_history_records_from_many_threads():
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
     calls = history.calls()
     assert len(calls) == 1600 and all(c.end is not None and c.end > c.start for c in calls)
     assert [op.index for op in history.ops] == list(range(3200))
