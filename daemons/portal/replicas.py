@@ -44,6 +44,8 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # The same, as a command's own result in an ApplyBatch answer.
 RETRYABLE_CODES = frozenset(code.name for code in RETRYABLE)
 PER_TRY_TIMEOUT = 1.5
+RETRY_FIRST_PAUSE = 0.02  # before sending again writes a member could not commit
+RETRY_MAX_PAUSE = 0.5
 REVISION_HEADER = "tarefa-revision"
 MAX_GROUP = 256
 # One group in flight: what queues meanwhile travels in the next, larger group.
@@ -77,6 +79,7 @@ class ReplicaClient:
         self._send_scheduled = False
         self._poller: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
     async def start(self) -> None:
         # Mutual TLS when configured: the portal proves itself with its own certificate.
@@ -86,12 +89,26 @@ class ReplicaClient:
         self._poller = asyncio.get_running_loop().create_task(self._poll_leader())
 
     async def close(self, drain: float = 0.0) -> None:
-        """Stop; first wait up to `drain` seconds for write groups in flight, so
-        that what the replicas commit meanwhile is still published."""
+        """Stop; first wait up to `drain` seconds for the writes already sent or
+        still awaited (the groups that follow included), so that what the
+        replicas commit meanwhile is still published."""
         if self._poller is not None:
             self._poller.cancel()
-        if self._tasks and drain > 0:
-            await asyncio.wait(set(self._tasks), timeout=drain)
+        deadline = time.monotonic() + drain
+        while self._tasks or self._queue:
+            self._drop_abandoned()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not (self._tasks or self._queue):
+                break
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=remaining)
+            else:
+                await asyncio.sleep(min(0.01, remaining))  # a send is scheduled
+        self._closing = True
+        for task in list(self._tasks):  # past the drain: their outcome stays unknown
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
         for channel in self._channels:
             await channel.close()
 
@@ -151,13 +168,27 @@ class ReplicaClient:
         finally:
             timer.cancel()
 
+    def _drop_abandoned(self) -> None:
+        """Forget queued writes whose caller is gone (cancelled, or told UNAVAILABLE
+        at its deadline): never sent, so never applied. Sending them later, when
+        another write's group goes, would apply what its caller took as failed."""
+        while self._queue and self._queue[0][1].done():
+            self._queue.popleft()
+
     def _send_groups(self) -> None:
         self._send_scheduled = False
-        while self._queue and self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
+        if self._closing:
+            return
+        while self._groups_in_flight < MAX_GROUPS_IN_FLIGHT:
+            self._drop_abandoned()
+            if not self._queue:
+                return
             command, future, deadline, size, on_commit = self._queue.popleft()
             group = [(command, future, deadline, on_commit)]
-            while self._queue and len(group) < MAX_GROUP \
-                    and size + self._queue[0][3] < self._group_bytes:
+            while len(group) < MAX_GROUP:
+                self._drop_abandoned()
+                if not self._queue or size + self._queue[0][3] >= self._group_bytes:
+                    break
                 command, future, deadline, cost, on_commit = self._queue.popleft()
                 group.append((command, future, deadline, on_commit))
                 size += cost
@@ -187,11 +218,13 @@ class ReplicaClient:
                 if pending:
                     # The member answered, but could not commit these (no leader,
                     # leader changed, no quorum within the try): the next member
-                    # gets them, with the same request ids.
-                    attempt += 1
+                    # gets them, with the same request ids, after a backoff
+                    # (20 ms doubling to 0.5 s: "no leader" comes back at once
+                    # during an election, and the group may be large).
                     self._preferred = (self._preferred + 1) % len(self._stubs)
-                    if attempt % len(self._stubs) == 0:
-                        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                    pause = min(RETRY_MAX_PAUSE, RETRY_FIRST_PAUSE * 2 ** attempt)
+                    attempt += 1
+                    await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         finally:
             self._groups_in_flight -= 1
             self._send_groups()

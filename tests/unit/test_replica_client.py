@@ -173,25 +173,80 @@ def test_a_caller_in_a_hurry_does_not_cut_short_the_others_of_its_group():
     assert stubs[0].sent[0][0] == ["short", "long"] and stubs[0].sent[0][1] > 0.5
 
 
-def test_closing_waits_for_a_group_in_flight_so_its_commit_is_published():
-    # SIGTERM: the server's stop cancels the callers; their group may still
-    # commit, and what commits must be published before the channels close.
-    class _Late(_BatchStub):
-        async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(0.2)
-            return await super().ApplyBatch(request, timeout)
+class _Slow(_BatchStub):
+    """Answers after `delay` seconds."""
 
+    def __init__(self, answer, delay: float) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(answer)
+        self.delay = delay
+
+    async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+        self.sent.append(([c.request_id for c in request.commands], timeout))
+        await asyncio.sleep(self.delay)
+        self.sent.pop()
+        return await super().ApplyBatch(request, timeout)
+
+
+def _slow_client(delay: float) -> tuple[ReplicaClient, list[_Slow]]:
     client = ReplicaClient(load_cluster(os.path.join(ROOT, "config", "cluster.yaml")), "p")
-    client._stubs = [_Late(lambda rid: "") for _ in client.ids]  # type: ignore[assignment]
-    client._channels = []
+    stubs = [_Slow(lambda rid: "", delay) for _ in client.ids]
+    client._stubs = stubs  # type: ignore[assignment]
+    return client, stubs
+
+
+@pytest.mark.parametrize("second_caller", ["cancelled", "waiting"])
+def test_closing_drains_the_writes_in_flight_and_those_still_awaited(second_caller):
+    # SIGTERM: server.stop(grace) cancels the handlers. A group already sent
+    # may still commit: its commit must be published before the channels
+    # close. A write queued behind it whose caller is gone is never sent; one
+    # whose caller still waits goes in the next group, also drained.
+    client, stubs = _slow_client(0.2)
     committed: list[str] = []
 
     async def run() -> None:
-        caller = asyncio.ensure_future(client.apply(
-            pb.Command(request_id="r"), 5.0, lambda a: committed.append("r")))
-        await asyncio.sleep(0.05)
-        caller.cancel()  # as server.stop(grace) does to a handler
+        a = asyncio.ensure_future(client.apply(pb.Command(request_id="a"), 5.0,
+                                               lambda r: committed.append("a")))
+        await asyncio.sleep(0.05)  # "a" is in flight now
+        b = asyncio.ensure_future(client.apply(pb.Command(request_id="b"), 5.0,
+                                               lambda r: committed.append("b")))
+        await asyncio.sleep(0.01)
+        a.cancel()
+        if second_caller == "cancelled":
+            b.cancel()
         await client.close(drain=2.0)
+        if second_caller == "waiting":
+            assert (await b).revision == 7
 
     asyncio.run(run())
-    assert committed == ["r"]
+    sent = [ids for stub in stubs for ids, _ in stub.sent]
+    if second_caller == "cancelled":
+        assert committed == ["a"] and sent == [["a"]]
+    else:
+        assert committed == ["a", "b"] and sent == [["a"], ["b"]]
+
+
+def test_a_write_whose_caller_gave_up_in_the_queue_is_never_sent():
+    # It timed out behind a slow group: sending it later, with another write's
+    # group, would apply what its caller was told had failed.
+    client, stubs = _slow_client(0.3)
+
+    async def run() -> list:
+        slow = asyncio.ensure_future(client.apply(pb.Command(request_id="slow"), 5.0))
+        await asyncio.sleep(0.05)
+        stale = asyncio.ensure_future(client.apply(pb.Command(request_id="stale"), 0.1))
+        live = asyncio.ensure_future(client.apply(pb.Command(request_id="live"), 5.0))
+        return await asyncio.gather(slow, stale, live, return_exceptions=True)
+
+    slow, stale, live = asyncio.run(run())
+    assert slow.revision == 7 and live.revision == 7 and isinstance(stale, Unavailable)
+    assert [ids for stub in stubs for ids, _ in stub.sent] == [["slow"], ["live"]]
+
+
+def test_writes_no_member_can_commit_are_sent_again_with_a_growing_pause():
+    # "No Raft leader" comes back at once during an election: a group of up to
+    # 256 commands must not be sent again and again without a pause.
+    client, stubs = _batch_client(*[lambda rid: "UNAVAILABLE"] * 3)
+    with pytest.raises(Unavailable):
+        asyncio.run(client.apply(pb.Command(request_id="r1"), 0.6))
+    sends = sum(len(stub.sent) for stub in stubs)
+    assert 3 <= sends <= 7, sends  # 20, 40, 80, 160, 320 ms pauses in 0.6 s
