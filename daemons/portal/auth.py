@@ -35,11 +35,12 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from typing import Any, Awaitable, Callable
 
 from daemons.core import domain
-from daemons.core.config import Security
-from daemons.core.errors import TarefaError
+from daemons.core.config import Security, printable_ascii
+from daemons.core.errors import ConfigError, TarefaError
 from daemons.core.security import read_secret_file
 from proto import replica_pb2
 
@@ -98,7 +99,11 @@ def admin_token(security: Security) -> str | None:
     if security.auth != "token":
         return None
     if security.admin_token_file is not None:
-        return read_secret_file(security.admin_token_file, "admin token")
+        token = read_secret_file(security.admin_token_file, "admin token")
+        if not printable_ascii(token):  # no client could send it (gRPC metadata)
+            raise ConfigError([f"{security.admin_token_file}: the admin token must be "
+                               "printable ASCII (no accents or control characters)"])
+        return token
     return security.admin_token
 
 
@@ -216,13 +221,14 @@ class Authenticator:
                                          "'authorization: Bearer <secret>'"), method, context,
                          cid)
         domain.validate_cid(cid)  # INVALID_ARGUMENT tells nothing about which CIDs exist
+        deadline = time.monotonic() + timeout  # both reads below share the timeout
         record = await self.read_secret(cid, timeout, False)
         if await self.hasher.verify(cid, record, presented):  # type: ignore[arg-type]
             return record["revision"]  # type: ignore[index]
         if record is not None:
             # A cached record may predate a rotation whose event is still on its
             # way here: a new secret must work at once, so ask the replicas.
-            fresh = await self.read_secret(cid, timeout, True)
+            fresh = await self.read_secret(cid, max(0.0, deadline - time.monotonic()), True)
             if fresh is not None and fresh != record \
                     and await self.hasher.verify(cid, fresh, presented):  # type: ignore[arg-type]
                 return fresh["revision"]

@@ -199,9 +199,11 @@ class PortalOperations:
     async def get_task(self, cid: str, title: str, linearizable: bool, timeout: float) -> dict:
         domain.validate_cid(cid)
         domain.validate_title(title)
+        deadline = time.monotonic() + timeout
         record = await self._read(task_key(cid, title), pb.TASK, cid, title, linearizable, timeout)
         if record is None:
-            await self.get_client(cid, linearizable, timeout)  # NOT_FOUND names the client if absent
+            # NOT_FOUND names the client if absent; within what is left of the timeout
+            await self.get_client(cid, linearizable, max(0.0, deadline - time.monotonic()))
             raise NotFound(f"task {title!r} not found for client {cid}")
         return record
 
