@@ -106,9 +106,10 @@ class Credentials:
             return security.admin_token
         if security.admin_token_file and os.access(security.admin_token_file, os.R_OK):
             try:
-                return read_secret_file(security.admin_token_file, "admin token")
+                token = read_secret_file(security.admin_token_file, "admin token")
             except ConfigError:
                 return None  # the portal's answer (UNAUTHENTICATED) and its hint follow
+            return _sendable(token, security.admin_token_file)
         return None
 
     def client_secret(self) -> str | None:

@@ -31,6 +31,10 @@ MAX_INT = 2**31 - 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # one host for clash checks (IPv4 loopback)
 AUTH_MODES = ("token", "cid-only")
 _DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Names other things already take where ids name files and programs: the CA's
+# certificate (tls/ca.crt), the CLI's certificate (security.CLI_CERT), the
+# broker's supervisord program, and tarefa-secrets' Mosquitto files.
+RESERVED_IDS = ("ca", "tarefa", "broker", "mosquitto.acl", "mosquitto.passwd")
 # Audit-log files kept: each rotation renames every kept file.
 MAX_KEEP_FILES = 10_000
 
@@ -229,6 +233,10 @@ class _Checker:
         if not _DAEMON_ID.fullmatch(value):
             self.fail(path, f"{value!r}: use 1-64 letters, digits, '.', '_' or '-', "
                             "starting with a letter or digit")
+            return None
+        if value.lower() in RESERVED_IDS:
+            self.fail(path, f"{value!r} is reserved (it would name the same file or program "
+                            f"as something else); reserved: {', '.join(RESERVED_IDS)}")
             return None
         return value
 

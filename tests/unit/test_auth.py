@@ -159,6 +159,18 @@ def test_admin_token_from_config(tmp_path):
     with pytest.raises(ConfigError) as info:
         auth.admin_token(Security(auth="token", admin_token_file=str(path)))
     assert str(path) in info.value.message and TOKEN not in info.value.message
+    path.write_text("t\u00e9" * 10 + "\n")  # no client could send it as gRPC metadata
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="must be printable ASCII"):
+        auth.admin_token(Security(auth="token", admin_token_file=str(path)))
+
+
+def test_reserved_ids_follow_the_names_they_protect():
+    from daemons.core.config import RESERVED_IDS
+    from daemons.core.provision import MOSQUITTO_ACL, MOSQUITTO_PASSWD
+    from daemons.core.security import CLI_CERT
+
+    assert {CLI_CERT, MOSQUITTO_ACL, MOSQUITTO_PASSWD, "ca", "broker"} <= set(RESERVED_IDS)
 
 
 # ---- the cached secret record under rotation events ---------------------------------

@@ -252,6 +252,12 @@ def test_admin_token_must_be_printable_ascii(raw):
                                  "(no accents, tabs or control characters)")
 
 
+@pytest.mark.parametrize("value", ["ca", "tarefa", "broker", "mosquitto.acl", "CA"])
+def test_reserved_daemon_ids(raw, value):
+    raw["portals"][0]["id"] = value
+    assert only_problem(raw).startswith(f"cluster.yaml: portals[0].id: {value!r} is reserved")
+
+
 def test_keep_files_is_bounded(raw):
     raw["listener"]["keep_files"] = 10_001
     assert only_problem(raw) == \
