@@ -67,7 +67,7 @@ def _runs_from(pid: int, directory: str) -> bool:
 
 
 def test_stack_under_supervisord(tmp_path):
-    tmp = str(tmp_path)
+    tmp = str(tmp_path / "a checkout")  # a name with a space: paths must be quoted
     config = render(tmp)
     conf = os.path.join(tmp, "supervisord.conf")
     ctl = [os.path.join(ROOT, ".venv", "bin", "supervisorctl"), "-c", conf]
