@@ -35,7 +35,7 @@ from daemons.core.mqtt import EventBus
 from daemons.core.security import add_port, load_tls, mqtt_login, server_options
 from daemons.core.terminal import terminal_safe
 from daemons.listener.audit import AuditLog
-from daemons.listener.gaps import CONFIRM, MAX_JUMP, RevisionGaps, baseline
+from daemons.listener.gaps import CONFIRM, MAX_JUMP, RevisionGaps
 from proto import listener_pb2 as pb
 from proto import listener_pb2_grpc
 
@@ -119,8 +119,7 @@ class ListenerDaemon(Daemon):
         self.audit.open()
         history = self.audit.remembered_revisions()
         self._expect_session = bool(history)
-        if history:
-            self.gaps.start_after(baseline(history))
+        self.gaps.resume(history)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))

@@ -9,9 +9,9 @@ it for `grace` seconds. Causes: a broker that lost the listener's session or
 dropped queued messages, a portal that died between commit and publish,
 events published while no listener was subscribed.
 
-Only revisions above the highest one in the audit log at start (or, on an
-empty log, from the first event received) are tracked: holes older than that
-are not known to this process. A revision that arrives after being reported
+Only revisions from those the audit log remembers at start (its dedupe
+window; on an empty log, from the first events received) are tracked: holes
+older than that are not known to this process. A revision that arrives after being reported
 (a portal that was cut off from the broker for longer than `grace`) is
 written like any other and taken off `missing` (recognised within the
 newest MAX_HOLES holes).
@@ -24,8 +24,10 @@ alone; real ones keep coming: once CONFIRM set-aside revisions lie within
 MAX_JUMP of each other they are tracked after all (the listener really
 missed more than MAX_JUMP changes, and that hole is reported). Tracking on
 an empty log starts the same way, from the first CONFIRM revisions that
-agree, so a forged first event cannot anchor it. The same bound keeps an
-isolated revision out of the baseline at start (`baseline`).
+agree, so a forged first event cannot anchor it. At start, tracking resumes
+from the revisions the audit log remembers (`resume`), from its highest
+group of at least CONFIRM revisions without a jump over MAX_JUMP: holes
+among them are reported; a few forged revisions above them are left out.
 """
 
 from __future__ import annotations
@@ -42,13 +44,22 @@ CONFIRM = 10  # set-aside revisions within MAX_JUMP of each other that are track
 MAX_ASIDE = 1000  # set-aside revisions remembered
 
 
-def baseline(revisions: Iterable[int]) -> int:
-    """The highest of `revisions` not isolated above the rest by more than MAX_JUMP
-    (0 if none): where tracking resumes after a restart."""
+def trusted(revisions: Iterable[int]) -> list[int]:
+    """The revisions of `revisions` tracking can resume from after a restart:
+    the highest group of at least CONFIRM of them with no gap over MAX_JUMP
+    inside, sorted; [] if there is none. Forged revisions stay few (one
+    forged event, or two close ones, cannot anchor tracking: before, they
+    could, and every real revision after them looked old)."""
     ordered = sorted(set(revisions))
-    while len(ordered) > 1 and ordered[-1] - ordered[-2] > MAX_JUMP:
-        ordered.pop()
-    return ordered[-1] if ordered else 0
+    end = len(ordered)
+    while end > 0:
+        start = end - 1
+        while start > 0 and ordered[start] - ordered[start - 1] <= MAX_JUMP:
+            start -= 1
+        if end - start >= CONFIRM:
+            return ordered[start:end]
+        end = start
+    return []
 
 
 class RevisionGaps:
@@ -66,9 +77,25 @@ class RevisionGaps:
         self._late = 0  # reported revisions that arrived since take_late()
 
     def start_after(self, revision: int) -> None:
-        """Everything up to `revision` is accounted for (the log's baseline at start)."""
+        """Everything up to `revision` is accounted for."""
         with self._lock:
             self._next = revision + 1
+
+    def resume(self, revisions: Iterable[int]) -> None:
+        """Pick up after a restart from the revisions the audit log remembers:
+        from the lowest trusted one (see `trusted`), so that holes among them
+        are reported `grace` seconds from now, like any other (a hole the
+        previous run had not yet reported used to be forgotten; one it had
+        reported is reported again, and counted in `missing` again). With no
+        trusted revisions, tracking starts as on an empty log."""
+        group = trusted(revisions)
+        if not group:
+            return
+        with self._lock:
+            self._next = group[0]
+            now = self._clock()
+            for revision in group:
+                self._track(revision, now)
 
     def seen(self, revision: int) -> None:
         """Note a received revision (called for every event, duplicates included)."""

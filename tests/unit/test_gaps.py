@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daemons.listener import gaps as module
-from daemons.listener.gaps import MAX_JUMP, RevisionGaps, baseline
+from daemons.listener.gaps import MAX_JUMP, RevisionGaps, trusted
 
 
 class Clock:
@@ -146,11 +146,36 @@ def test_a_forged_huge_revision_is_not_tracked():
     assert gaps.missing == 2 and gaps.ignored == 1
 
 
-def test_the_baseline_at_start_leaves_out_an_isolated_forged_revision():
-    assert baseline([]) == 0
-    assert baseline([5, 3, 4]) == 5
-    assert baseline([1, 2, 3, 2**63 - 1]) == 3
-    assert baseline([10, 10 + MAX_JUMP]) == 10 + MAX_JUMP  # a real jump within the bound
+def test_tracking_resumes_only_from_a_group_of_confirmed_revisions():
+    confirm = module.CONFIRM
+    real = list(range(1, 21))
+    assert trusted([]) == [] and trusted([5, 3, 4]) == []  # too few to tell from forgeries
+    assert trusted(real + [2**63 - 1]) == real  # an isolated forged revision
+    assert trusted(real + [10**12, 10**12 + 1]) == real  # two close forged ones
+    jumped = [10 + MAX_JUMP + i for i in range(confirm)]
+    assert trusted(real + jumped) == real + jumped  # a real jump within the bound
+    far = [10**12 + i for i in range(confirm)]
+    assert trusted(real + far) == far  # CONFIRM agreeing: a real loss of over MAX_JUMP
+
+
+def test_a_restart_reports_the_holes_among_the_remembered_revisions():
+    # The previous run stopped within `grace` of a hole: it must not be forgotten.
+    gaps, clock = tracker()
+    gaps.resume([r for r in range(1, 41) if r != 33] + [10**12, 10**12 + 1])
+    gaps.seen(41)
+    gaps.seen(43)
+    clock.now += 11
+    assert gaps.overdue() == [(33, 33), (42, 42)]
+    assert gaps.missing == 2
+
+
+def test_a_restart_with_too_little_history_starts_as_on_an_empty_log():
+    gaps, clock = tracker()
+    gaps.resume([10**12, 10**12 + 1])  # e.g. only forged events so far
+    for revision in (5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [(7, 7)]
 
 
 def test_a_loss_of_more_than_max_jump_is_reported_and_tracking_goes_on():
