@@ -13,11 +13,10 @@ returned (the listener's MQTT callback does):
 - every line is written with one write() and flushed; with `fsync=always`
   it is on disk before `append` returns, with `interval` at most
   `fsync_interval` seconds later, with `never` when the OS decides;
-- an event is written at most once per (origin, revision, change) among the
-  latest `dedupe_window` ones, across restarts (the change, i.e. event type,
-  cid and title, is part of the key so that a different change under a
-  reused revision, e.g. after the cluster was wiped, is never taken for a
-  redelivery): `open()` rebuilds that window from
+- an event is written at most once (same origin, revision and content: a
+  broker redelivery) among the latest `dedupe_window` ones, across restarts;
+  a different event under a revision already seen (e.g. after the cluster
+  was wiped) is never taken for a redelivery: `open()` rebuilds that window from
   the tail of the current and rotated files, newest first;
 - a line torn by a crash mid-write is repaired at `open()`: kept if it is a
   whole event that only lacks its newline, else moved to the reject file and
@@ -34,6 +33,7 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -100,13 +100,21 @@ def lines_backwards(path: str) -> Iterator[bytes]:
             yield rest
 
 
-# (origin, revision, event type, cid, title): what makes two lines the same event.
-EventKey = tuple[str, int, Any, Any, Any]
+# (origin, revision, digest of the whole event): what makes two lines the same
+# event. The broker redelivers an event byte for byte; a different event under
+# a revision already seen (a wiped cluster counting again with the same
+# changes, a forged event that came first) differs at least in its `at`.
+EventKey = tuple[str, int, bytes]
+_LINE_FIELDS = ("topic", "received_at", "out_of_order")  # what append adds to an event
 
 
 def event_key(event: dict[str, Any]) -> EventKey:
-    return (event["origin"], event["revision"], event.get("event"), event.get("cid"),
-            event.get("title"))
+    # Without the fields a line adds (an event may carry them too: they are
+    # replaced in the line, so they cannot count on either side).
+    content = {k: v for k, v in event.items() if k not in _LINE_FIELDS}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return (event["origin"], event["revision"],
+            hashlib.blake2b(canonical.encode("ascii"), digest_size=16).digest())
 
 
 def _event_key(line: bytes) -> EventKey | None:
@@ -120,11 +128,9 @@ def _event_key(line: bytes) -> EventKey | None:
     if not isinstance(origin, str) or not isinstance(revision, int) or isinstance(revision, bool):
         return None
     try:
-        key = event_key(obj)
-        hash(key)
-    except TypeError:  # a hand-edited line with a list for a title: never a redelivery
+        return event_key(obj)
+    except (TypeError, ValueError):  # e.g. a hand-edited line: never a redelivery
         return None
-    return key
 
 
 class _RotatingFile:

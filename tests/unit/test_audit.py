@@ -117,7 +117,14 @@ def test_a_different_change_under_a_reused_revision_is_not_a_duplicate(path, ope
     assert second.append(task_event(5, title="buy milk"), TOPIC) is None
     assert second.append(task_event(5, title="pay rent"), TOPIC) is None
     assert second.append(task_event(5, title="call mum"), TOPIC) is not None
-    assert [line["title"] for line in read_lines(path)] == ["buy milk", "pay rent", "call mum"]
+    # The very same change made again after a wipe: only its time differs.
+    again = {**task_event(5, title="buy milk"), "at": "2026-06-01T00:00:00Z"}
+    assert second.append(again, TOPIC) is not None
+    second.close()
+    third = opened(path)
+    assert third.append(copy.deepcopy(again), TOPIC) is None  # a redelivery, after a restart
+    assert [line["title"] for line in read_lines(path)] == \
+        ["buy milk", "pay rent", "call mum", "buy milk"]
 
 
 def test_dedupe_window_is_bounded_and_rebuilt_from_the_tail(path, opened):
