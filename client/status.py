@@ -28,15 +28,48 @@ def _failed(row: dict[str, Any], exc: grpc.RpcError) -> dict[str, Any]:
     return row
 
 
+# MQTT 3.1.1 CONNECT: clean session, keepalive 5 s, client id "tarefa-status", no
+# login. Any CONNACK (accepted, or "not authorized" from a broker that wants
+# one) shows the broker answers; a TCP connect alone is accepted by the kernel
+# for a broker that is frozen.
+_MQTT_CONNECT = bytes([0x10, 25, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 13]) + \
+    b"tarefa-status"
+_MQTT_DISCONNECT = bytes([0xE0, 0])
+
+
+def mqtt_answers(host: str, port: int, timeout: float) -> str | None:
+    """None if an MQTT broker at host:port answers a CONNECT within `timeout`,
+    else why not."""
+    try:
+        with socket.create_connection((host, port), timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(_MQTT_CONNECT)
+            answer = b""
+            while len(answer) < 4:
+                chunk = sock.recv(4 - len(answer))
+                if not chunk:
+                    return "the broker closed the connection without answering MQTT CONNECT"
+                answer += chunk
+            if answer[0] != 0x20:
+                return f"not an MQTT CONNACK: {answer!r}"
+            if answer[3] == 0:
+                sock.sendall(_MQTT_DISCONNECT)
+            return None
+    except TimeoutError:
+        return f"no MQTT answer within {timeout:g}s (broker hung?)"
+    except OSError as exc:
+        return str(exc)
+
+
 def collect_status(cluster: Cluster, timeout: float,
                    tls: TlsMaterial | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     broker = _row("broker", "broker", f"{cluster.broker.host}:{cluster.broker.port}")
-    try:
-        with socket.create_connection((cluster.broker.host, cluster.broker.port), timeout):
-            broker["reachable"] = True
-    except OSError as exc:
-        broker["error"] = str(exc)
+    error = mqtt_answers(cluster.broker.host, cluster.broker.port, timeout)
+    if error is None:
+        broker["reachable"] = True
+    else:
+        broker["error"] = error
     rows.append(broker)
     for spec in cluster.replicas:
         row = _row(spec.id, "replica", spec.grpc_address)
