@@ -13,11 +13,14 @@ apt_install() {
     [ "$(id -u)" = 0 ] || die "need root to install Debian packages: $*"
     if [ "$apt_updated" = 0 ]; then
         say "apt-get update"
-        DEBIAN_FRONTEND=noninteractive apt-get update -q || die "apt-get update failed"
+        # A fresh machine's own apt jobs may hold the lock for a while: wait for it.
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -q \
+            || die "apt-get update failed"
         apt_updated=1
     fi
     say "apt-get install -y $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" || die "apt-get install $* failed"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q "$@" \
+        || die "apt-get install $* failed"
 }
 
 missing=()
@@ -43,6 +46,21 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] \
     systemctl disable --now mosquitto >/dev/null 2>&1 || true
 fi
 
+# A .venv that cannot be used is made again: cut off while being created (no
+# pip), built on a Python that is gone, or made for another directory (the
+# checkout was moved or copied: its scripts would run the old place's code).
+venv_problem() {
+    [ -e .venv ] || return 1
+    [ -x .venv/bin/python ] || { echo "it has no bin/python"; return 0; }
+    .venv/bin/python -m pip --version >/dev/null 2>&1 || { echo "its pip does not run"; return 0; }
+    head -n 3 .venv/bin/pip 2>/dev/null | grep -qF "$(pwd -P)/.venv/bin/python" \
+        || { echo "it was made for another directory"; return 0; }
+    return 1
+}
+if problem=$(venv_problem); then
+    say "making .venv again: $problem"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     "$PYTHON" -m venv .venv || die "python -m venv failed"
