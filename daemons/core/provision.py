@@ -48,6 +48,7 @@ from daemons.core.errors import ConfigError
 from daemons.core.security import CLI_CERT
 
 CERT_DAYS = 825
+RENEW_DAYS = 30  # a daemon certificate this close to expiry is issued again by a re-run
 MOSQUITTO_PASSWD = "mosquitto.passwd"
 MOSQUITTO_ACL = "mosquitto.acl"
 # Mosquitto 2's password hash: PBKDF2-SHA512, "$7$<iterations>$<salt>$<hash>".
@@ -58,6 +59,7 @@ class Provisioner:
     def __init__(self, cluster: Cluster, owner: str | None = None) -> None:
         self.cluster = cluster
         self.created: list[str] = []
+        self.warnings: list[str] = []  # things the operator must do (printed by main)
         self._uid = self._gid = -1
         if owner is not None:
             try:
@@ -136,13 +138,20 @@ class Provisioner:
             ca_key = serialization.load_pem_private_key(handle.read(), password=None)
         with open(tls.ca_file, "rb") as handle:
             ca_cert = x509.load_pem_x509_certificate(handle.read())
+        if _expiring(tls.ca_file):
+            # Not replaced here: every machine of the cluster must get the new one.
+            self.warnings.append(
+                f"{tls.ca_file} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: remove it "
+                f"and {ca_key_path}, re-run (every certificate is issued again) and copy "
+                "the new files to every machine of the cluster")
         for daemon_id, _, host in [*self.daemons(), (CLI_CERT, "cli", "127.0.0.1")]:
             cert_path, key_path = tls.cert_pair(daemon_id)
             if os.path.exists(cert_path) and os.path.exists(key_path) \
-                    and _issued_by(cert_path, ca_cert):
+                    and _issued_by(cert_path, ca_cert) and not _expiring(cert_path):
                 continue
-            # Missing, half missing, or signed by a CA since replaced (every
-            # handshake would fail): a new pair from the current CA.
+            # Missing, half missing, signed by a CA since replaced (every
+            # handshake would fail), or about to expire: a new pair from the
+            # current CA (a daemon reads it at its next start).
             key = ec.generate_private_key(ec.SECP256R1())
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, daemon_id)])
             cert = (self._builder(subject, ca_cert.subject, key.public_key(), CERT_DAYS)
@@ -221,6 +230,17 @@ def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
            f"{base64.b64encode(digest).decode()}"
 
 
+def _expiring(cert_path: str) -> bool:
+    """Whether the certificate at `cert_path` expires within RENEW_DAYS (or is unreadable)."""
+    try:
+        with open(cert_path, "rb") as handle:
+            cert = x509.load_pem_x509_certificate(handle.read())
+    except ValueError:
+        return True
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    return left < datetime.timedelta(days=RENEW_DAYS)
+
+
 def _issued_by(cert_path: str, ca_cert: x509.Certificate) -> bool:
     """Whether the certificate at `cert_path` is signed by `ca_cert`."""
     try:
@@ -258,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--owner", help="give the files to this user (e.g. tarefa under systemd)")
     args = parser.parse_args(argv)
     try:
-        created = Provisioner(load_cluster(args.config), args.owner).run()
+        provisioner = Provisioner(load_cluster(args.config), args.owner)
+        created = provisioner.run()
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"Error: {problem}", file=sys.stderr)
@@ -268,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for path in created:
         print(f"tarefa-secrets: wrote {path}")
+    for warning in provisioner.warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
     if not created:
         print("tarefa-secrets: every secret the cluster file names exists")
     return 0

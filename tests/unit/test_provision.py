@@ -134,6 +134,28 @@ def test_deleting_a_secret_and_rerunning_rotates_only_it(cluster_file, tmp_path)
     assert (secrets / "raft.password").read_text() == raft
 
 
+def test_certificates_near_expiry_are_issued_again_and_an_expiring_ca_is_reported(
+        cluster_file, tmp_path, monkeypatch, capsys):
+    import daemons.core.provision as provision
+
+    main(["--config", str(cluster_file)])
+    tls = tmp_path / "run" / "secrets" / "tls"
+    before = {p.name: p.read_bytes() for p in tls.iterdir()}
+    capsys.readouterr()
+    # 30 days before the daemons' certificates expire (825 days), not yet the CA's (1650).
+    monkeypatch.setattr(provision, "RENEW_DAYS", provision.CERT_DAYS + 1)
+    assert main(["--config", str(cluster_file)]) == 0
+    after = {p.name: p.read_bytes() for p in tls.iterdir()}
+    renewed = {name for name in before if before[name] != after[name]}
+    assert "replica-1.crt" in renewed and "tarefa.crt" in renewed
+    assert "ca.crt" not in renewed and "ca.key" not in renewed
+    assert "Warning" not in capsys.readouterr().err
+    monkeypatch.setattr(provision, "RENEW_DAYS", 2 * provision.CERT_DAYS + 1)
+    assert main(["--config", str(cluster_file)]) == 0
+    err = capsys.readouterr().err
+    assert "Warning: " in err and "ca.crt expires on" in err and "every machine" in err
+
+
 def test_rotating_the_ca_reissues_every_certificate_it_signed(cluster_file, tmp_path):
     main(["--config", str(cluster_file)])
     tls = tmp_path / "run" / "secrets" / "tls"
