@@ -312,6 +312,7 @@ class AuditLog:
                                    f"torn write: incomplete last line of {self.path} at byte "
                                    f"{start} (the listener stopped mid-write); the broker "
                                    "redelivers that event")
+                self.rejects += 1  # in ListenerStatus.rejects, like any other reject
                 handle.truncate(start)
                 log.warning("%s: moved an incomplete last line (%d bytes) to %s", self.path,
                             len(fragment), self.reject_path)

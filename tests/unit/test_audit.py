@@ -272,6 +272,7 @@ def test_a_torn_last_line_moves_to_the_rejects_and_its_event_can_be_written_agai
     assert [e["revision"] for e in read_lines(path)] == [1]
     (torn,) = read_lines(path + ".rejects")
     assert torn["reason"].startswith("torn write") and torn["payload"] == whole[:25].decode()
+    assert again.rejects == 1  # counted like any other reject
     assert again.append(task_event(2), TOPIC) is not None  # the broker's redelivery
     assert [e["revision"] for e in read_lines(path)] == [1, 2]
 
