@@ -72,11 +72,13 @@ class TlsMaterial:
 
     def __init__(self, tls: TlsSettings, name: str | None) -> None:
         self.ca = _read_bytes(tls.ca_file, "TLS CA certificate")
+        _refuse_expired(tls.ca_file, self.ca, "the TLS CA certificate")
         self.cert = self.key = b""
         if name is None:
             return
         cert_path, key_path = tls.cert_pair(name)
         self.cert = _read_bytes(cert_path, f"TLS certificate of {name}")
+        _refuse_expired(cert_path, self.cert, f"the TLS certificate of {name}")
         self.key = _read_bytes(key_path, f"TLS key of {name}", private=True)
 
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
@@ -88,6 +90,22 @@ class TlsMaterial:
             return grpc.ssl_channel_credentials(root_certificates=self.ca,
                                                 private_key=self.key, certificate_chain=self.cert)
         return grpc.ssl_channel_credentials(root_certificates=self.ca)
+
+
+def _refuse_expired(path: str, pem: bytes, what: str) -> None:
+    """ConfigError if the certificate has expired: every handshake would fail
+    with a message that names nothing (and --check-config would say OK)."""
+    import datetime
+
+    from cryptography import x509  # only where TLS is configured
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ConfigError([f"{path}: {what} is not a PEM certificate ({exc})"]) from None
+    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
+        raise ConfigError([f"{path}: {what} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+                           "run tarefa-secrets (install.sh does) to issue new certificates"])
 
 
 def load_tls(tls: TlsSettings | None, name: str | None) -> TlsMaterial | None:

@@ -156,6 +156,36 @@ def test_certificates_near_expiry_are_issued_again_and_an_expiring_ca_is_reporte
     assert "Warning: " in err and "ca.crt expires on" in err and "every machine" in err
 
 
+def test_an_expired_certificate_is_refused_by_name_and_a_re_run_replaces_it(cluster_file,
+                                                                           tmp_path):
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from daemons.core.config import load_cluster
+    from daemons.core.security import load_tls
+
+    main(["--config", str(cluster_file)])
+    cluster = load_cluster(str(cluster_file))
+    tls = tmp_path / "run" / "secrets" / "tls"
+    ca_key = serialization.load_pem_private_key((tls / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=900))
+           .not_valid_after(now - datetime.timedelta(days=1))
+           .sign(ca_key, hashes.SHA256()))
+    (tls / "replica-1.crt").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigError, match=r"replica-1.crt: the TLS certificate of replica-1 "
+                                          r"expired on .*run tarefa-secrets"):
+        load_tls(cluster.security.tls, "replica-1")
+    assert main(["--config", str(cluster_file)]) == 0  # issued again (expired)
+    assert load_tls(cluster.security.tls, "replica-1") is not None
+
+
 def test_rotating_the_ca_reissues_every_certificate_it_signed(cluster_file, tmp_path):
     main(["--config", str(cluster_file)])
     tls = tmp_path / "run" / "secrets" / "tls"
