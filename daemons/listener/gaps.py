@@ -75,6 +75,11 @@ class RevisionGaps:
         self.ignored = 0  # revisions set aside as too far ahead (MAX_JUMP)
         self._aside: list[int] = []  # those, and those received before tracking began
         self._late = 0  # reported revisions that arrived since take_late()
+        # The highest revision of a group confirmed far ahead (CONFIRM agreeing),
+        # while the hole below it waits for `grace`: revisions near it are real
+        # too and tracked, not set aside again (they were, then counted missing
+        # although received, when the hole was reported).
+        self._anchor: int | None = None
 
     def start_after(self, revision: int) -> None:
         """Everything up to `revision` is accounted for."""
@@ -100,11 +105,17 @@ class RevisionGaps:
     def seen(self, revision: int) -> None:
         """Note a received revision (called for every event, duplicates included)."""
         with self._lock:
-            if self._next is None or revision - self._next > MAX_JUMP:
+            if self._anchor is not None and self._next is not None \
+                    and self._next > self._anchor:
+                self._anchor = None  # caught up with the confirmed group
+            near_anchor = self._anchor is not None and abs(revision - self._anchor) <= MAX_JUMP
+            if self._next is None or (revision - self._next > MAX_JUMP and not near_anchor):
                 self._set_aside(revision)
             elif revision < self._next:
                 self._arrived_late(revision)
             else:
+                if near_anchor:
+                    self._anchor = max(self._anchor, revision)  # type: ignore[type-var]
                 self._track(revision, self._clock())
 
     def _track(self, revision: int, arrived: float) -> None:
@@ -124,6 +135,8 @@ class RevisionGaps:
         self._aside = [r for r in self._aside if r not in agreeing]
         if self._next is None:
             self._next = min(agreeing)  # the first events: nothing before them expected
+        else:
+            self._anchor = max(agreeing)
         now = self._clock()
         for r in agreeing:  # the hole below them is reported after `grace`
             if r >= self._next:

@@ -194,6 +194,26 @@ def test_a_loss_of_more_than_max_jump_is_reported_and_tracking_goes_on():
     assert gaps.overdue() == [(start + module.CONFIRM, start + module.CONFIRM)]
 
 
+def test_after_a_confirmed_loss_the_revisions_that_follow_are_not_counted_missing():
+    """Revisions arriving while the hole below a confirmed far-ahead group waits
+    for `grace` were set aside again, and counted missing once it was reported
+    (5 received revisions too many in a review's run)."""
+    gaps, clock = tracker()
+    gaps.start_after(100)
+    for revision in range(101, 111):
+        gaps.seen(revision)
+    start = 100 + MAX_JUMP + 500
+    for revision in range(start, start + 25):  # the stream after the loss, within grace
+        gaps.seen(revision)
+        clock.now += 0.3
+    clock.now += 11
+    assert gaps.overdue() == [(111, start - 1)]
+    for revision in range(start + 25, start + 30):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [] and gaps.missing == start - 111  # the true loss only
+
+
 def test_a_forged_first_event_on_an_empty_log_does_not_anchor_tracking():
     gaps, clock = tracker()
     gaps.seen(2**63 - 1)
