@@ -47,6 +47,7 @@ from daemons.core.claims import lock_file
 from daemons.core.config import FSYNC_POLICIES
 from daemons.core.errors import TarefaError
 from daemons.core.files import fsync_parent
+from daemons.listener.gaps import trusted
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +338,14 @@ class AuditLog:
                         break
             except FileNotFoundError:
                 continue
+        # Highest revisions per origin only from the trusted revisions (gaps.py):
+        # a forged one far above them must not outlive a restart either.
+        group = trusted(key[1] for key in keys)
+        ceiling = group[-1] if group else float("inf")  # too little history to tell
         for key in reversed(keys):
             self._remember(key)
             origin, revision = key[0], key[1]
-            if revision > self._highest.get(origin, 0):
+            if revision <= ceiling and revision > self._highest.get(origin, 0):
                 self._note_highest(origin, revision)
         if self.unreadable_lines:
             log.warning("audit log %s: skipped %d lines that are not events while rebuilding "
@@ -362,8 +367,13 @@ class AuditLog:
 
     # -- writing -----------------------------------------------------------------
 
-    def append(self, event: dict[str, Any], topic: str) -> dict[str, Any] | None:
+    def append(self, event: dict[str, Any], topic: str,
+               plausible: bool = True) -> dict[str, Any] | None:
         """Write a validated event; return the line written, or None for a duplicate.
+
+        `plausible` False (a revision far above the others, see gaps.py): it is
+        written but does not raise its origin's highest revision, so one forged
+        event cannot mark every later real one out of order.
 
         Raises OSError if the line could not be written: the caller must then
         not acknowledge the event.
@@ -380,10 +390,10 @@ class AuditLog:
             self._audit.write(encode_line(entry))
             self._after_write(self._audit)
             self._remember(key)
-            if not out_of_order:
-                self._note_highest(event["origin"], event["revision"])
-            else:
+            if out_of_order:
                 self.out_of_order += 1
+            elif plausible:
+                self._note_highest(event["origin"], event["revision"])
             self.written += 1
             return entry
 

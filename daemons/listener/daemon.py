@@ -206,7 +206,7 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, f"cannot be validated ({type(exc).__name__}: {exc})")
             return
         try:
-            entry = self.audit.append(event, topic)
+            entry = self.audit.append(event, topic, self.gaps.plausible(event["revision"]))
         except OSError as exc:
             self._fail_stop(exc)
             raise

@@ -102,6 +102,15 @@ class RevisionGaps:
             for revision in group:
                 self._track(revision, now)
 
+    def plausible(self, revision: int) -> bool:
+        """Whether `revision` is not far ahead of what is tracked (True before
+        tracking starts: nothing to compare with yet)."""
+        with self._lock:
+            if self._next is None:
+                return True
+            return revision - self._next <= MAX_JUMP or (
+                self._anchor is not None and abs(revision - self._anchor) <= MAX_JUMP)
+
     def seen(self, revision: int) -> None:
         """Note a received revision (called for every event, duplicates included)."""
         with self._lock:

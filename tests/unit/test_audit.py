@@ -230,6 +230,23 @@ def test_out_of_order_is_flagged_and_still_written(path, opened):
     assert log.out_of_order == 2
 
 
+def test_a_forged_far_revision_does_not_make_later_real_events_out_of_order(path, opened):
+    # The listener passes plausible=False for a revision far above the tracked
+    # ones (gaps.py); at open, only trusted revisions (gaps.trusted) count.
+    log = opened(path)
+    for revision in range(1, 21):
+        log.append(task_event(revision), TOPIC)
+    forged = log.append(task_event(10**12), TOPIC, plausible=False)
+    assert forged is not None and "out_of_order" not in forged  # written as it came
+    assert "out_of_order" not in log.append(task_event(21), TOPIC)
+    log.close()
+    again = opened(path)
+    assert "out_of_order" not in again.append(task_event(22), TOPIC)
+    assert again.append(task_event(19), TOPIC) is None  # a redelivery, still known
+    assert again.append(task_event(7, title="other"), TOPIC)["out_of_order"] is True
+    assert log.out_of_order == 0 and again.out_of_order == 1
+
+
 def test_highest_revision_per_origin_is_rebuilt_on_open(path, opened):
     first = opened(path)
     first.append(task_event(10), TOPIC)
