@@ -344,7 +344,8 @@ def _status_detail(row: dict[str, Any]) -> str:
         return (f"cache={row['cache_entries']} hits={row['cache_hit_rate']:.2f} "
                 f"broker={'up' if row['broker_connected'] else 'DOWN'} "
                 f"watch={row['watch_streams']} denied={row['auth_refused']} "
-                f"limited={row['limited']}")
+                f"limited={row['limited']}"
+                + (f" DROPPED={row['events_dropped']}" if row["events_dropped"] else ""))
     if row["kind"] == "listener" and row["reachable"]:
         return (f"events={row['events_written']} rejects={row['rejects']} "
                 f"broker={'up' if row['broker_connected'] else 'DOWN'}"

@@ -98,7 +98,8 @@ def collect_status(cluster: Cluster, timeout: float,
                        events_received=st.events_received,
                        events_published=st.events_published,
                        events_rejected=st.events_rejected, auth_refused=st.auth_refused,
-                       watch_streams=st.watch_streams, limited=st.limited)
+                       watch_streams=st.watch_streams, limited=st.limited,
+                       events_dropped=st.events_dropped)
         except grpc.RpcError as exc:
             _failed(row, exc)
         rows.append(row)

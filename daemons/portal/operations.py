@@ -244,7 +244,8 @@ class PortalOperations:
                 "broker_connected": self.coherence.serving_cache,
                 "events_received": self.coherence.received,
                 "events_published": self.coherence.published,
-                "events_rejected": self.coherence.rejected}
+                "events_rejected": self.coherence.rejected,
+                "events_dropped": self.coherence.bus.dropped if self.coherence.bus else 0}
 
 
 def _generated_cid(request_id: str) -> str:

@@ -332,6 +332,19 @@ def test_a_missing_task_s_client_check_gets_what_is_left_of_the_timeout() -> Non
     assert len(given) == 2 and given[1] <= 1.0 - 0.04, given
 
 
+def test_portal_status_counts_the_events_its_bus_dropped() -> None:
+    from daemons.portal.operations import PortalOperations
+
+    class Bus:
+        dropped = 3
+
+    coherence = Coherence("portal-client-2", "test", PortalCache(100, 60))
+    ops = PortalOperations("portal-client-2", None, coherence)  # type: ignore[arg-type]
+    assert ops.status()["events_dropped"] == 0  # no bus yet
+    coherence.bus = Bus()
+    assert ops.status()["events_dropped"] == 3
+
+
 def test_a_deletion_read_before_its_own_event_leaves_no_old_entry() -> None:
     """Regression (the partition fault run, after reads started raising marks): a
     read showed the deletion (NOT_FOUND at 25) before the portal applied its own

@@ -242,3 +242,11 @@ def test_an_error_message_cannot_drive_the_terminal(capsys, monkeypatch):
     _answering(monkeypatch, _Failure(grpc.StatusCode.NOT_FOUND, "no such \x1b[2J task"))
     code, _, err = run(capsys, "task", "get", "--cid", "7", "t")
     assert code == cli.EXIT_REFUSED and "\x1b" not in err and "\\x1b[2J" in err
+
+
+def test_the_status_line_of_a_portal_shows_dropped_events_only_when_there_are_some():
+    row = {"kind": "portal", "reachable": True, "cache_entries": 2, "cache_hit_rate": 0.5,
+           "broker_connected": True, "watch_streams": 0, "auth_refused": 0, "limited": 0,
+           "events_dropped": 0}
+    assert "DROPPED" not in cli._status_detail(row)
+    assert cli._status_detail({**row, "events_dropped": 7}).endswith("limited=0 DROPPED=7")
