@@ -23,3 +23,9 @@ def utc_now() -> str:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second = (second, prefix)
     return f"{prefix}.{int(now * 1000) % 1000:03d}Z"
+
+
+def left(deadline: float) -> float:
+    """Seconds until `deadline` (a time.monotonic() value), never below 0: what
+    the next step of a call gets when its steps share one timeout."""
+    return max(0.0, deadline - time.monotonic())

@@ -138,7 +138,7 @@ class Provisioner:
             ca_key = serialization.load_pem_private_key(handle.read(), password=None)
         with open(tls.ca_file, "rb") as handle:
             ca_cert = x509.load_pem_x509_certificate(handle.read())
-        if _expiring(tls.ca_file):
+        if _expires_soon(ca_cert):
             # Not replaced here: every machine of the cluster must get the new one.
             self.warnings.append(
                 f"{tls.ca_file} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: remove it "
@@ -146,8 +146,7 @@ class Provisioner:
                 "the new files to every machine of the cluster")
         for daemon_id, _, host in [*self.daemons(), (CLI_CERT, "cli", "127.0.0.1")]:
             cert_path, key_path = tls.cert_pair(daemon_id)
-            if os.path.exists(cert_path) and os.path.exists(key_path) \
-                    and _issued_by(cert_path, ca_cert) and not _expiring(cert_path):
+            if os.path.exists(key_path) and _still_good(cert_path, ca_cert):
                 continue
             # Missing, half missing, signed by a CA since replaced (every
             # handshake would fail), or about to expire: a new pair from the
@@ -230,25 +229,22 @@ def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
            f"{base64.b64encode(digest).decode()}"
 
 
-def _expiring(cert_path: str) -> bool:
-    """Whether the certificate at `cert_path` expires within RENEW_DAYS (or is unreadable)."""
-    try:
-        with open(cert_path, "rb") as handle:
-            cert = x509.load_pem_x509_certificate(handle.read())
-    except ValueError:
-        return True
+def _expires_soon(cert: x509.Certificate) -> bool:
+    """Whether `cert` expires within RENEW_DAYS."""
     left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
     return left < datetime.timedelta(days=RENEW_DAYS)
 
 
-def _issued_by(cert_path: str, ca_cert: x509.Certificate) -> bool:
-    """Whether the certificate at `cert_path` is signed by `ca_cert`."""
+def _still_good(cert_path: str, ca_cert: x509.Certificate) -> bool:
+    """Whether the certificate at `cert_path` exists, is signed by `ca_cert` and
+    is not about to expire (read and parsed once)."""
     try:
         with open(cert_path, "rb") as handle:
-            x509.load_pem_x509_certificate(handle.read()).verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
+            cert = x509.load_pem_x509_certificate(handle.read())
+        cert.verify_directly_issued_by(ca_cert)
+    except (FileNotFoundError, ValueError, TypeError, InvalidSignature):
         return False
-    return True
+    return not _expires_soon(cert)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

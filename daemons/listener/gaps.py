@@ -106,26 +106,28 @@ class RevisionGaps:
         """Whether `revision` is not far ahead of what is tracked (True before
         tracking starts: nothing to compare with yet)."""
         with self._lock:
-            if self._next is None:
-                return True
-            return revision - self._next <= MAX_JUMP or (
-                self._anchor is not None and abs(revision - self._anchor) <= MAX_JUMP)
+            return self._next is None or not self._far_ahead(revision)
 
     def seen(self, revision: int) -> None:
         """Note a received revision (called for every event, duplicates included)."""
         with self._lock:
-            if self._anchor is not None and self._next is not None \
-                    and self._next > self._anchor:
-                self._anchor = None  # caught up with the confirmed group
-            near_anchor = self._anchor is not None and abs(revision - self._anchor) <= MAX_JUMP
-            if self._next is None or (revision - self._next > MAX_JUMP and not near_anchor):
+            if self._next is None or self._far_ahead(revision):
                 self._set_aside(revision)
             elif revision < self._next:
                 self._arrived_late(revision)
             else:
-                if near_anchor:
-                    self._anchor = max(self._anchor, revision)  # type: ignore[type-var]
+                if self._anchor is not None:
+                    self._anchor = max(self._anchor, revision)
                 self._track(revision, self._clock())
+
+    def _far_ahead(self, revision: int) -> bool:
+        """More than MAX_JUMP above the next expected revision and not near a
+        confirmed group (see _anchor). Call with the lock held, tracking begun."""
+        assert self._next is not None
+        if self._anchor is not None and self._next > self._anchor:
+            self._anchor = None  # caught up with the confirmed group
+        near_anchor = self._anchor is not None and abs(revision - self._anchor) <= MAX_JUMP
+        return revision - self._next > MAX_JUMP and not near_anchor
 
     def _track(self, revision: int, arrived: float) -> None:
         if revision not in self._arrived:

@@ -39,6 +39,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from daemons.core import domain
+from daemons.core.clock import left
 from daemons.core.config import Security, printable_ascii
 from daemons.core.errors import ConfigError, TarefaError
 from daemons.core.security import read_secret_file
@@ -228,7 +229,7 @@ class Authenticator:
         if record is not None:
             # A cached record may predate a rotation whose event is still on its
             # way here: a new secret must work at once, so ask the replicas.
-            fresh = await self.read_secret(cid, max(0.0, deadline - time.monotonic()), True)
+            fresh = await self.read_secret(cid, left(deadline), True)
             if fresh is not None and fresh != record \
                     and await self.hasher.verify(cid, fresh, presented):  # type: ignore[arg-type]
                 return fresh["revision"]

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from daemons.core import domain, events
-from daemons.core.clock import utc_now
+from daemons.core.clock import left, utc_now
 from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from daemons.portal.auth import SecretHasher, new_secret
 from daemons.portal.cache import Key, client_key, secret_key, task_key
@@ -106,7 +106,7 @@ class PortalOperations:
         for _ in range(_READ_ATTEMPTS):
             token = self.cache.read_token()
             record, read_revision = await self.replicas.get(
-                kind, cid, title, max(0.0, deadline - time.monotonic()))
+                kind, cid, title, left(deadline))
             if self.coherence.settle_read(key, record, read_revision, token) or linearizable:
                 return record
             # A newer change of this key arrived while we read: the answer may be
@@ -203,7 +203,7 @@ class PortalOperations:
         record = await self._read(task_key(cid, title), pb.TASK, cid, title, linearizable, timeout)
         if record is None:
             # NOT_FOUND names the client if absent; within what is left of the timeout
-            await self.get_client(cid, linearizable, max(0.0, deadline - time.monotonic()))
+            await self.get_client(cid, linearizable, left(deadline))
             raise NotFound(f"task {title!r} not found for client {cid}")
         return record
 

@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from daemons.core.clock import left
 from daemons.core.config import Cluster
 from daemons.core.errors import TarefaError, Unavailable, error_from_code
 from daemons.core.security import TlsMaterial, message_options, open_channel
@@ -95,15 +96,14 @@ class ReplicaClient:
         if self._poller is not None:
             self._poller.cancel()
         deadline = time.monotonic() + drain
-        while self._tasks or self._queue:
+        while True:
             self._drop_abandoned()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not (self._tasks or self._queue):
+            if not (self._tasks or self._queue) or left(deadline) <= 0:
                 break
             if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=remaining)
+                await asyncio.wait(set(self._tasks), timeout=left(deadline))
             else:
-                await asyncio.sleep(min(0.01, remaining))  # a send is scheduled
+                await asyncio.sleep(min(0.01, left(deadline)))  # a send is scheduled
         self._closing = True
         for task in list(self._tasks):  # past the drain: their outcome stays unknown
             task.cancel()
@@ -136,7 +136,7 @@ class ReplicaClient:
                     raise _as_error(exc) from None
                 last = exc
             if attempt % len(self._stubs) == 0:
-                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(0.05, left(deadline)))
         detail = f" (last: {last.code().name}: {last.details()})" if last is not None else ""
         if write:
             raise Unavailable(f"no replica answered in time{detail}; the change may or may "
@@ -224,7 +224,7 @@ class ReplicaClient:
                     self._preferred = (self._preferred + 1) % len(self._stubs)
                     pause = min(RETRY_MAX_PAUSE, RETRY_FIRST_PAUSE * 2 ** attempt)
                     attempt += 1
-                    await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                    await asyncio.sleep(min(pause, left(deadline)))
         finally:
             self._groups_in_flight -= 1
             self._send_groups()
