@@ -5,6 +5,11 @@ that also stores the applied index, the new revision, the request ids of the
 entry and each request id's result. The guard `index <= stored applied index
 -> skip` makes journal replay after a crash a no-op; the request-id table
 makes client retries return the first answer. Knows nothing of Raft itself.
+
+The table remembers the request ids of the last `dedupe_window` entries that
+carried commands: entries without any (linearizable reads' barriers,
+PySyncObj's no-ops) do not count, so a read-heavy load does not shorten how
+long a retry stays safe.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from daemons.core.errors import InvalidArgument, StorageCorrupt
 from daemons.replica.commands import Outcome, execute, fingerprint
 from daemons.replica.storage import Storage
 
-_PRUNE_PER_APPLY = 64
+_PRUNE_PER_APPLY = 64  # m/log keys dropped per apply at most
 
 
 class EntryApplier:
@@ -69,9 +74,16 @@ class EntryApplier:
         view.put(domain.META_REVISION, b"%d" % revision)
         if commands:
             view.put(domain.log_key(index), json.dumps(ids).encode())
-        self._prune_dedupe(view, index)
+            view.put(domain.META_LOG_COUNT, b"%d" % self._prune_dedupe(view, self._logged() + 1))
         self.storage.commit(view)
         return results
+
+    def _logged(self) -> int:
+        """How many entries' request ids are remembered (m/log keys stored)."""
+        raw = self.storage.get(domain.META_LOG_COUNT)
+        if raw is None:  # a store of an earlier version, which kept no count
+            return self.storage.count(domain.META_LOG_PREFIX)
+        return int(raw)
 
     def _stored_outcome(self, rid: Any) -> Outcome:
         raw = self.storage.get(domain.request_key(rid)) if isinstance(rid, str) and rid else None
@@ -80,15 +92,22 @@ class EntryApplier:
                            message="already applied; result no longer remembered")
         return Outcome.from_json(raw)
 
-    def _prune_dedupe(self, view: Any, index: int) -> None:
-        """Forget request ids applied more than dedupe_window entries ago (deterministic)."""
-        if index % 16:  # every 16th entry is enough: each pass prunes up to 64 entries
-            return
-        limit = domain.log_key(max(0, index - self.dedupe_window))
-        for key, raw in self.storage.page(domain.META_LOG_PREFIX, None, _PRUNE_PER_APPLY)[0]:
-            if key >= limit:
-                break
+    def _prune_dedupe(self, view: Any, logged: int) -> int:
+        """Forget the request ids of the oldest entries beyond the last
+        dedupe_window entries with commands (at most 64 entries per apply, when
+        the window was lowered). Every entry prunes down to the window rather
+        than every 16th, so what a member remembers follows from the entries
+        alone: members that pruned by another rule before (earlier versions
+        counted every Raft entry) hold the same keys again once dedupe_window
+        entries with commands have passed. Returns how many stay remembered."""
+        excess = logged - self.dedupe_window
+        if excess <= 0:
+            return logged
+        for key, raw in self.storage.page(domain.META_LOG_PREFIX, None,
+                                          min(excess, _PRUNE_PER_APPLY))[0]:
             for rid in json.loads(raw):
                 if isinstance(rid, str) and rid:
                     view.delete(domain.request_key(rid))
             view.delete(key)
+            logged -= 1
+        return logged

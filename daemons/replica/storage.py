@@ -263,6 +263,12 @@ class Storage:
                 snap.iterator(verify_checksums=True) as it:
             yield from it
 
+    def count(self, prefix: bytes) -> int:
+        """How many keys start with `prefix`."""
+        with self._guard("read"), self._db.iterator(prefix=prefix, include_value=False,
+                                                    verify_checksums=True) as it:
+            return sum(1 for _ in it)
+
     def digest(self) -> str:
         """SHA-256 over every key and value: equal digests = identical replicas."""
         h = hashlib.sha256()

@@ -490,22 +490,74 @@ def test_index_reused_with_different_request_ids_raises_storage_corrupt(h):
     assert h.storage.digest() == digest
 
 
+def stored(storage, prefix: bytes) -> list[bytes]:
+    return [k for k, _ in storage.items() if k.startswith(prefix)]
+
+
 def test_dedupe_window_prunes_old_request_and_log_keys(storage):
-    # Pruning runs on every 16th index and drops entries older than the window.
+    # Each entry with commands forgets the oldest beyond the last `window` of them.
     h = Harness(storage, window=3)
-    commands = [h.create_client(str(i)) for i in range(1, 17)]
-    for command in commands[:15]:
-        h.one(command)                                         # indexes 1..15
-    assert storage.get(domain.log_key(1)) is not None         # not pruned yet
-    h.one(commands[15])                                        # index 16 prunes < 13
-    log_keys = [k for k, _ in storage.items() if k.startswith(domain.META_LOG_PREFIX)]
-    req_keys = {k for k, _ in storage.items() if k.startswith(domain.META_REQ_PREFIX)}
-    assert log_keys == [domain.log_key(i) for i in range(13, 17)]
-    assert req_keys == {domain.request_key(c["request_id"]) for c in commands[12:]}
+    commands = [h.create_client(str(i)) for i in range(1, 8)]
+    for command in commands[:3]:
+        h.one(command)                                         # indexes 1..3
+    assert stored(storage, domain.META_LOG_PREFIX) == [domain.log_key(i) for i in (1, 2, 3)]
+    h.entry()                                                  # index 4: a barrier
+    for command in commands[3:6]:
+        h.one(command)                                         # indexes 5..7
+    assert stored(storage, domain.META_LOG_PREFIX) == [domain.log_key(i) for i in (5, 6, 7)]
+    assert set(stored(storage, domain.META_REQ_PREFIX)) == {
+        domain.request_key(c["request_id"]) for c in commands[3:6]}
+    assert storage.get(domain.META_LOG_COUNT) == b"3"
     # Within the window a retry still gets its first answer...
-    assert h.one(dict(commands[14])).ok
+    assert h.one(dict(commands[4])).duplicate                 # index 8 (forgets 5)
     # ...past it the request id is forgotten and the command runs again.
     failed(h.one(dict(commands[0])), "ALREADY_EXISTS")
+
+
+def test_a_lowered_dedupe_window_is_reached_64_entries_at_a_time(storage):
+    h = Harness(storage, window=1000)
+    for i in range(1, 151):
+        h.one(h.create_client(str(i)))
+    h.applier.dedupe_window = 10
+    h.one(h.create_client("151"))
+    assert storage.get(domain.META_LOG_COUNT) == b"87"         # 151 - 64
+    h.one(h.create_client("152"))
+    h.one(h.create_client("153"))
+    assert storage.get(domain.META_LOG_COUNT) == b"10"
+    assert len(stored(storage, domain.META_LOG_PREFIX)) == 10
+
+
+def test_entries_without_commands_do_not_shorten_the_dedupe_window(storage):
+    """Bug: the window counted Raft entries, also the empty ones (a barrier per
+    group of linearizable reads, PySyncObj's no-ops), so a read-heavy load made
+    the replicas forget a write's request id within minutes, and a retry of it
+    (`--request-id`) was applied a second time."""
+    h = Harness(storage, window=4)
+    first = h.create_client("1")
+    assert h.one(first).ok
+    for _ in range(200):
+        h.entry()                                              # barriers
+    for i in range(2, 4):
+        assert h.one(h.create_client(str(i))).ok
+    assert h.one(h.cmd("delete_client", cid="1")).ok
+    again = h.one(dict(first))                                 # the retry of the first write
+    assert again.ok and again.duplicate
+    assert h.client("1") is None                               # not created a second time
+
+
+def test_dedupe_count_of_an_earlier_store_is_counted_once(storage):
+    """Stores of earlier versions keep no count: the first entry counts the
+    m/log keys, so every member (same keys) arrives at the same count."""
+    h = Harness(storage, window=100)
+    for i in range(1, 6):
+        h.one(h.create_client(str(i)))
+        h.entry()
+    view = storage.view()
+    view.delete(domain.META_LOG_COUNT)
+    storage.commit(view)
+    h.one(h.create_client("6"))
+    assert storage.get(domain.META_LOG_COUNT) == b"6"
+    assert len(stored(storage, domain.META_LOG_PREFIX)) == 6
 
 
 # ---- bad input never crashes the state machine ------------------------------
