@@ -31,6 +31,12 @@ class EntryApplier:
     def __init__(self, storage: Storage, dedupe_window: int) -> None:
         self.storage = storage
         self.dedupe_window = dedupe_window
+        # (storage generation, last m/log key pruned): where the oldest
+        # remembered entry's key starts. Iterating from the prefix instead
+        # walked over every pruned key's tombstone until LevelDB compacted
+        # them: 0.5-0.8 ms per entry instead of ~0.1 ms (bench: 6000 entries
+        # with dedupe_window 100).
+        self._pruned: tuple[int, bytes] | None = None
 
     def apply(self, index: int, commands: list) -> list[Outcome]:
         """Apply the Raft entry at `index` (skipped if already applied); one WriteBatch."""
@@ -74,8 +80,11 @@ class EntryApplier:
         view.put(domain.META_REVISION, b"%d" % revision)
         if commands:
             view.put(domain.log_key(index), json.dumps(ids).encode())
-            view.put(domain.META_LOG_COUNT, b"%d" % self._prune_dedupe(view, self._logged() + 1))
+            logged, pruned = self._prune_dedupe(view, self._logged() + 1)
+            view.put(domain.META_LOG_COUNT, b"%d" % logged)
         self.storage.commit(view)
+        if commands and pruned is not None:
+            self._pruned = (self.storage.generation, pruned)
         return results
 
     def _logged(self) -> int:
@@ -92,22 +101,27 @@ class EntryApplier:
                            message="already applied; result no longer remembered")
         return Outcome.from_json(raw)
 
-    def _prune_dedupe(self, view: Any, logged: int) -> int:
+    def _prune_dedupe(self, view: Any, logged: int) -> tuple[int, bytes | None]:
         """Forget the request ids of the oldest entries beyond the last
         dedupe_window entries with commands (at most 64 entries per apply, when
         the window was lowered). Every entry prunes down to the window rather
         than every 16th, so what a member remembers follows from the entries
         alone: members that pruned by another rule before (earlier versions
         counted every Raft entry) hold the same keys again once dedupe_window
-        entries with commands have passed. Returns how many stay remembered."""
+        entries with commands have passed. Returns how many stay remembered and
+        the last key pruned (None if none)."""
         excess = logged - self.dedupe_window
+        last = None
         if excess <= 0:
-            return logged
-        for key, raw in self.storage.page(domain.META_LOG_PREFIX, None,
+            return logged, last
+        generation = self.storage.generation
+        after = self._pruned[1] if self._pruned and self._pruned[0] == generation else None
+        for key, raw in self.storage.page(domain.META_LOG_PREFIX, after,
                                           min(excess, _PRUNE_PER_APPLY))[0]:
             for rid in json.loads(raw):
                 if isinstance(rid, str) and rid:
                     view.delete(domain.request_key(rid))
             view.delete(key)
             logged -= 1
-        return logged
+            last = key
+        return logged, last

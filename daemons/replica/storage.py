@@ -163,6 +163,11 @@ class Storage:
         self._restore_generation = 1 if self.get(META_RESTORING) is not None else 0
         self.on_corrupt = on_corrupt
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever a snapshot restore replaces the DB's contents."""
+        return self._restore_generation
+
     def verify(self) -> int:
         """Read every key and value with block checksums on; return the number of pairs."""
         count = 0
