@@ -1,12 +1,14 @@
 """Replica faults with real processes: kill -9 of the leader under load, of
-every member, a member that misses a log compaction, retries of one request
-id across a leader change, and compaction of a large store under writes."""
+every member, a member that misses a log compaction, one whose data dir was
+lost, a restore from a copy of one, retries of one request id across a
+leader change, and compaction of a large store under writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import time
 
 from proto import replica_pb2 as pb
@@ -108,6 +110,68 @@ def test_member_behind_a_compaction_catches_up_from_snapshot(replica_cluster_fac
     cluster.wait_ready(lagging)
     check_exactly_once(cluster, pool, first)
     assert "restoring snapshot" in lagging.logs(), "caught up by log replay, not snapshot"
+    assert len(set(cluster.stop_and_digest().values())) == 1
+
+
+def test_member_that_lost_its_data_dir_rejoins_from_scratch(replica_cluster_factory):
+    """The README's procedure for a replica whose disk died: with a leader in
+    place, start it on an empty data dir; it catches up from the leader's
+    snapshot and the entries after it, and then holds what the others hold."""
+    cluster = replica_cluster_factory(raft={"compaction_min_entries": 200,
+                                            "compaction_min_seconds": 2})
+    cluster.start()
+    first = create_client(cluster)
+    lost = cluster.followers()[0]
+    pool = WriterPool(cluster, task_commands(8, 3000, "lost-disk")).start()
+    wait_for(lambda: pool.done_count >= 1000, 60, "1000 writes before the disk is lost")
+    lost.kill()
+    shutil.rmtree(cluster.data_dir(lost))
+    wait_for(lambda: all(os.path.exists(os.path.join(cluster.data_dir(m), "raft", "snapshot"))
+                         for m in cluster.members if m is not lost),
+             30, "a snapshot on the other members")
+    cluster.wait_leader()
+    lost.start()
+    cluster.wait_ready(lost)
+    pool.join()
+    assert not pool.failed, list(pool.failed.values())[:3]
+    check_exactly_once(cluster, pool, first)
+    assert "restoring snapshot" in lost.logs(), "caught up by log replay, not snapshot"
+    assert len(set(cluster.stop_and_digest().values())) == 1
+
+
+def test_copy_of_a_stopped_members_data_dir_restores_the_cluster(replica_cluster_factory):
+    """The README's backup and restore: a copy of a stopped follower's data dir,
+    put in place of every member's, brings the cluster back to the state of
+    the copy; it then takes writes and the members agree."""
+    cluster = replica_cluster_factory(raft={"compaction_min_entries": 200,
+                                            "compaction_min_seconds": 2})
+    cluster.start()
+    create_client(cluster)
+    WriterPool(cluster, task_commands(8, 1000, "before")).start().join()
+    follower = cluster.followers()[0]
+    assert follower.terminate() == 0
+    backup = os.path.join(cluster.workdir, "backup")
+    shutil.copytree(cluster.data_dir(follower), backup)
+    follower.start()
+    cluster.wait_ready(follower)
+    backed_up = cluster.wait_leader().status().revision
+    later = WriterPool(cluster, task_commands(8, 300, "after")).start()
+    later.join()
+    assert len(later.acked) == 300
+    for member in cluster.members:
+        member.kill()
+    for member in cluster.members:
+        shutil.rmtree(cluster.data_dir(member))
+        shutil.copytree(backup, cluster.data_dir(member))
+    for member in cluster.members:
+        member.start()
+    leader = cluster.wait_leader(timeout=30)
+    cluster.wait_converged()
+    titles = {json.loads(r)["title"] for r in scan_all(leader, pb.TASK, CID)}
+    assert len(titles) == 1000 and not any(t.startswith("after/") for t in titles)
+    answer = leader.stub.Apply(pb.Command(request_id=new_request_id(), op=pb.CREATE_TASK,
+                                          cid=CID, title="after the restore"), timeout=5)
+    assert answer.revision == backed_up + 1
     assert len(set(cluster.stop_and_digest().values())) == 1
 
 
