@@ -133,6 +133,12 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
         print(f"Hint: fix the cluster file; `{prog} --config FILE{id_arg} --check-config` "
               "validates it without starting", file=sys.stderr)
         return EXIT_CONFIG
+    id_of = getattr(build, "id_of", None)  # a daemon whose id comes from the cluster file
+    if id_of is not None:
+        try:
+            daemon_id = id_of(cluster)
+        except ConfigError:
+            pass  # build() reports it
     setup_logging(daemon_id, cluster.log_level)
     try:
         daemon = build(cluster, daemon_id)

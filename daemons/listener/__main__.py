@@ -7,7 +7,6 @@ import sys
 
 from daemons.core.config import Cluster
 from daemons.core.lifecycle import daemon_main
-from daemons.core.log import setup_logging
 from daemons.listener.daemon import ListenerDaemon, listener_spec
 
 DESCRIPTION = ("Run the Tarefa listener: append every change event to the audit log. "
@@ -22,11 +21,12 @@ class _Builder:
     def __init__(self, follow: bool) -> None:
         self.follow = follow
 
-    def __call__(self, cluster: Cluster, _prog: str) -> ListenerDaemon:
-        spec = listener_spec(cluster)
-        # daemon_main tagged log lines with the program name: the listener's
-        # id only comes from the cluster file.
-        setup_logging(spec.id, cluster.log_level)
+    @staticmethod
+    def id_of(cluster: Cluster) -> str:
+        """The id that tags log lines (also a fatal error's): the cluster file's."""
+        return listener_spec(cluster).id
+
+    def __call__(self, cluster: Cluster, _daemon_id: str) -> ListenerDaemon:
         out = None
         if self.follow:
             sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[attr-defined]

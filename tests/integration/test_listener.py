@@ -329,6 +329,8 @@ def test_a_second_listener_on_the_same_audit_log_is_refused(env):
     second.start()
     assert second.proc.wait(20) == 1
     assert "another listener is writing this audit log" in second.logs()
+    # Tagged with the listener's id from the cluster file (it said "tarefa-listener").
+    assert "CRITICAL [listener-1] daemons.core.lifecycle: listener-1: fatal:" in second.logs()
     env.publish(task_event(1))
     wait_for(lambda: len(env.audit_lines()) == 1, 10, "the first listener to keep working")
     assert first.status().broker_connected
