@@ -141,8 +141,9 @@ class ReplicaClient:
         if write:
             raise Unavailable(f"no replica answered in time{detail}; the change may or may "
                               "not be applied: retry with the same request id")
-        raise Unavailable(f"no replica answered in time{detail}; nothing was changed: "
-                          "retry the read")
+        # Also the reads a write makes first (the caller's secret, the client's
+        # existence): the write was then never sent.
+        raise Unavailable(f"no replica answered in time{detail}; nothing was changed: retry")
 
     # -- writes (grouped) ------------------------------------------------------
 

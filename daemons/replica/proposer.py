@@ -79,12 +79,14 @@ def _settle(future: asyncio.Future, outcome: Outcome | None,
             future.set_result(outcome)
 
 
-def _time_out(future: asyncio.Future, timeout: float) -> None:
+def _time_out(future: asyncio.Future, timeout: float, barrier: bool = False) -> None:
     """A caller's deadline passed (the error is built only then, not on every call)."""
     if not future.done():
+        # A barrier (a linearizable read's) changes nothing: no outcome to doubt.
+        then = "the read was not served: retry it" if barrier else \
+            "the outcome is unknown: retry with the same request id"
         future.set_exception(Unavailable(
-            f"no commit within {timeout:.2f}s (no quorum or no leader reachable); the "
-            "outcome is unknown: retry with the same request id"))
+            f"no commit within {timeout:.2f}s (no quorum or no leader reachable); {then}"))
 
 
 class Proposer:
@@ -131,7 +133,7 @@ class Proposer:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        timer = self._loop.call_later(timeout, _time_out, future, timeout)
+        timer = self._loop.call_later(timeout, _time_out, future, timeout, command is None)
         try:
             return await future
         finally:

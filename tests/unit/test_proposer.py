@@ -569,6 +569,18 @@ async def test_caller_timeout_shorter_than_the_batch():
     assert proposer.idle
 
 
+@on_fresh_loop
+async def test_a_barrier_that_times_out_says_the_read_was_not_served():
+    """Its message said "the outcome is unknown: retry with the same request id",
+    which a portal passed on to a caller whose write had not even been sent."""
+    proposer, fake = make(FakeRaft("hold"), max_inflight=1, batch_timeout=LONG)
+    error = await Call(proposer, None, timeout=SHORT).error()
+    assert isinstance(error, Unavailable) and "no commit within 0.20s" in error.message
+    assert "the read was not served: retry it" in error.message
+    assert "request id" not in error.message and "outcome" not in error.message
+    await fake.answer()
+
+
 # ---- stopping ----------------------------------------------------------------------------
 
 
