@@ -200,6 +200,7 @@ class ReplicaStateMachine(SyncObj):
         self._last_reply: tuple[Any, int, int] | None = None
         self._last_reply_at = 0.0
         self._reply_repeat_window = cluster.raft.heartbeat_period / 2
+        self._snapshot_ack_at = 0.0  # see _ack_snapshot_chunk
         self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
@@ -385,10 +386,39 @@ class ReplicaStateMachine(SyncObj):
             SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
         finally:
             self._keep_tail_after = None
+        self._ack_snapshot_chunk(node, message)
         if before is not None:
             next_index = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
             if next_index.get(node, before) < before:
                 next_index[node] = before
+
+    def _ack_snapshot_chunk(self, node: Any, message: Any) -> None:
+        """Follower: answer the chunks of a snapshot being received, at most
+        every half heartbeat.
+
+        PySyncObj's follower says nothing until the last chunk of a snapshot
+        has arrived, and the leader drops a connection on which it read
+        nothing for connection_timeout (tcp_connection.py), cancelling the
+        transmission, which then starts again from the first byte. A snapshot
+        that takes longer than connection_timeout to send (30 MB on a loaded
+        machine, or far less over a slow link) was therefore never received
+        and its member never caught up. The answer is the one PySyncObj's
+        follower already sends for each chunk of a large entry: a failure
+        without reset, which only tells the leader this member is alive."""
+        if not (isinstance(message, dict) and message.get("type") == "append_entries"):
+            return
+        chunk = message.get("serialized")
+        if not isinstance(chunk, tuple) or len(chunk) != 3 or chunk[2]:
+            return  # none, or the last chunk (answered by PySyncObj after the install)
+        if message.get("term", -1) < self.raftCurrentTerm:
+            return
+        now = time.monotonic()
+        if now - self._snapshot_ack_at < self._reply_repeat_window:
+            return
+        self._snapshot_ack_at = now
+        self._last_reply = None  # the next success reply must go: this one replaced it
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=False,  # type: ignore[attr-defined]
+                                          success=False)
 
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,  # noqa: N802
                                   nextNodeIdx: Any = None,  # noqa: N803

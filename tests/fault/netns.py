@@ -18,7 +18,8 @@ hub, each replica in its own namespace, so:
 - `cut(i, j)`: blackhole routes both ways between replicas i and j only —
   with `cut` from i to every other replica, i is cut off from its peers but
   still answers the portals (a deposed leader still serving clients);
-- `heal()`: every link up, every blackhole route removed.
+- `heal()`: every link up, every blackhole route removed;
+- `limit_rate(i, rate)`: a slow link towards replica i (tc on the hub's v<i>).
 
 `destroy()` kills by PID every process still in one of these namespaces
 (`ip netns pids`), then deletes the namespaces (which deletes the bridge and
@@ -175,6 +176,15 @@ class Topology:
                 ip("-n", self.replicas[a], "route", "del", "blackhole",
                    f"{self.addresses[b]}/32", check=False)
             self.cuts.discard(pair)
+
+    def limit_rate(self, i: int, rate: str) -> None:
+        """What the hub sends to replica i (from every peer, and the test's
+        calls) at most `rate` (tc's syntax, e.g. "8mbit"): a slow link."""
+        subprocess.run(["ip", "netns", "exec", self.hub, "tc", "qdisc", "replace", "dev",
+                        f"v{i + 1}", "root", "tbf", "rate", rate, "burst", "64kb",
+                        "latency", "1s"],
+                       check=True, capture_output=True, timeout=IP_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
 
     def heal(self) -> None:
         """Every link up and every cut joined (also those a failed step left behind)."""

@@ -152,3 +152,27 @@ def test_after_a_dropped_connection_the_repeat_goes(follower, replies):
     transport._onNodeDisconnectedCallback(follower.leader_node)
     append(follower, (2, 1), [], commit=2)
     assert reply_view(replies) == [(3, True, False), (3, True, False)]
+
+
+# -- a snapshot being received ----------------------------------------------------------
+
+
+def snapshot_chunk(sm: ReplicaStateMachine, first: bool, term: int = 1) -> None:
+    sm._SyncObj__onMessageReceived(sm.leader_node, {  # type: ignore[attr-defined]
+        "type": "append_entries", "term": term, "commit_index": 0,
+        "serialized": (b"x" * 100, first, False)})
+
+
+def test_snapshot_chunks_are_answered_every_half_heartbeat(follower, replies):
+    # Without an answer the leader, reading nothing for connection_timeout,
+    # dropped the connection and began the snapshot again (tests/fault:
+    # test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives).
+    snapshot_chunk(follower, first=True)
+    snapshot_chunk(follower, first=False)  # within half a heartbeat: no second answer
+    assert [(m["success"], m["reset"]) for m in replies] == [(False, False)]
+    follower._snapshot_ack_at -= follower._reply_repeat_window
+    snapshot_chunk(follower, first=False)
+    assert [(m["success"], m["reset"]) for m in replies] == [(False, False)] * 2
+    follower._snapshot_ack_at -= follower._reply_repeat_window
+    snapshot_chunk(follower, first=False, term=0)  # an old leader's: not answered
+    assert len(replies) == 2
