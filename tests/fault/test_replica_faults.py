@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from proto import replica_pb2 as pb
 from tests.fault.netns import Topology, unavailable_reason
 from tests.harness import (ROOT, WriterPool, apply_with_retry, cannot_run, new_request_id,
@@ -254,7 +256,8 @@ def test_catching_up_from_a_large_snapshot_keeps_the_leader(replica_cluster_fact
     assert len(set(cluster.stop_and_digest().values())) == 1
 
 
-def test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives(tmp_path):
+@pytest.mark.parametrize("other_down", [False, True], ids=["others-up", "other-down"])
+def test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives(tmp_path, other_down):
     """PySyncObj's follower said nothing while it received a snapshot, and the
     leader drops a connection it read nothing from for connection_timeout
     (1.5 s), cancelling the transmission, which then began again from the
@@ -262,6 +265,9 @@ def test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives(tmp_pat
     member never caught up (~9 MB over a 8 Mbit/s link here; on 1 Gbit/s,
     any store over ~190 MB). Seen first as a flaky large-snapshot test on a
     loaded machine. The follower now answers chunks as they arrive.
+    `other-down`: with the third member down as well, the leader heard from
+    nobody during the transfer and stepped down after leader_fallback_timeout
+    (2 s), so the two could never form a working majority again.
 
     Runs tests/fault/slow_link_run.py in the hub namespace of a netns
     Topology, the lagging replica behind a rate-limited link."""
@@ -277,7 +283,8 @@ def test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives(tmp_pat
         with open(log_path, "ab") as log:
             runner = subprocess.Popen(
                 [*topo.exec_prefix(topo.hub), sys.executable, "-m", "tests.fault.slow_link_run",
-                 "--workdir", workdir, "--topology", topo.to_json()],
+                 "--workdir", workdir, "--topology", topo.to_json(),
+                 *(["--other-down"] if other_down else [])],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             code = runner.wait(240)
@@ -295,12 +302,12 @@ def test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives(tmp_pat
     assert not leftovers, f"processes were left in the namespaces: {leftovers}"
 
 
-def catch_up_from_a_large_snapshot(cluster, keys: int = BULK_KEYS,
-                                   before_restart=None):  # -> (leader, term) before it
+def catch_up_from_a_large_snapshot(cluster, keys: int = BULK_KEYS, before_restart=None,
+                                   after_restore=None):  # -> (leader, term) before it
     """Start `cluster` on `keys` preloaded keys, keep a follower down while
-    compactions pass, restart it (after `before_restart(index of the
-    follower)`): it must restore the leader's snapshot and hold every
-    acknowledged write exactly once."""
+    compactions pass, restart it (after `before_restart(the follower)`): it
+    must restore the leader's snapshot (then `after_restore()` runs) and hold
+    every acknowledged write exactly once."""
     preload(cluster, keys)
     cluster.start(timeout=60)
     first = create_client(cluster)
@@ -316,8 +323,10 @@ def catch_up_from_a_large_snapshot(cluster, keys: int = BULK_KEYS,
         wait_for(lambda m=member: "snapshot at Raft index" in m.logs(), 90,
                  f"a snapshot written by {member.id}")
     if before_restart is not None:
-        before_restart(cluster.members.index(lagging))
+        before_restart(lagging)
     lagging.start()
     wait_for(lambda: "restoring snapshot" in lagging.logs(), 60, "the restore to begin")
+    if after_restore is not None:
+        after_restore()
     check_exactly_once(cluster, pool, first)
     return leader, term
