@@ -14,7 +14,6 @@ LevelDB key layout (all keys are bytes):
     m/applied                  last applied Raft index (decimal)
     m/revision                 global revision (decimal)
     m/log/<index:020d>         request ids applied at that Raft index (JSON list)
-    m/logcount                 how many m/log keys are stored (decimal)
     m/req/<request id>         first result for that request id (JSON)
 
 <cidkey> is the CID's digit count as four digits followed by the digits, so
@@ -52,9 +51,6 @@ SECRET_PREFIX = b"s/"
 META_APPLIED = b"m/applied"
 META_REVISION = b"m/revision"
 META_LOG_PREFIX = b"m/log/"
-# How many m/log keys are stored (the entries that carried commands and whose
-# request ids are still remembered); absent in stores of earlier versions.
-META_LOG_COUNT = b"m/logcount"
 META_REQ_PREFIX = b"m/req/"
 
 

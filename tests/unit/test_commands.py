@@ -507,7 +507,6 @@ def test_dedupe_window_prunes_old_request_and_log_keys(storage):
     assert stored(storage, domain.META_LOG_PREFIX) == [domain.log_key(i) for i in (5, 6, 7)]
     assert set(stored(storage, domain.META_REQ_PREFIX)) == {
         domain.request_key(c["request_id"]) for c in commands[3:6]}
-    assert storage.get(domain.META_LOG_COUNT) == b"3"
     # Within the window a retry still gets its first answer...
     assert h.one(dict(commands[4])).duplicate                 # index 8 (forgets 5)
     # ...past it the request id is forgotten and the command runs again.
@@ -520,10 +519,9 @@ def test_a_lowered_dedupe_window_is_reached_64_entries_at_a_time(storage):
         h.one(h.create_client(str(i)))
     h.applier.dedupe_window = 10
     h.one(h.create_client("151"))
-    assert storage.get(domain.META_LOG_COUNT) == b"87"         # 151 - 64
+    assert len(stored(storage, domain.META_LOG_PREFIX)) == 87  # 151 - 64
     h.one(h.create_client("152"))
     h.one(h.create_client("153"))
-    assert storage.get(domain.META_LOG_COUNT) == b"10"
     assert len(stored(storage, domain.META_LOG_PREFIX)) == 10
 
 
@@ -545,19 +543,50 @@ def test_entries_without_commands_do_not_shorten_the_dedupe_window(storage):
     assert h.client("1") is None                               # not created a second time
 
 
-def test_dedupe_count_of_an_earlier_store_is_counted_once(storage):
-    """Stores of earlier versions keep no count: the first entry counts the
-    m/log keys, so every member (same keys) arrives at the same count."""
+def test_what_is_remembered_follows_from_the_stored_keys(storage):
+    """The number of entries remembered is counted from the m/log keys at
+    start, not kept in the store: a member whose keys came by another rule
+    (an earlier version counted every Raft entry; a snapshot from a leader
+    running it) prunes down to the same last `window` entries as the others."""
     h = Harness(storage, window=100)
-    for i in range(1, 6):
+    for i in range(1, 41):
         h.one(h.create_client(str(i)))
-        h.entry()
-    view = storage.view()
-    view.delete(domain.META_LOG_COUNT)
-    storage.commit(view)
-    h.one(h.create_client("6"))
-    assert storage.get(domain.META_LOG_COUNT) == b"6"
-    assert len(stored(storage, domain.META_LOG_PREFIX)) == 6
+    again = Harness(storage, window=3)                          # a restart, window lowered
+    again.index = h.index
+    again.one(again.create_client("41"))
+    assert stored(storage, domain.META_LOG_PREFIX) == [domain.log_key(i) for i in (39, 40, 41)]
+
+
+def test_pruning_after_a_snapshot_restore_matches_a_member_that_never_restored(tmp_path):
+    """The applier keeps how many entries are remembered and where pruning
+    stopped; a restore brings back other keys (here more of them, and below
+    that point), which must be pruned all the same (digests equal)."""
+    def run(path, restore: bool) -> str:
+        store = Storage(str(path))
+        try:
+            h = Harness(store, window=100)
+            for i in range(1, 11):
+                h.one(h.create_client(str(i)))
+            snapshot = str(tmp_path / f"{path.name}.snapshot")
+            store.dump(snapshot, "header")                      # 10 entries remembered
+            h.applier.dedupe_window = 3
+            replay = [h.create_client(str(i)) for i in range(11, 21)]
+            if restore:
+                for command in replay:
+                    h.one(dict(command))                        # pruning moves past index 10
+                store.restore(snapshot)                         # back at index 10
+                h.index = 10
+            for command in replay:
+                h.one(dict(command))
+            for i in range(21, 25):
+                h.one(h.create_client(str(i)))
+            assert stored(store, domain.META_LOG_PREFIX) == [domain.log_key(i)
+                                                             for i in (22, 23, 24)]
+            return store.digest()
+        finally:
+            store.close()
+
+    assert run(tmp_path / "restored", True) == run(tmp_path / "plain", False)
 
 
 # ---- bad input never crashes the state machine ------------------------------

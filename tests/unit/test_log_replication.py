@@ -167,8 +167,9 @@ def test_snapshot_chunks_are_answered_every_half_heartbeat(follower, replies):
     # Without an answer the leader, reading nothing for connection_timeout,
     # dropped the connection and began the snapshot again (tests/fault:
     # test_a_snapshot_slower_to_send_than_connection_timeout_still_arrives).
+    follower._reply_repeat_window = 60.0  # "half a heartbeat" that a slow machine cannot pass
     snapshot_chunk(follower, first=True)
-    snapshot_chunk(follower, first=False)  # within half a heartbeat: no second answer
+    snapshot_chunk(follower, first=False)  # within the window: no second answer
     assert [(m["success"], m["reset"]) for m in replies] == [(False, False)]
     follower._snapshot_ack_at -= follower._reply_repeat_window
     snapshot_chunk(follower, first=False)
