@@ -56,6 +56,7 @@ class RaftSettings:
     max_inflight_batches: int = 2
     apply_timeout: float = 5.0
     dedupe_window: int = 100_000
+    fsync: bool = False
 
 
 @dataclass(frozen=True)

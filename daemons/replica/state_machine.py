@@ -31,6 +31,7 @@ from daemons.core.security import read_secret_file
 from daemons.replica import raft_wire
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
+from daemons.replica.durable_journal import DurableJournal
 from daemons.replica.snapshots import SnapshotWriter
 from daemons.replica.storage import Storage
 
@@ -201,6 +202,7 @@ class ReplicaStateMachine(SyncObj):
         self._last_reply_at = 0.0
         self._reply_repeat_window = cluster.raft.heartbeat_period / 2
         self._snapshot_ack_at = 0.0  # see _ack_snapshot_chunk
+        self.durable: DurableJournal | None = None  # raft.fsync, set once Raft is up
         self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
@@ -251,6 +253,10 @@ class ReplicaStateMachine(SyncObj):
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc
         self.snapshots.attach(self._SyncObj__serializer)  # type: ignore[attr-defined]
+        if cluster.raft.fsync:  # the journal on disk before it is acknowledged or counted
+            self.durable = DurableJournal(self._SyncObj__raftLog)  # type: ignore[attr-defined]
+            log.info("%s: raft.fsync: the Raft journal is fsynced before an entry is "
+                     "acknowledged or counted", spec.id)
         self._count_handshake_drops()
 
     # -- connections that never authenticate -----------------------------------
@@ -314,8 +320,12 @@ class ReplicaStateMachine(SyncObj):
 
         PySyncObj's tick thread logs a failed tick and retries it: a journal entry
         that no longer unpickles fails every tick, forever, with nothing applied.
+        With raft.fsync the journal is synced first: the leader counts its own
+        entries towards a commit only in the tick (see durable_journal.py).
         """
         try:
+            if self.durable is not None:
+                self.durable.sync()
             super()._onTick(timeToWait)
         except Exception as exc:
             now = time.monotonic()
@@ -445,6 +455,8 @@ class ReplicaStateMachine(SyncObj):
             self._last_reply, self._last_reply_at = reply, now
         else:
             self._last_reply = None
+        if self.durable is not None:
+            self.durable.sync()  # what this reply acknowledges is on disk first
         SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset,  # type: ignore[attr-defined]
                                           nextNodeIdx=nextNodeIdx, success=success)
 

@@ -28,7 +28,11 @@ NOOP = b"\x01"
 
 @pytest.fixture
 def follower(tmp_path):
-    raw = {"security": {"auth": "cid-only"},
+    yield from member(tmp_path, {})
+
+
+def member(tmp_path, raft: dict):
+    raw = {"security": {"auth": "cid-only"}, "raft": raft,
            "replicas": [{"id": f"r{i}", "host": "127.0.0.1", "raft_port": 1 + i,
                          "grpc_port": 11 + i, "data_dir": f"d{i}"} for i in range(3)]}
     cluster = parse_cluster(raw, "cluster.yaml", str(tmp_path))
@@ -177,3 +181,62 @@ def test_snapshot_chunks_are_answered_every_half_heartbeat(follower, replies):
     follower._snapshot_ack_at -= follower._reply_repeat_window
     snapshot_chunk(follower, first=False, term=0)  # an old leader's: not answered
     assert len(replies) == 2
+
+
+# -- raft.fsync ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def durable(tmp_path):
+    yield from member(tmp_path, {"fsync": True})
+
+
+@pytest.fixture
+def order(durable, monkeypatch):
+    """What reaches the disk and the wire, in order: "fsync" or a message type."""
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    transport = durable._SyncObj__transport  # type: ignore[attr-defined]
+    monkeypatch.setattr(transport, "send", lambda node, message: events.append(message["type"]))
+    durable.durable.sync()  # what start-up appended
+    events.clear()
+    return events
+
+
+def test_fsync_a_follower_syncs_its_journal_before_acknowledging(durable, order):
+    append(durable, (1, 0), [(2, 1)], commit=1)  # term 0 -> 1: journal.meta, then the entry
+    assert order == ["fsync", "fsync", "fsync", "next_node_idx"]
+    order.clear()
+    append(durable, (2, 1), [(3, 1)], commit=2)
+    assert order == ["fsync", "next_node_idx"]
+    order.clear()
+    durable._last_reply_at -= durable._reply_repeat_window
+    append(durable, (3, 1), [], commit=3)  # nothing new to store: no sync
+    assert order == ["next_node_idx"]
+    order.clear()
+    append(durable, (3, 1), [(4, 2)], commit=3, term=2)  # a new term: journal.meta too
+    assert order.count("fsync") >= 3 and order[-1] == "next_node_idx"  # meta, its dir, journal
+    assert durable._SyncObj__raftLog.getCurrentTerm() == 2  # type: ignore[attr-defined]
+
+
+def test_fsync_every_tick_syncs_what_was_appended_before_it(durable, order):
+    durable._SyncObj__raftLog.add(NOOP, 2, 1)  # type: ignore[attr-defined]
+    durable._onTick(0)
+    assert order[:1] == ["fsync"]
+    order.clear()
+    durable._onTick(0)  # nothing appended since
+    assert "fsync" not in order
+
+
+def test_without_fsync_nothing_is_synced(follower, replies, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    append(follower, (1, 0), [(2, 1)], commit=1)
+    follower._onTick(0)
+    assert follower.durable is None and synced == []

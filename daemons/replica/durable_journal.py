@@ -1,0 +1,82 @@
+"""`raft.fsync: true`: PySyncObj's journal made durable before it is relied on.
+
+PySyncObj 0.3.17 keeps its Raft log in an mmap'ed file (journal.py,
+ResizableFile) that it never syncs, and stores term and vote in
+`journal.meta` by writing a temporary file and renaming it, without an
+fsync: a power cut or kernel crash can take back entries a member had
+acknowledged, and a vote it had cast. This module adds the syncs Raft
+requires, at the points where PySyncObj relies on the log:
+
+- a follower syncs its journal before any reply to the leader
+  (`ReplicaStateMachine._SyncObj__sendNextNodeIdx`): an acknowledged entry
+  is on disk;
+- every member syncs at the start of each tick (`ReplicaStateMachine._onTick`),
+  before the leader counts its own log towards a commit (PySyncObj computes
+  the commit index only there, from entries appended in earlier ticks);
+- `journal.meta` is written, fsynced, renamed and its directory fsynced on
+  every store (a term and vote change, and the commit index once a second).
+
+A sync is skipped when nothing was appended, truncated or cleared since the
+last one, so an idle member does not sync; under load one fsync covers every
+entry of a tick or of a message.
+
+Not covered: PySyncObj compacts by rewriting the journal in place (clear,
+then re-append the entries after the snapshot), so a power cut during that
+rewrite can leave this member without those entries (its journal is then
+refused at start or shorter: resync that member); see README "Durability".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from pysyncobj.pickle import dumps  # the format PySyncObj's MetaStorer writes
+
+from daemons.core.files import fsync_parent
+
+
+class DurableJournal:
+    """Wraps one PySyncObj FileJournal instance: marks changes, syncs on demand."""
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+        # The first sync also covers what was appended before this wrapper (the
+        # first ticks run while SyncObj.__init__ is still returning).
+        self.dirty = True
+        self.syncs = 0
+        for name in ("add", "clear", "deleteEntriesFrom"):
+            original = getattr(journal, name)
+            setattr(journal, name, self._marking(original))
+        meta = journal._FileJournal__metaStorer  # noqa: SLF001 - see the module doc
+        meta.storeMeta = self._durable_store(meta.getPath())
+
+    def _marking(self, method: Any) -> Any:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            self.dirty = True
+            return method(*args, **kwargs)
+        return marked
+
+    def sync(self) -> None:
+        """fsync the journal file if it changed since the last sync."""
+        if not self.dirty:
+            return
+        resizable = self.journal._FileJournal__journalFile  # noqa: SLF001
+        # The mmap is MAP_SHARED: an fsync of the file writes its dirty pages
+        # and the file's size (it grows by ftruncate).
+        os.fsync(resizable._ResizableFile__f.fileno())  # noqa: SLF001
+        self.dirty = False
+        self.syncs += 1
+
+    @staticmethod
+    def _durable_store(path: str) -> Any:
+        def store(meta: dict) -> None:
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(dumps(meta))
+                fh.flush()
+                os.fsync(fh.fileno())
+            shutil.move(tmp, path)
+            fsync_parent(path)
+        return store
