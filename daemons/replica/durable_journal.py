@@ -18,7 +18,15 @@ requires, at the points where PySyncObj relies on the log:
 
 A sync is skipped when nothing was appended, truncated or cleared since the
 last one, so an idle member does not sync; under load one fsync covers every
-entry of a tick or of a message.
+entry of a tick or of a message. A snapshot received from the leader is
+fsynced (with its directory) before it is installed and acknowledged
+(`ReplicaStateMachine._read_snapshot`): PySyncObj only renames it.
+
+A failed fsync is final: Linux reports a write-back error once and may drop
+the pages, so a retry could "succeed" and acknowledge what never reached the
+disk. Every later sync raises too, `on_failure` (the replica stops with a
+CRITICAL line) is called, and the reply or commit that waited for it never
+happens.
 
 Not covered: PySyncObj compacts by rewriting the journal in place (clear,
 then re-append the entries after the snapshot), so a power cut during that
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from pysyncobj.pickle import dumps  # the format PySyncObj's MetaStorer writes
 
@@ -40,10 +48,12 @@ from daemons.core.files import fsync_parent
 class DurableJournal:
     """Wraps one PySyncObj FileJournal instance: marks changes, syncs on demand."""
 
-    def __init__(self, journal: Any) -> None:
+    def __init__(self, journal: Any, on_failure: Callable[[OSError], None]) -> None:
         self.journal = journal
-        # The first sync also covers what was appended before this wrapper (the
-        # first ticks run while SyncObj.__init__ is still returning).
+        self._on_failure = on_failure
+        self.failed: OSError | None = None
+        # The first sync also covers what was appended before this wrapper
+        # (the journal as loaded at start).
         self.dirty = True
         self.syncs = 0
         for name in ("add", "clear", "deleteEntriesFrom"):
@@ -60,23 +70,42 @@ class DurableJournal:
 
     def sync(self) -> None:
         """fsync the journal file if it changed since the last sync."""
+        if self.failed is not None:
+            raise self.failed
         if not self.dirty:
             return
         resizable = self.journal._FileJournal__journalFile  # noqa: SLF001
         # The mmap is MAP_SHARED: an fsync of the file writes its dirty pages
         # and the file's size (it grows by ftruncate).
-        os.fsync(resizable._ResizableFile__f.fileno())  # noqa: SLF001
+        self._guarded(os.fsync, resizable._ResizableFile__f.fileno())  # noqa: SLF001
         self.dirty = False
         self.syncs += 1
 
-    @staticmethod
-    def _durable_store(path: str) -> Any:
+    def sync_file(self, path: str) -> None:
+        """fsync a file PySyncObj wrote (a received snapshot) and its directory."""
+        if self.failed is not None:
+            raise self.failed
+        with open(path, "rb") as fh:
+            self._guarded(os.fsync, fh.fileno())
+        self._guarded(fsync_parent, path)
+
+    def _guarded(self, sync: Callable[..., None], *args: Any) -> None:
+        try:
+            sync(*args)
+        except OSError as exc:
+            self.failed = exc
+            self._on_failure(exc)
+            raise
+
+    def _durable_store(self, path: str) -> Any:
         def store(meta: dict) -> None:
+            if self.failed is not None:
+                raise self.failed
             tmp = path + ".tmp"
             with open(tmp, "wb") as fh:
                 fh.write(dumps(meta))
                 fh.flush()
-                os.fsync(fh.fileno())
+                self._guarded(os.fsync, fh.fileno())
             shutil.move(tmp, path)
-            fsync_parent(path)
+            self._guarded(fsync_parent, path)
         return store

@@ -202,7 +202,8 @@ class ReplicaStateMachine(SyncObj):
         self._last_reply_at = 0.0
         self._reply_repeat_window = cluster.raft.heartbeat_period / 2
         self._snapshot_ack_at = 0.0  # see _ack_snapshot_chunk
-        self.durable: DurableJournal | None = None  # raft.fsync, set once Raft is up
+        self._fsync = cluster.raft.fsync
+        self.durable: DurableJournal | None = None  # raft.fsync: see _onTick
         self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
@@ -253,8 +254,7 @@ class ReplicaStateMachine(SyncObj):
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc
         self.snapshots.attach(self._SyncObj__serializer)  # type: ignore[attr-defined]
-        if cluster.raft.fsync:  # the journal on disk before it is acknowledged or counted
-            self.durable = DurableJournal(self._SyncObj__raftLog)  # type: ignore[attr-defined]
+        if self._fsync:
             log.info("%s: raft.fsync: the Raft journal is fsynced before an entry is "
                      "acknowledged or counted", spec.id)
         self._count_handshake_drops()
@@ -324,7 +324,12 @@ class ReplicaStateMachine(SyncObj):
         entries towards a commit only in the tick (see durable_journal.py).
         """
         try:
-            if self.durable is not None:
+            if self._fsync:
+                if self.durable is None:
+                    # Installed by the first tick, before any message is read:
+                    # SyncObj.__init__ starts the tick thread before it returns.
+                    self.durable = DurableJournal(
+                        self._SyncObj__raftLog, self._fsync_failed)  # type: ignore[attr-defined]
                 self.durable.sync()
             super()._onTick(timeToWait)
         except Exception as exc:
@@ -518,6 +523,10 @@ class ReplicaStateMachine(SyncObj):
         try:
             # The leader's snapshot is newer than any dump of ours still running.
             self.snapshots.cancel("a snapshot from the leader is being installed")
+            if self.durable is not None:
+                # PySyncObj renamed a received snapshot into place without a sync;
+                # installing it clears the journal behind it (synced next tick).
+                self.durable.sync_file(filename)
             header = Storage.read_header(filename)
             snap_index = header[0][1]
             applied = self.storage.applied_index()
@@ -553,6 +562,11 @@ class ReplicaStateMachine(SyncObj):
 
     def _on_state_changed(self, old: int, new: int) -> None:
         log.info("%s: raft role %s -> %s", self.spec.id, ROLES.get(old, old), ROLES.get(new, new))
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        self._die(StorageCorrupt(f"{self.journal_path}: fsync failed ({exc}); what it "
+                                 f"covered may not be on disk, so this replica stops. "
+                                 f"Check the disk, then {RESYNC}"))
 
     def _die(self, exc: Exception) -> None:
         if self.fatal is None:

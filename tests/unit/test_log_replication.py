@@ -204,7 +204,8 @@ def order(durable, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     transport = durable._SyncObj__transport  # type: ignore[attr-defined]
     monkeypatch.setattr(transport, "send", lambda node, message: events.append(message["type"]))
-    durable.durable.sync()  # what start-up appended
+    durable._onTick(0)  # the first tick installs the syncs and syncs what start-up wrote
+    assert durable.durable is not None and durable.durable.syncs == 1
     events.clear()
     return events
 
@@ -240,3 +241,31 @@ def test_without_fsync_nothing_is_synced(follower, replies, monkeypatch):
     append(follower, (1, 0), [(2, 1)], commit=1)
     follower._onTick(0)
     assert follower.durable is None and synced == []
+
+
+def test_fsync_a_failed_sync_stops_the_replica_and_nothing_is_acknowledged(
+        durable, order, monkeypatch):
+    """Linux reports a write-back error once: a retried fsync could succeed and
+    acknowledge what never reached the disk. The first failure is final."""
+    def fail(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        append(durable, (1, 0), [(2, 1)], commit=1)
+    assert "next_node_idx" not in order
+    assert durable.fatal is not None and "fsync failed" in str(durable.fatal)
+    assert durable.fatal_errors  # the daemon was told to stop
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # the disk "recovers"
+    with pytest.raises(OSError):
+        durable._onTick(0)
+    assert "next_node_idx" not in order
+
+
+def test_fsync_a_received_snapshot_is_synced_before_it_is_installed(durable, order,
+                                                                      tmp_path):
+    snapshot = tmp_path / "received"
+    snapshot.write_bytes(b"not a snapshot")
+    with pytest.raises(Exception):  # noqa: B017 - the content is refused afterwards
+        durable._read_snapshot(str(snapshot))
+    assert order[:2] == ["fsync", "fsync"]  # the file, then its directory
