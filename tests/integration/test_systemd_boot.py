@@ -4,7 +4,7 @@ an operator to, and used through the CLI.
 
 Opt-in (TAREFA_SYSTEMD_BOOT=1): it needs root, debootstrap and
 systemd-nspawn (installed with apt-get if missing), network access to Debian
-and PyPI, and about 4 minutes the first time, when it debootstraps the
+and PyPI, and 2-3 minutes the first time, when it debootstraps the
 container's root file system into TAREFA_SYSTEMD_ROOT (default
 /var/tmp/tarefa-nspawn-root); later runs reuse that tree and take well under
 a minute. Once requested, a machine that cannot run it FAILS the test: a
@@ -59,7 +59,7 @@ pytestmark = [
     pytest.mark.skipif(
         not REQUESTED,
         reason="boots systemd in a container: run as root with TAREFA_SYSTEMD_BOOT=1 "
-               "(about 4 min the first time, then under a minute; the Debian tree is cached "
+               "(2-3 min the first time, then under a minute; the Debian tree is cached "
                f"in TAREFA_SYSTEMD_ROOT, default {nspawn.DEFAULT_CACHE})"),
     # A cold run debootstraps (~2.5 min); pyproject's 300 s per test is too short.
     pytest.mark.timeout(900),
