@@ -269,3 +269,28 @@ def test_fsync_a_received_snapshot_is_synced_before_it_is_installed(durable, ord
     with pytest.raises(Exception):  # noqa: B017 - the content is refused afterwards
         durable._read_snapshot(str(snapshot))
     assert order[:2] == ["fsync", "fsync"]  # the file, then its directory
+
+
+def test_fsync_a_leader_syncs_its_own_entries_before_counting_them(durable, order,
+                                                                    monkeypatch):
+    """PySyncObj's leader counts its own log towards a commit in the tick; the
+    entry it appended (here the new leader's no-op) must be on disk first."""
+    journal = durable._SyncObj__raftLog._FileJournal__journalFile  # type: ignore[attr-defined]
+    synced: list[int] = []  # the commit index each time the journal itself was synced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if fd == journal._ResizableFile__f.fileno():
+            synced.append(durable.raftCommitIndex)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    durable._SyncObj__setCurrentTerm(1, None)  # type: ignore[attr-defined]
+    durable._SyncObj__onBecomeLeader()  # type: ignore[attr-defined]
+    noop = durable._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
+    follower_node = durable.leader_node  # one of the two others: it acknowledged the no-op
+    durable._SyncObj__raftMatchIndex[follower_node] = noop  # type: ignore[attr-defined]
+    assert durable.raftCommitIndex < noop and not synced
+    durable._onTick(0)
+    assert durable.raftCommitIndex == noop  # committed in this tick...
+    assert synced and synced[0] < noop       # ...after the journal holding it was synced
