@@ -53,7 +53,6 @@ RAFT_OPTIONS = {
 }
 
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
-_PRUNE_PER_APPLY = 64
 
 # PySyncObj sends an entry of appendEntriesBatchSizeBytes or more in chunks, and
 # its chunking is broken (it labels the last chunk by comparing the offset with
