@@ -104,16 +104,26 @@ class Daemon:
         return EXIT_OK
 
 
+# An offline action a daemon's command offers instead of running (e.g. the
+# replica's --repair-journal): (flag, help, run(cluster, daemon_id) -> exit code).
+# It runs after the cluster file was validated; TarefaError is reported and exits 1.
+Action = tuple[str, str, Callable[[Cluster, str], int]]
+
+
 def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Daemon],
-                argv: Sequence[str] | None = None, needs_id: bool = True) -> int:
+                argv: Sequence[str] | None = None, needs_id: bool = True,
+                actions: Sequence[Action] = ()) -> int:
     """The whole of a daemon's __main__: parse, validate, build, run, map exit codes."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="cluster file (YAML)")
     if needs_id:
         parser.add_argument("--id", required=True, help="this daemon's id in the cluster file")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the cluster file, the id and the secret files this "
-                             "daemon reads, and exit")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--check-config", action="store_true",
+                       help="validate the cluster file, the id and the secret files this "
+                            "daemon reads, and exit")
+    for flag, text, _ in actions:
+        modes.add_argument(flag, action="store_true", help=text)
     args = parser.parse_args(argv)
     if needs_id and not args.id.strip():
         parser.error("--id: must name a daemon of the cluster file (got an empty string)")
@@ -126,6 +136,15 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
                 build_check(cluster, daemon_id)
             print(f"{args.config}: OK")
             return EXIT_OK
+        for flag, _, run in actions:
+            if getattr(args, flag.lstrip("-").replace("-", "_")):
+                try:
+                    return run(cluster, daemon_id)
+                except ConfigError:
+                    raise
+                except TarefaError as exc:
+                    print(f"Error: {exc}", file=sys.stderr)
+                    return EXIT_FAILURE
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"Error: {problem}", file=sys.stderr)

@@ -17,9 +17,10 @@ from daemons.core.lifecycle import Daemon, new_event_loop
 from daemons.core.log import LevelCounter
 from daemons.core.rpc import add_service
 from daemons.core.security import add_port, load_tls, server_options
+from daemons.replica import journal_file
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
-from daemons.replica.state_machine import ReplicaStateMachine, raft_password
+from daemons.replica.state_machine import RESYNC, ReplicaStateMachine, raft_password
 from daemons.replica.storage import Storage
 from proto import replica_pb2
 
@@ -27,6 +28,47 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tarefa.replica.Replica"
 LOCK_FILE = "replica.lock"
+
+
+def repair_journal(cluster: Cluster, replica_id: str) -> int:
+    """--repair-journal: cut a journal torn by a power cut back to its whole records.
+
+    Offline: holds the data dir's lock, so it refuses while the replica runs.
+    See journal_file.py for what is whole and why the cut is safe.
+    """
+    spec = cluster.replica(replica_id)
+    journal = os.path.join(spec.data_dir, "raft", "journal")
+    if not os.path.exists(journal):
+        print(f"{replica_id}: no Raft journal at {journal}: nothing to repair")
+        return 0
+    fd = lock_file(os.path.join(spec.data_dir, LOCK_FILE),
+                   f"{replica_id} is running on data_dir {spec.data_dir}: stop it first")
+    try:
+        try:
+            found, copy = journal_file.repair(journal)
+        except ValueError as exc:
+            raise StorageCorrupt(f"{journal}: {exc}: not a torn end, no repair; {RESYNC}") \
+                from None
+        except OSError as exc:
+            raise TarefaError(f"{journal}: cannot repair the Raft journal: {exc}") from None
+    finally:
+        os.close(fd)
+    kept = (f"{found.records} whole records (index {found.first}..{found.last}, "
+            f"term {found.last_term})" if found.records else "no record")
+    if copy is None:
+        print(f"{replica_id}: {journal}: whole, {kept}: nothing to repair")
+        return 0
+    print(f"{replica_id}: {journal}: {found.problem}")
+    counted = max(found.end - found.whole_end, 0)
+    print(f"{replica_id}: kept {kept}; cut the {counted} bytes after them that the header "
+          "counted as records")
+    print(f"{replica_id}: the original is kept as {copy}; start the replica: it takes "
+          "what it lacks from its peers")
+    if not cluster.raft.fsync:
+        print(f"{replica_id}: warning: raft.fsync is false, so entries this member had "
+              "acknowledged may be among those cut: they survive only where another member "
+              "still holds them")
+    return 0
 
 
 class ReplicaDaemon(Daemon):

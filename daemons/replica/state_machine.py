@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
 from daemons.core.security import read_secret_file
-from daemons.replica import raft_wire
+from daemons.replica import journal_file, raft_wire
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
 from daemons.replica.durable_journal import DurableJournal
@@ -76,12 +75,6 @@ RESYNC = ("stop this replica, remove its data_dir and start it again to resync i
 PEER_WARNING_SECONDS = 30.0
 NO_PEER_WARNING_SECONDS = 10.0
 
-# PySyncObj's journal (pysyncobj/journal.py, format 1): a 40-byte header
-# (name 24, version 8, format 4, end of records 4), then records
-# size(4) idx(8) term(8) command size(4).
-_JOURNAL_HEADER = 40
-_JOURNAL_MAGIC = b"PYSYNCOBJ"
-
 
 def snapshot_file(data_dir: str) -> str:
     """PySyncObj's full dump file: the latest snapshot of this member's LevelDB."""
@@ -99,52 +92,25 @@ def check_raft_files(data_dir: str) -> None:
     snapshot = snapshot_file(data_dir)
     if not os.path.exists(journal):
         return  # a fresh log: the LevelDB applied index and the peers fill it in
-
-    def bad(why: str) -> StorageCorrupt:
-        return StorageCorrupt(f"{journal}: damaged Raft journal: {why}; {RESYNC}")
-
     try:
-        size = os.path.getsize(journal)
-        with open(journal, "rb") as fh:
-            header = fh.read(_JOURNAL_HEADER)
-            if len(header) < _JOURNAL_HEADER:
-                raise bad(f"{size} bytes, shorter than its {_JOURNAL_HEADER}-byte header")
-            if not header.startswith(_JOURNAL_MAGIC):
-                raise bad("no PySyncObj journal header")
-            fmt, end = struct.unpack_from("<II", header, 32)
-            if fmt != 1:
-                raise bad(f"unknown journal format {fmt}")
-            if not _JOURNAL_HEADER <= end <= size:
-                raise bad(f"its records end at byte {end} but the file has {size} bytes "
-                          "(truncated?)")
-            pos, first, previous = _JOURNAL_HEADER, None, None
-            while pos < end:
-                fh.seek(pos)
-                head = fh.read(20)
-                if len(head) < 20:
-                    raise bad(f"record at byte {pos} is cut off")
-                (length,) = struct.unpack_from("<I", head)
-                idx, _term = struct.unpack_from("<QQ", head, 4)
-                if length < 16 or pos + length + 8 > end:
-                    raise bad(f"record at byte {pos} has an impossible size {length}")
-                fh.seek(pos + 4 + length)
-                if fh.read(4) != head[:4]:
-                    raise bad(f"record at byte {pos}: its two size fields differ")
-                if previous is not None and idx != previous + 1:
-                    raise bad(f"record at byte {pos} has index {idx} after {previous}")
-                if first is None:
-                    first = idx
-                previous = idx
-                pos += length + 8
+        found = journal_file.scan(journal)
     except PermissionError as exc:
         raise TarefaError(f"{journal}: cannot read the Raft journal: {exc.strerror} (check that "
                           "the data_dir belongs to the user the replica runs as)") from None
     except OSError as exc:
         raise StorageCorrupt(f"{journal}: cannot read the Raft journal: {exc}; {RESYNC}") from None
-    if first is not None and first > 1 and not os.path.exists(snapshot):
+    if found.header_problem is not None:
+        raise StorageCorrupt(f"{journal}: damaged Raft journal: {found.header_problem}; {RESYNC}")
+    if found.problem is not None:
+        kept = (f"index {found.first}..{found.last}" if found.records else "no record")
+        raise StorageCorrupt(
+            f"{journal}: damaged Raft journal: {found.problem}. If a power cut tore its end, "
+            f"`tarefa-replica --config FILE --id ID --repair-journal` cuts it back to its "
+            f"whole records ({kept}; a copy is kept); otherwise {RESYNC}")
+    if found.first is not None and found.first > 1 and not os.path.exists(snapshot):
         raise StorageCorrupt(
             f"{snapshot} is missing: the Raft journal {journal} was compacted (it starts at "
-            f"index {first}), so the snapshot holding the entries before it is required; "
+            f"index {found.first}), so the snapshot holding the entries before it is required; "
             f"{RESYNC}")
 
 

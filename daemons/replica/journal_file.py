@@ -1,0 +1,173 @@
+"""PySyncObj's journal file: the structure check at start and the repair of a torn end.
+
+The file (pysyncobj/journal.py, format 1) is a 40-byte header (name 24,
+version 8, format 4, end of records 4), then records
+`size(4) idx(8) term(8) command size(4)`, written through an mmap: the record
+first, then the header's end field. PySyncObj has no checksums and never
+syncs; with `raft.fsync: true` (durable_journal.py) a record is synced before
+anything that depends on it leaves the process.
+
+A power cut while the pages of the last tick were being written back can
+leave any mix of them on disk: the header's end may count records whose bytes
+never arrived (zeros, a cut-off record, a file shorter than the end). The
+start check refuses such a journal. `repair` cuts it back to its last whole
+record: with `raft.fsync: true` nothing after the last completed sync was
+acknowledged by this member, so that is safe; without it this member may
+lose entries it had acknowledged, which Raft survives only if the other
+members still hold them (see the README, "Durability").
+
+A record is whole when its two size fields agree, it fits before the end,
+its index follows the previous one, its term does not go back, and its
+command decodes the way PySyncObj will decode it when it applies the entry
+(a type byte, then a pickle for every type but NO_OP).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+
+from pysyncobj.pickle import loads
+
+from daemons.core.files import fsync_parent
+
+HEADER = 40
+MAGIC = b"PYSYNCOBJ"
+_END_AT = 36          # offset of the header's "end of records" field
+_FORMAT = 1
+_NO_OP = 1            # pysyncobj.syncobj._COMMAND_TYPE
+_COMMAND_TYPES = range(4)
+
+
+@dataclass(frozen=True)
+class JournalScan:
+    """What a journal holds: its whole records, and why they stop early if they do."""
+
+    path: str
+    size: int               # bytes in the file
+    end: int                # where the header says the records end
+    whole_end: int          # the byte after the last whole record
+    records: int            # whole records
+    first: int | None       # Raft index of the first whole record
+    last: int | None        # ... and of the last
+    last_term: int | None
+    problem: str | None     # why the records stop before `end`; None: the journal is whole
+    header_problem: str | None = None  # a header no repair can trust (not a torn end)
+
+    @property
+    def whole(self) -> bool:
+        return self.problem is None and self.header_problem is None
+
+
+def _command_problem(command: bytes) -> str | None:
+    if not command:
+        return "an empty command"
+    kind = command[0]
+    if kind not in _COMMAND_TYPES:
+        return f"an unknown command type {kind}"
+    if kind == _NO_OP:
+        return None  # PySyncObj never reads past the type byte of a no-op
+    try:
+        loads(command[1:])
+    except Exception as exc:  # noqa: BLE001 - any failure means PySyncObj would fail too
+        return f"a command that does not decode ({type(exc).__name__})"
+    return None
+
+
+def scan(path: str) -> JournalScan:
+    """Walk the journal's records (OSError if it cannot be read)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    size = len(data)
+    header = data[:HEADER]
+    if len(header) < HEADER or header.strip(b"\0") == b"":
+        # Created, then cut off before its header reached the disk: it never
+        # held a record that was synced.
+        return JournalScan(path, size, HEADER, HEADER, 0, None, None, None,
+                           f"{size} bytes, no header (cut off when it was created)"
+                           if size < HEADER else "its header is all zeros")
+    if not header.startswith(MAGIC):
+        return JournalScan(path, size, HEADER, HEADER, 0, None, None, None, None,
+                           "no PySyncObj journal header")
+    fmt, end = struct.unpack_from("<II", header, 32)
+    if fmt != _FORMAT:
+        return JournalScan(path, size, end, HEADER, 0, None, None, None, None,
+                           f"unknown journal format {fmt}")
+    limit = min(end, size)
+    pos, records, first, last, last_term = HEADER, 0, None, None, None
+    problem = None
+    if end < HEADER:
+        problem = f"its header says the records end at byte {end}, inside the header"
+    while problem is None and pos < end:
+        if pos + 20 > limit:
+            problem = f"record at byte {pos} is cut off"
+            break
+        (length,) = struct.unpack_from("<I", data, pos)
+        idx, term = struct.unpack_from("<QQ", data, pos + 4)
+        if length < 16 or pos + length + 8 > limit:
+            problem = (f"record at byte {pos} has an impossible size {length}"
+                       if length < 16 or pos + length + 8 > end else
+                       f"record at byte {pos} is cut off")
+            break
+        if data[pos + 4 + length:pos + 8 + length] != data[pos:pos + 4]:
+            problem = f"record at byte {pos}: its two size fields differ"
+            break
+        if last is not None and idx != last + 1:
+            problem = f"record at byte {pos} has index {idx} after {last}"
+            break
+        if last_term is not None and term < last_term:
+            problem = f"record at byte {pos} has term {term} after {last_term}"
+            break
+        why = _command_problem(data[pos + 20:pos + 4 + length])
+        if why is not None:
+            problem = f"record at byte {pos} (index {idx}) holds {why}"
+            break
+        if first is None:
+            first = idx
+        last, last_term = idx, term
+        records += 1
+        pos += length + 8
+    if problem is not None and end > size:
+        problem += f" (its records should end at byte {end} but the file has {size} bytes)"
+    return JournalScan(path, size, end, pos, records, first, last, last_term, problem)
+
+
+def _default_header() -> bytes:
+    from pysyncobj.journal import APP_NAME, APP_VERSION, NAME_SIZE, VERSION_SIZE
+    return (APP_NAME.ljust(NAME_SIZE, b"\0") + APP_VERSION.ljust(VERSION_SIZE, b"\0")
+            + struct.pack("<II", _FORMAT, HEADER))
+
+
+def repair(path: str) -> tuple[JournalScan, str | None]:
+    """Cut a torn journal back to its last whole record; return its scan (before
+    the cut) and where the original was copied (None: nothing was changed).
+
+    The caller holds the data dir's lock. The original is copied first
+    (`<journal>.torn-<UTC time>`, synced), then the header's end is moved back
+    (or a fresh header written) and the journal synced: a crash in between
+    leaves either the original or the cut journal, never a mix.
+    """
+    found = scan(path)
+    if found.header_problem is not None:
+        raise ValueError(found.header_problem)
+    if found.problem is None:
+        return found, None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    copy = f"{path}.torn-{stamp}"
+    shutil.copyfile(path, copy)
+    with open(copy, "rb") as fh:
+        os.fsync(fh.fileno())
+    fsync_parent(copy)
+    with open(path, "r+b") as fh:
+        head = fh.read(HEADER)
+        if len(head) < HEADER or not head.startswith(MAGIC):  # scan's no-header cases
+            fh.seek(0)
+            fh.write(_default_header())
+        fh.seek(_END_AT)
+        fh.write(struct.pack("<I", found.whole_end))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return found, copy
