@@ -158,7 +158,7 @@ class ReplicaDaemon(Daemon):
                  self.spec.data_dir, self.storage.applied_index(), self.storage.revision())
         self.node = ReplicaStateMachine(self.cluster, self.spec, self.storage, self._on_fatal,
                                         self.raft_password)
-        self.proposer = Proposer(self.loop, self.node.apply_batch, raft.max_batch_commands,
+        self.proposer = Proposer(self.loop, self.node.propose, raft.max_batch_commands,
                                  raft.max_inflight_batches, batch_timeout=2 * raft.apply_timeout)
         self._loop_thread.start()
         self._on_loop(self._serve()).result(timeout=30)

@@ -17,9 +17,11 @@ lose entries it had acknowledged, which Raft survives only if the other
 members still hold them (see the README, "Durability").
 
 A record is whole when its two size fields agree, it fits before the end,
-its index follows the previous one, its term does not go back, and its
-command decodes the way PySyncObj will decode it when it applies the entry
-(a type byte, then a pickle for every type but NO_OP).
+its index follows the previous one, its term does not go back, its command
+decodes the way PySyncObj will decode it when it applies the entry (a type
+byte, then a pickle for every type but NO_OP), and, for the replica's sealed
+entries (entry_seal.py), its CRC-32 matches: a lost page inside a long text
+field would otherwise still decode.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pysyncobj.pickle import loads
 
 from daemons.core.files import fsync_parent
+from daemons.replica import entry_seal
 
 HEADER = 40
 MAGIC = b"PYSYNCOBJ"
@@ -71,9 +74,16 @@ def _command_problem(command: bytes) -> str | None:
     if kind == _NO_OP:
         return None  # PySyncObj never reads past the type byte of a no-op
     try:
-        loads(command[1:])
+        call = loads(command[1:])
     except Exception as exc:  # noqa: BLE001 - any failure means PySyncObj would fail too
         return f"a command that does not decode ({type(exc).__name__})"
+    # A replicated call is (method id, args); the replica's entries are sealed.
+    if isinstance(call, tuple) and len(call) >= 2 and isinstance(call[1], tuple) \
+            and len(call[1]) == 1 and entry_seal.is_sealed(call[1][0]):
+        try:
+            entry_seal.verify(call[1][0])
+        except entry_seal.CorruptEntry as exc:
+            return f"a sealed entry that is damaged: {exc}"
     return None
 
 

@@ -3,8 +3,8 @@
 Every gRPC Apply (and every linearizable read, as a barrier) awaits a future
 here. The proposer lives on the gRPC server's asyncio loop: whatever queued
 during one loop iteration — up to max_batch_commands — is proposed as one
-`apply_batch` entry, with at most max_inflight_batches entries between
-proposal and commit. Under load the queue fills while earlier entries
+entry (`ReplicaStateMachine.propose`), with at most max_inflight_batches
+entries between proposal and commit. Under load the queue fills while earlier entries
 commit, so batches grow with concurrency; a lone call goes out at once.
 PySyncObj's callback (on its tick thread) crosses back to the loop once per
 batch, not once per caller, which is what keeps the leader's CPU per write

@@ -98,7 +98,7 @@ class SnapshotWriter:
 
         Runs on the tick thread between two applies, so the LevelDB snapshot
         taken here holds every entry up to raftLastApplied (PySyncObj's own
-        no-op entries, which never reach apply_batch, leave the stored index
+        no-op entries, which never reach the apply, leave the stored index
         below the label: harmless, a restore skips nothing real)."""
         index = raft_data[0][1]
         try:

@@ -1,6 +1,8 @@
 """The Raft member: a PySyncObj SyncObj whose state lives in LevelDB.
 
-`apply_batch` is the one replicated method. Each Raft entry carries a batch
+`apply_sealed` is the replicated method every entry is proposed with (`propose`;
+`apply_batch`, its predecessor without a checksum, still applies entries
+journalled before it: see entry_seal.py). Each Raft entry carries a batch
 of commands (see proposer.py) and is applied as ONE WriteBatch that also
 stores the applied index, the new revision, the request ids of the entry and
 each request id's result. The guard `index <= stored applied index -> skip`
@@ -27,7 +29,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
 from daemons.core.security import read_secret_file
-from daemons.replica import journal_file, raft_wire
+from daemons.replica import entry_seal, journal_file, raft_wire
 from daemons.replica.applier import EntryApplier
 from daemons.replica.commands import Outcome
 from daemons.replica.durable_journal import DurableJournal
@@ -307,15 +309,39 @@ class ReplicaStateMachine(SyncObj):
                 self._die(StorageCorrupt(
                     f"{self.journal_path}: every Raft tick failed for {failing:.1f}s "
                     f"({self._tick_failures} times, last: {exc!r}); the Raft journal is "
-                    f"most likely damaged (it has no checksums): {RESYNC}"))
+                    f"most likely damaged, or holds an entry written by a newer Tarefa version "
+                    f"(then upgrade this replica): {RESYNC}"))
             raise
         self._tick_failures = 0
         self._check_peers()
 
-    # -- the replicated method ----------------------------------------------
+    # -- the replicated methods ---------------------------------------------
+
+    def propose(self, commands: list, callback: Callable[[Any, Any], None]) -> None:
+        """Propose one entry of `commands` (any member: a follower forwards it)."""
+        self.apply_sealed(entry_seal.seal(commands), callback=callback)
+
+    # PySyncObj numbers replicated methods by their sorted names: apply_batch
+    # is 0 as before, apply_sealed 1. A member without apply_sealed fails its
+    # tick on such an entry, applying nothing, and stops (TICK_FAILURE_SECONDS).
 
     @replicated
     def apply_batch(self, commands: list) -> list[Outcome] | None:
+        """An entry proposed before entries were sealed (a journal of an older version)."""
+        return self._apply(commands)
+
+    @replicated
+    def apply_sealed(self, blob: bytes) -> list[Outcome] | None:
+        """Apply one Raft entry, after checking its CRC. Never raises."""
+        try:
+            commands = entry_seal.unseal(blob)
+        except entry_seal.CorruptEntry as exc:
+            self._die(StorageCorrupt(f"Raft entry {self.raftLastApplied + 1} is damaged: "
+                                     f"{exc}; {RESYNC}"))
+            return None
+        return self._apply(commands)
+
+    def _apply(self, commands: list) -> list[Outcome] | None:
         """Apply one Raft entry. Never raises: a raise would make PySyncObj retry it."""
         index = self.raftLastApplied + 1
         if self.fatal is not None:

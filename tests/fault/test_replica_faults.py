@@ -17,7 +17,7 @@ import time
 import pytest
 from pysyncobj.pickle import dumps
 
-from daemons.replica import journal_file
+from daemons.replica import entry_seal, journal_file
 from proto import replica_pb2 as pb
 from tests.fault.netns import Topology, unavailable_reason
 from tests.harness import (ROOT, WriterPool, apply_with_retry, cannot_run, new_request_id,
@@ -112,17 +112,18 @@ def stage_torn_append(journal: str, how: str) -> None:
     completed: the record never existed, so nobody acknowledged it."""
     found = journal_file.scan(journal)
     assert found.whole, found.problem
-    batch = [{"op": "create_task", "cid": CID, "title": f"lost/{n}", "description": "x" * 40,
-              "request_id": new_request_id()} for n in range(80)]
-    command = b"\x00" + dumps((0, (batch,)))  # as PySyncObj journals a call (~9 KB)
+    batch = [{"op": "create_task", "cid": CID, "title": "lost", "description": "x" * 12_000,
+              "request_id": new_request_id(), "at": "2026-11-28T00:00:00Z"}]
+    # As PySyncObj journals a call of apply_sealed (method 1).
+    command = b"\x00" + dumps((1, (entry_seal.seal(batch),)))
     record = struct.pack("<QQ", found.last + 1, found.last_term) + command
     sized = struct.pack("<I", len(record)) + record + struct.pack("<I", len(record))
     if how == "record-lost":
         sized = b"\0" * len(sized)
     elif how == "cut-off":
         sized = sized[:3000] + b"\0" * (len(sized) - 3000)
-    else:  # "page-lost": both size fields arrived, a page of the command did not
-        sized = sized[:1000] + b"\0" * 4096 + sized[1000 + 4096:]
+    else:  # "page-lost": both size fields arrived, a page inside the description did not
+        sized = sized[:4000] + b"\0" * 4096 + sized[4000 + 4096:]
     with open(journal, "r+b") as fh:
         fh.seek(found.end)
         fh.write(sized)

@@ -181,6 +181,25 @@ def garble_journal_record(data_dir: str) -> str:
     return path
 
 
+def alter_journal_text(data_dir: str) -> str:
+    """Change one letter of a task's description inside the last journalled command:
+    the entry still unpickles, as another write; only the entry's seal (its CRC-32,
+    daemons/replica/entry_seal.py) can tell. LevelDB's write-ahead log loses its
+    torn tail as well, so the entry is applied again from the journal at start."""
+    log = one(data_dir, "*.log")
+    truncate(log, os.path.getsize(log) // 2)
+    path = os.path.join(data_dir, "raft", "journal")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    offset, length = [r for r in journal_records(path) if r[1] > 8][-1]
+    at = data.find(b"of the corruption tests", offset, offset + length)
+    assert at >= 0, "no description in the last journalled command"
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(b"OF")
+    return path
+
+
 def flip_table_byte_silently(data_dir: str) -> str:
     """Flip one byte of a LevelDB table so that a task's value changes WITHOUT any error on
     a normal read (LevelDB verifies block checksums only when asked to), and check that a
@@ -262,9 +281,12 @@ SCENARIOS = [
              "PySyncObj where: last_applied stays 1, nothing is applied or logged, the "
              "replica serves stale SERIALIZABLE reads and UNAVAILABLE linearizable ones"),
     Scenario("bug_journal_record_garbled", lambda d: garble_journal_record(d),
-             "ZOMBIE: the journal has no checksums; PySyncObj unpickles the entry on every "
-             "tick, logs 'failed _onTick in _autoTickThread' with a traceback ~75 times a "
-             "second, never applies past it and never exits"),
+             "refused: the start check decodes every journalled command as PySyncObj "
+             "will (before: a ZOMBIE that failed every tick, ~75 tracebacks a second)"),
+    Scenario("journal_record_text_altered", alter_journal_text,
+             "refused: the entry's CRC-32 does not match (before entries were sealed, "
+             "the altered write was applied on this member alone: it served other data "
+             "than its peers at the same applied index)"),
     Scenario("bug_journal_emptied", _raft("journal", lambda p: truncate(p, 0)),
              "exit 1 with an uncaught 'ValueError: cannot mmap an empty file' traceback; "
              "no line names the journal"),

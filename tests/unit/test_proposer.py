@@ -104,7 +104,7 @@ def _wake(future: asyncio.Future) -> None:
 
 
 class FakeRaft:
-    """Stands in for `SyncObj.apply_batch`: records submits and answers them on demand.
+    """Stands in for `ReplicaStateMachine.propose`: records submits and answers them on demand.
 
     mode "sync": answer inside submit (on the loop's thread, like a local failure);
     mode "hold": keep the callback until answer()/answer_next()/the responder thread.
