@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as raft_clock
 
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
@@ -418,6 +419,30 @@ class ReplicaStateMachine(SyncObj):
             return  # none, or the last chunk (answered by PySyncObj after the install)
         if message.get("term", -1) < self.raftCurrentTerm:
             return
+        self._say_alive(node)
+
+    def _say_alive_to_leader(self) -> None:
+        """Follower, restoring a snapshot (seconds at 10^6 keys, on the tick
+        thread, reading no message): tell the leader it is alive, as for the
+        chunks. With the third member down it was the leader's only partner,
+        and the leader stepped down after leader_fallback_timeout (2 s) of
+        silence, which cost an election before the pair took writes again."""
+        leader = self._SyncObj__raftLeader  # type: ignore[attr-defined]
+        if leader is None or leader is self._SyncObj__selfNode:  # type: ignore[attr-defined]
+            return
+        # PySyncObj's connection drops itself, when it sends, after
+        # connection_timeout without reading; nothing is read during a restore,
+        # whoever is silent. Not reading is this member's doing: the timeout
+        # counts again from the end of the restore.
+        connection = self._SyncObj__transport._connections.get(leader)  # type: ignore[attr-defined]
+        if connection is not None:
+            connection._TcpConnection__lastReadTime = raft_clock()
+        self._say_alive(leader)
+
+    def _say_alive(self, node: Any) -> None:
+        """A failure without reset, at most every half heartbeat: the answer
+        PySyncObj's follower sends for each chunk of a large entry, which moves
+        no index and only refreshes the leader's last response from this member."""
         now = time.monotonic()
         if now - self._snapshot_ack_at < self._reply_repeat_window:
             return
@@ -532,7 +557,7 @@ class ReplicaStateMachine(SyncObj):
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)
                 started = time.monotonic()
-                self.storage.restore(filename)
+                self.storage.restore(filename, progress=self._say_alive_to_leader)
                 log.info("%s: snapshot restored in %.1fs", self.spec.id,
                          time.monotonic() - started)
                 # The leader's message that carried the snapshot restarted the
@@ -541,8 +566,12 @@ class ReplicaStateMachine(SyncObj):
                 # meanwhile, so a restore longer than the timeout made this member
                 # start an election at once and unseat a healthy leader. The
                 # leader was heard from just now, in effect: restart the timer.
+                # PySyncObj's clock, CLOCK_MONOTONIC_RAW: time.monotonic() drifts
+                # from it by NTP's corrections (65 ms here after 20 h of uptime;
+                # at 50 ppm, over a minute a month), which would make this
+                # deadline that much early (an election at once) or late.
                 self._SyncObj__raftElectionDeadline = (  # type: ignore[attr-defined]
-                    time.monotonic() + self._SyncObj__generateRaftTimeout())  # type: ignore[attr-defined]
+                    raft_clock() + self._SyncObj__generateRaftTimeout())  # type: ignore[attr-defined]
             return header
         except Exception as exc:
             self._die(exc if isinstance(exc, StorageCorrupt)

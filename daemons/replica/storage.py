@@ -361,23 +361,29 @@ class Storage:
                 return key == domain.META_APPLIED and value == b"%d" % applied
         return False
 
-    def restore(self, filename: str) -> None:
-        """Replace the whole DB with the snapshot's contents (crash-safe: redone on restart)."""
-        for _ in self.snapshot_pairs(filename):  # verify the checksum before touching the DB
-            pass
-        with self._guard("snapshot restore"):
-            self._restore(filename)
+    def restore(self, filename: str, progress: Callable[[], None] | None = None) -> None:
+        """Replace the whole DB with the snapshot's contents (crash-safe: redone on restart).
 
-    def _restore(self, filename: str) -> None:
+        `progress()` is called every _RESTORE_BATCH keys of each pass (about a
+        second per 10^6 keys per pass here), e.g. to tell the leader this member
+        is alive meanwhile."""
+        tick = progress if progress is not None else (lambda: None)
+        for n, _ in enumerate(self.snapshot_pairs(filename), 1):  # verify the checksum
+            if n % _RESTORE_BATCH == 0:                         # before touching the DB
+                tick()
+        with self._guard("snapshot restore"):
+            self._restore(filename, tick)
+
+    def _restore(self, filename: str, tick: Callable[[], None]) -> None:
         if self._restore_generation % 2 == 0:
             self._restore_generation += 1  # reads refuse from now on
         try:
-            self._restore_pairs(filename)
+            self._restore_pairs(filename, tick)
         finally:
             if self.get(META_RESTORING) is None:
                 self._restore_generation += 1  # whole again
 
-    def _restore_pairs(self, filename: str) -> None:
+    def _restore_pairs(self, filename: str, tick: Callable[[], None]) -> None:
         self._db.put(META_RESTORING, b"1", sync=True)
         batch = self._db.write_batch()
         n = 0
@@ -388,6 +394,7 @@ class Storage:
                 if n % _RESTORE_BATCH == 0:
                     batch.write()
                     batch = self._db.write_batch()
+                    tick()
         batch.write()
         batch = self._db.write_batch()
         for n, (key, value) in enumerate(self.snapshot_pairs(filename), 1):
@@ -395,6 +402,7 @@ class Storage:
             if n % _RESTORE_BATCH == 0:
                 batch.write()
                 batch = self._db.write_batch()
+                tick()
         batch.write()
         self._db.delete(META_RESTORING, sync=True)
 

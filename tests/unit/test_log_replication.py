@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
@@ -294,3 +295,56 @@ def test_fsync_a_leader_syncs_its_own_entries_before_counting_them(durable, orde
     durable._onTick(0)
     assert durable.raftCommitIndex == noop  # committed in this tick...
     assert synced and synced[0] < noop       # ...after the journal holding it was synced
+
+
+def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tmp_path,
+                                                                    monkeypatch):
+    """A restore takes seconds at 10^6 keys, on the tick thread, reading no
+    message. The leader, whose only partner the member may be (the third one
+    down), stepped down after leader_fallback_timeout without a word from it;
+    and answering was not enough: PySyncObj's connection drops itself, when
+    it sends, once it has read nothing for connection_timeout. So the member
+    answers every _RESTORE_BATCH keys and keeps that connection's read clock
+    current. The election deadline set after the restore is on PySyncObj's
+    clock (CLOCK_MONOTONIC_RAW), not time.monotonic (here moved 1000 s on)."""
+    from daemons.replica import storage as storage_module
+    from pysyncobj.monotonic import monotonic as raft_clock
+
+    source = Storage(str(tmp_path / "source"))
+    view = source.view()
+    for i in range(3 * storage_module._RESTORE_BATCH + 10):
+        view.put(b"t/%08d" % i, b"x")
+    view.put(b"m/applied", b"41")
+    source.commit(view)
+    snapshot = str(tmp_path / "snapshot")
+    source.dump(snapshot, (("raft", 41), ["cluster"], {}))
+
+    leader = follower.leader_node
+    follower._SyncObj__raftLeader = leader  # type: ignore[attr-defined]
+    follower._reply_repeat_window = 0.0  # every chance to answer, answered
+    transport = follower._SyncObj__transport  # type: ignore[attr-defined]
+
+    class Connection:
+        _TcpConnection__lastReadTime = raft_clock() - 100
+
+    connection = Connection()
+    monkeypatch.setitem(transport._connections, leader, connection)
+    sent: list = []
+    monkeypatch.setattr(transport, "send", lambda node, message: sent.append(
+        (node, message, connection._TcpConnection__lastReadTime)) or True)
+    real_monotonic = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + 1000)
+
+    started = raft_clock()
+    follower._read_snapshot(snapshot)
+
+    assert follower.storage.digest() == source.digest()
+    alive = [(node, message, read_at) for node, message, read_at in sent
+             if message.get("type") == "next_node_idx"]
+    assert len(alive) >= 6, sent  # three passes of three batches or more
+    assert all(node is leader and not message["success"] and not message["reset"]
+               for node, message, _ in alive)
+    assert all(read_at >= started for _, _, read_at in alive), "the connection would drop"
+    deadline = follower._SyncObj__raftElectionDeadline - raft_clock()  # type: ignore[attr-defined]
+    assert 0 < deadline <= follower._SyncObj__conf.raftMaxTimeout, deadline  # type: ignore[attr-defined]
+    source.close()

@@ -566,8 +566,8 @@ def test_a_read_that_overlaps_a_restore_is_refused(tmp_path, store, other):
     original = other._restore_pairs
     during: list = []
 
-    def restore_and_read(name: str) -> None:
-        original(name)  # the DB is whole again, but the generation moved meanwhile
+    def restore_and_read(name: str, tick) -> None:  # type: ignore[no-untyped-def]
+        original(name, tick)  # the DB is whole again, but the generation moved meanwhile
         try:
             other.read(domain.client_key("1"))
         except Unavailable as exc:
