@@ -265,14 +265,38 @@ class ReplicaCluster:
         return [m for m in self.members if m is not leader and m.alive]
 
     def wait_converged(self, timeout: float = 30) -> int:
-        """Wait until every live member applied the same index; return it."""
+        """Wait until every live member applied the same index, at least the
+        leader's commit index after a linearizable read; return it.
+
+        The read matters after a restart: PySyncObj restores each member's
+        commit index from journal.meta (saved about once a second), so until the
+        new leader commits an entry of its own term every member can report the
+        same stale commit and applied index while some hold more entries than
+        others. The read commits a barrier in the leader's term.
+        """
+        deadline = time.monotonic() + timeout
+
+        def barrier() -> int | None:
+            leader = self.wait_leader(max(0.1, deadline - time.monotonic()))
+            try:
+                leader.stub.Get(replica_pb2.GetRequest(
+                    kind=replica_pb2.CLIENT, cid="1",
+                    consistency=replica_pb2.LINEARIZABLE), timeout=2)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    return None  # no quorum yet, or a leader change: again
+            return leader.status().commit_index
+
+        target = wait_for(barrier, timeout, "a linearizable read on the leader", interval=0.1)
+
         def same() -> int | None:
             applied = {m.status().applied_index for m in self.members if m.alive}
             commits = {m.status().commit_index for m in self.members if m.alive}
-            if len(applied) == 1 and applied == commits:
+            if len(applied) == 1 and applied == commits and min(applied) >= target:
                 return applied.pop() or None
             return None
-        return wait_for(same, timeout, "replicas to converge", interval=0.1)
+        return wait_for(same, max(0.1, deadline - time.monotonic()), "replicas to converge",
+                        interval=0.1)
 
     def stop_and_digest(self) -> dict[str, str]:
         """Wait until the members converge, stop them (exit 0 required), digest each LevelDB."""

@@ -182,7 +182,7 @@ def garble_journal_record(data_dir: str) -> str:
 
 
 def alter_journal_text(data_dir: str) -> str:
-    """Change one letter of a task's description inside the last journalled command:
+    """Change one letter of a task's description inside the last journalled write:
     the entry still unpickles, as another write; only the entry's seal (its CRC-32,
     daemons/replica/entry_seal.py) can tell. LevelDB's write-ahead log loses its
     torn tail as well, so the entry is applied again from the journal at start."""
@@ -191,9 +191,11 @@ def alter_journal_text(data_dir: str) -> str:
     path = os.path.join(data_dir, "raft", "journal")
     with open(path, "rb") as fh:
         data = fh.read()
-    offset, length = [r for r in journal_records(path) if r[1] > 8][-1]
-    at = data.find(b"of the corruption tests", offset, offset + length)
-    assert at >= 0, "no description in the last journalled command"
+    found = [data.find(b"of the corruption tests", offset, offset + length)
+             for offset, length in journal_records(path)]
+    found = [at for at in found if at >= 0]
+    assert found, "no description in the journal"
+    at = found[-1]  # the last write (barriers of linearizable reads may follow it)
     with open(path, "r+b") as fh:
         fh.seek(at)
         fh.write(b"OF")
