@@ -28,10 +28,10 @@ disk. Every later sync raises too, `on_failure` (the replica stops with a
 CRITICAL line) is called, and the reply or commit that waited for it never
 happens.
 
-Not covered: PySyncObj compacts by rewriting the journal in place (clear,
-then re-append the entries after the snapshot), so a power cut during that
-rewrite can leave this member without those entries (its journal is then
-refused at start or shorter: resync that member); see README "Durability".
+PySyncObj compacts by rewriting the journal in place (clear, then re-append
+the entries after the snapshot); journal_file.compact_by_rename replaces that
+with a synced file renamed over the journal, in every mode, so neither a
+kill nor a power cut in the middle of a compaction loses those entries.
 """
 
 from __future__ import annotations

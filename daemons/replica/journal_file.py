@@ -1,4 +1,6 @@
-"""PySyncObj's journal file: the structure check at start and the repair of a torn end.
+"""PySyncObj's journal file: the structure check at start, the repair of a torn
+end, and log compaction that a crash cannot leave half done (`compact_by_rename`,
+`finish_compaction`).
 
 The file (pysyncobj/journal.py, format 1) is a 40-byte header (name 24,
 version 8, format 4, end of records 4), then records
@@ -26,11 +28,13 @@ field would otherwise still decode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pysyncobj.pickle import loads
 
@@ -43,6 +47,7 @@ _END_AT = 36          # offset of the header's "end of records" field
 _FORMAT = 1
 _NO_OP = 1            # pysyncobj.syncobj._COMMAND_TYPE
 _COMMAND_TYPES = range(4)
+COMPACTING = ".compacting"  # beside the journal while a compaction writes its successor
 
 
 @dataclass(frozen=True)
@@ -181,3 +186,106 @@ def repair(path: str) -> tuple[JournalScan, str | None]:
         fh.flush()
         os.fsync(fh.fileno())
     return found, copy
+
+
+def finish_compaction(path: str, prev: tuple, last: tuple) -> int:
+    """Complete a log compaction a crash interrupted; return the entries dropped (0: none).
+
+    PySyncObj compacts in two steps: the snapshot, labelled with the last two
+    applied entries `prev` and `last`, is put in place, then the journal is cut
+    to start at `prev`. A crash between the two leaves the new snapshot and the
+    whole journal; at the next start PySyncObj, not finding `prev` and `last`
+    at the journal's start, clears the journal entirely, and with it the
+    entries after `last` this member had appended and acknowledged (its
+    LevelDB has applied some of them, so the indexes then get reused: the
+    replica stops). Cutting the journal to start at `prev` is the step the
+    crash skipped. The cut journal is written beside it, synced and renamed
+    over it: a crash meanwhile leaves the old one.
+    """
+    found = scan(path)
+    if not found.whole or found.first is None or found.first >= prev[1]:
+        return 0
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pos, dropped = HEADER, 0
+    while pos < found.whole_end:
+        (length,) = struct.unpack_from("<I", data, pos)
+        idx, term = struct.unpack_from("<QQ", data, pos + 4)
+        if idx == prev[1]:
+            break
+        pos += length + 8
+        dropped += 1
+    else:
+        return 0
+    entries = []
+    at = pos
+    for _ in range(2):
+        if at >= found.whole_end:
+            return 0
+        (length,) = struct.unpack_from("<I", data, at)
+        idx, term = struct.unpack_from("<QQ", data, at + 4)
+        entries.append((bytes(data[at + 20:at + 4 + length]), idx, term))
+        at += length + 8
+    if entries != [tuple(prev), tuple(last)]:
+        return 0  # another history at those indexes: PySyncObj's clear is right
+    body = data[pos:found.whole_end]
+    tmp = path + COMPACTING
+    with open(tmp, "wb") as out:
+        out.write(data[:_END_AT] + struct.pack("<I", HEADER + len(body)) + body)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_parent(path)
+    return dropped
+
+
+def compact_by_rename(journal: Any, entry_to: int) -> None:
+    """`FileJournal.deleteEntriesTo`, atomically: what `install` puts in its place.
+
+    PySyncObj compacts by rewriting the journal in place: it sets the end back
+    to the header, then appends the kept entries again from the first byte. A
+    kill -9, not only a power cut, in the middle of that leaves a journal
+    without some of the entries after the snapshot, which this member had
+    acknowledged (a few ms every `compaction_min_entries` entries). Here the
+    kept entries are written to `journal.compacting`, synced, and renamed over
+    the journal (directory synced): a crash leaves the old journal whole, or the
+    new one. A failure before the rename leaves the journal as it was and the
+    compaction undone (PySyncObj logs the error; the next start finishes it,
+    see finish_compaction).
+    """
+    from pysyncobj.journal import FileJournal, ResizableFile
+
+    current = journal._FileJournal__journalFile  # noqa: SLF001 - see the module doc
+    path = current._ResizableFile__fileName  # noqa: SLF001
+    kept = journal._FileJournal__journal[entry_to:]  # noqa: SLF001
+    tmp = path + COMPACTING
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fresh = FileJournal(tmp)
+    try:
+        for entry in kept:
+            FileJournal.add(fresh, *entry)
+        fresh_file = fresh._FileJournal__journalFile  # noqa: SLF001
+        fresh_file.flush()
+        os.fsync(fresh_file._ResizableFile__f.fileno())  # noqa: SLF001
+        offset = fresh._FileJournal__currentOffset  # noqa: SLF001
+    except BaseException:
+        fresh._destroy()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fresh._destroy()
+    os.replace(tmp, path)
+    journal._FileJournal__journalFile = ResizableFile(path)  # noqa: SLF001
+    journal._FileJournal__journal = list(kept)  # noqa: SLF001
+    journal._FileJournal__currentOffset = offset  # noqa: SLF001
+    current._destroy()  # the old, unlinked file
+    fsync_parent(path)
+
+
+def install(journal: Any) -> None:
+    """Make a FileJournal compact by rename (compact_by_rename); idempotent."""
+    if getattr(journal, "_tarefa_compacts_by_rename", False):
+        return
+    journal.deleteEntriesTo = lambda entry_to: compact_by_rename(journal, entry_to)
+    journal._tarefa_compacts_by_rename = True

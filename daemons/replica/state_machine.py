@@ -29,6 +29,7 @@ from pysyncobj.monotonic import monotonic as raft_clock
 
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
+from daemons.core.files import remove_if_present
 from daemons.core.security import read_secret_file
 from daemons.replica import entry_seal, journal_file, raft_wire
 from daemons.replica.applier import EntryApplier
@@ -96,6 +97,8 @@ def check_raft_files(data_dir: str) -> None:
     if not os.path.exists(journal):
         return  # a fresh log: the LevelDB applied index and the peers fill it in
     try:
+        # What a crash in the middle of a compaction left beside the journal.
+        remove_if_present(journal + journal_file.COMPACTING)
         found = journal_file.scan(journal)
     except PermissionError as exc:
         raise TarefaError(f"{journal}: cannot read the Raft journal: {exc.strerror} (check that "
@@ -115,6 +118,17 @@ def check_raft_files(data_dir: str) -> None:
             f"{snapshot} is missing: the Raft journal {journal} was compacted (it starts at "
             f"index {found.first}), so the snapshot holding the entries before it is required; "
             f"{RESYNC}")
+    if found.first is not None and os.path.exists(snapshot):
+        try:
+            last, prev = Storage.read_header(snapshot)[:2]
+        except Exception:  # noqa: BLE001 - refused when PySyncObj loads it (_read_snapshot)
+            return
+        dropped = journal_file.finish_compaction(journal, prev, last)
+        if dropped:
+            log.warning("%s: a crash had interrupted a log compaction after its snapshot "
+                        "(Raft index %d) was in place: the journal now starts at index %d, "
+                        "as the compaction would have left it (%d entries dropped, all in "
+                        "the snapshot)", journal, last[1], prev[1], dropped)
 
 
 def raft_password(cluster: Cluster) -> str | None:
@@ -172,6 +186,7 @@ class ReplicaStateMachine(SyncObj):
         self._snapshot_ack_at = 0.0  # see _ack_snapshot_chunk
         self._fsync = cluster.raft.fsync
         self.durable: DurableJournal | None = None  # raft.fsync: see _onTick
+        self._compacts_by_rename = False  # journal_file.install: see _onTick
         self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
@@ -289,9 +304,14 @@ class ReplicaStateMachine(SyncObj):
         PySyncObj's tick thread logs a failed tick and retries it: a journal entry
         that no longer unpickles fails every tick, forever, with nothing applied.
         With raft.fsync the journal is synced first: the leader counts its own
-        entries towards a commit only in the tick (see durable_journal.py).
+        entries towards a commit only in the tick (see durable_journal.py). The
+        first tick also makes the journal compact by rename (journal_file.py).
         """
         try:
+            if not self._compacts_by_rename:
+                # Also by the first tick, before any compaction can run.
+                journal_file.install(self._SyncObj__raftLog)  # type: ignore[attr-defined]
+                self._compacts_by_rename = True
             if self._fsync:
                 if self.durable is None:
                     # Installed by the first tick, before any message is read:

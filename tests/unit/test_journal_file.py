@@ -187,3 +187,84 @@ def test_records_that_cannot_follow_their_predecessor_end_the_whole_part(tmp_pat
     assert f"byte {last}" in (found.problem or "")
     journal_file.repair(path)
     assert loaded(path) == entries[:-1]
+
+
+# ---- a compaction a crash interrupted (journal_file.finish_compaction) ------------------
+
+
+def test_an_interrupted_compaction_is_finished_at_the_snapshots_entries(tmp_path):
+    path, entries = write_journal(str(tmp_path / "d"))
+    prev, last = entries[4], entries[5]  # the snapshot's label: entries 5 and 6
+    assert journal_file.finish_compaction(path, prev, last) == 4
+    assert loaded(path) == entries[4:]  # what PySyncObj's cut would have left
+    assert journal_file.scan(path).whole
+    assert os.listdir(os.path.dirname(path)) == ["journal"]
+    assert journal_file.finish_compaction(path, prev, last) == 0  # done: nothing more
+
+
+@pytest.mark.parametrize("case", ["other_term", "other_command", "beyond_the_end"])
+def test_a_journal_without_the_snapshots_entries_is_left_to_pysyncobj(tmp_path, case):
+    """Another history at those indexes (a snapshot installed from a leader),
+    or a journal that ends before them: PySyncObj's clear is right there."""
+    path, entries = write_journal(str(tmp_path / "d"))
+    prev, last = entries[4], entries[5]
+    if case == "other_term":
+        last = (last[0], last[1], last[2] + 1)
+    elif case == "other_command":
+        prev = (regular(99), prev[1], prev[2])
+    else:
+        prev, last = (b"\x01", RECORDS + 3, 2), (b"\x01", RECORDS + 4, 2)
+    with open(path, "rb") as fh:
+        before = fh.read()
+    assert journal_file.finish_compaction(path, prev, last) == 0
+    with open(path, "rb") as fh:
+        assert fh.read() == before
+
+
+# ---- compaction by rename (journal_file.compact_by_rename) ------------------------------
+
+
+def open_journal(path: str):  # type: ignore[no-untyped-def]
+    journal = FileJournal(path)
+    journal_file.install(journal)
+    return journal
+
+
+def test_compaction_by_rename_keeps_the_entries_after_the_cut_and_appends_after_them(tmp_path):
+    path, entries = write_journal(str(tmp_path / "d"))
+    journal = open_journal(path)
+    journal.deleteEntriesTo(3)  # PySyncObj's call after a snapshot
+    assert [journal[i] for i in range(len(journal))] == entries[3:]
+    journal.add(regular(RECORDS + 1), RECORDS + 1, 2)
+    journal.deleteEntriesFrom(len(journal) - 2)  # and the other journal calls still work
+    journal.add(regular(RECORDS + 2), RECORDS, 3)
+    expected = entries[3:-1] + [(regular(RECORDS + 2), RECORDS, 3)]
+    assert [journal[i] for i in range(len(journal))] == expected
+    journal._destroy()
+    assert loaded(path) == expected
+    assert journal_file.scan(path).whole
+    assert sorted(os.listdir(os.path.dirname(path))) == ["journal"]
+
+
+def test_a_compaction_that_fails_before_the_rename_leaves_the_journal_whole(tmp_path, monkeypatch):
+    """Where PySyncObj's in-place rewrite had already cleared the journal, a
+    failure (or a kill) part-way leaves the old journal, every entry in it."""
+    path, entries = write_journal(str(tmp_path / "d"))
+    journal = open_journal(path)
+    calls = []
+
+    def failing_add(self, *entry):  # type: ignore[no-untyped-def]
+        calls.append(entry)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return original_add(self, *entry)
+
+    original_add = FileJournal.add
+    monkeypatch.setattr(FileJournal, "add", failing_add)
+    with pytest.raises(OSError):
+        journal.deleteEntriesTo(2)
+    monkeypatch.setattr(FileJournal, "add", original_add)
+    assert [journal[i] for i in range(len(journal))] == entries
+    journal._destroy()
+    assert loaded(path) == entries
+    assert os.listdir(os.path.dirname(path)) == ["journal"]
