@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from daemons.core.claims import check_port_free
 from daemons.core.config import Broker, Limits, TlsSettings
 from daemons.core.errors import ConfigError, TarefaError
 
@@ -153,8 +154,13 @@ def add_port(server: Any, address: str, material: TlsMaterial | None,
              require_client_auth: bool = False) -> int:
     """Bind `server` to `address`, with TLS when the cluster file names certificates.
 
-    TarefaError (the daemon exits 1 with one clear line) when it cannot: grpcio
-    raises RuntimeError("Failed to bind ...") here, older versions returned 0."""
+    TarefaError (the daemon exits 1 with one clear line) when it cannot. The
+    port is probed first: gRPC's C core prints its own raw error line
+    (add_port.cc) before it fails, ahead of the daemon's CRITICAL line.
+    grpcio raises RuntimeError("Failed to bind ...") when the probe passed and
+    the bind still failed (a race), older versions returned 0."""
+    host, _, port_text = address.rpartition(":")
+    check_port_free(host.strip("[]"), int(port_text), "gRPC")
     try:
         if material is None:
             port = server.add_insecure_port(address)

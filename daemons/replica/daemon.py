@@ -152,6 +152,8 @@ class ReplicaDaemon(Daemon):
         # PySyncObj binds its port in the background and retries forever: a port
         # held by another process would leave this member silently cut off.
         check_port_free(self.spec.host, self.spec.raft_port, "Raft")
+        # The gRPC port too, before seconds of opening LevelDB (add_port checks again).
+        check_port_free(self.spec.host, self.spec.grpc_port, "gRPC")
         # Opening reads every LevelDB block with checksums on (StorageCorrupt if damaged).
         self.storage = Storage(self.spec.data_dir, on_corrupt=self._on_corrupt)
         log.info("%s: LevelDB %s at applied index %d, revision %d", self.daemon_id,
