@@ -29,6 +29,7 @@ field would otherwise still decode.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import struct
@@ -93,9 +94,18 @@ def _command_problem(command: bytes) -> str | None:
 
 
 def scan(path: str) -> JournalScan:
-    """Walk the journal's records (OSError if it cannot be read)."""
+    """Walk the journal's records (OSError if it cannot be read).
+
+    Mapped, not read: PySyncObj holds every entry in memory as well, and a
+    journal can be large (up to compaction_min_entries entries of ~1 MiB)."""
     with open(path, "rb") as fh:
-        data = fh.read()
+        if os.fstat(fh.fileno()).st_size == 0:
+            return _scan(path, b"")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _scan(path, data)
+
+
+def _scan(path: str, data: bytes | mmap.mmap) -> JournalScan:
     size = len(data)
     header = data[:HEADER]
     if len(header) < HEADER or header.strip(b"\0") == b"":
@@ -188,7 +198,8 @@ def repair(path: str) -> tuple[JournalScan, str | None]:
     return found, copy
 
 
-def finish_compaction(path: str, prev: tuple, last: tuple) -> int:
+def finish_compaction(path: str, prev: tuple, last: tuple,
+                      found: JournalScan | None = None) -> int:
     """Complete a log compaction a crash interrupted; return the entries dropped (0: none).
 
     PySyncObj compacts in two steps: the snapshot, labelled with the last two
@@ -200,9 +211,11 @@ def finish_compaction(path: str, prev: tuple, last: tuple) -> int:
     LevelDB has applied some of them, so the indexes then get reused: the
     replica stops). Cutting the journal to start at `prev` is the step the
     crash skipped. The cut journal is written beside it, synced and renamed
-    over it: a crash meanwhile leaves the old one.
+    over it: a crash meanwhile leaves the old one. `found`: the journal's
+    scan, if the caller has it.
     """
-    found = scan(path)
+    if found is None:
+        found = scan(path)
     if not found.whole or found.first is None or found.first >= prev[1]:
         return 0
     with open(path, "rb") as fh:

@@ -123,7 +123,7 @@ def check_raft_files(data_dir: str) -> None:
             last, prev = Storage.read_header(snapshot)[:2]
         except Exception:  # noqa: BLE001 - refused when PySyncObj loads it (_read_snapshot)
             return
-        dropped = journal_file.finish_compaction(journal, prev, last)
+        dropped = journal_file.finish_compaction(journal, prev, last, found)
         if dropped:
             log.warning("%s: a crash had interrupted a log compaction after its snapshot "
                         "(Raft index %d) was in place: the journal now starts at index %d, "
