@@ -450,14 +450,19 @@ class ReplicaStateMachine(SyncObj):
         leader = self._SyncObj__raftLeader  # type: ignore[attr-defined]
         if leader is None or leader is self._SyncObj__selfNode:  # type: ignore[attr-defined]
             return
-        # PySyncObj's connection drops itself, when it sends, after
-        # connection_timeout without reading; nothing is read during a restore,
-        # whoever is silent. Not reading is this member's doing: the timeout
-        # counts again from the end of the restore.
-        connection = self._SyncObj__transport._connections.get(leader)  # type: ignore[attr-defined]
-        if connection is not None:
-            connection._TcpConnection__lastReadTime = raft_clock()
-        self._say_alive(leader)
+        try:
+            # PySyncObj's connection drops itself, when it sends, after
+            # connection_timeout without reading; nothing is read during a
+            # restore, whoever is silent. Not reading is this member's doing:
+            # the timeout counts again from the end of the restore.
+            transport = self._SyncObj__transport  # type: ignore[attr-defined]
+            connection = transport._connections.get(leader)
+            if connection is not None:
+                connection._TcpConnection__lastReadTime = raft_clock()
+            self._say_alive(leader)
+        except Exception:  # noqa: BLE001 - a courtesy to the leader must not fail the restore
+            log.debug("%s: could not tell the leader during a restore", self.spec.id,
+                      exc_info=True)
 
     def _say_alive(self, node: Any) -> None:
         """A failure without reset, at most every half heartbeat: the answer

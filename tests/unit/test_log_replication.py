@@ -348,3 +348,32 @@ def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tm
     deadline = follower._SyncObj__raftElectionDeadline - raft_clock()  # type: ignore[attr-defined]
     assert 0 < deadline <= follower._SyncObj__conf.raftMaxTimeout, deadline  # type: ignore[attr-defined]
     source.close()
+
+
+def test_a_restore_goes_on_when_telling_the_leader_fails(follower, tmp_path, monkeypatch):
+    """Telling the leader is a courtesy: a send that fails (a dropped
+    connection, another PySyncObj version) must not fail the restore."""
+    from daemons.replica import storage as storage_module
+
+    source = Storage(str(tmp_path / "source"))
+    view = source.view()
+    for i in range(2 * storage_module._RESTORE_BATCH):
+        view.put(b"t/%08d" % i, b"x")
+    view.put(b"m/applied", b"41")
+    source.commit(view)
+    snapshot = str(tmp_path / "snapshot")
+    source.dump(snapshot, (("raft", 41), ["cluster"], {}))
+    follower._SyncObj__raftLeader = follower.leader_node  # type: ignore[attr-defined]
+    follower._reply_repeat_window = 0.0
+    transport = follower._SyncObj__transport  # type: ignore[attr-defined]
+    calls = []
+
+    def broken(node, message):  # type: ignore[no-untyped-def]
+        calls.append(message)
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(transport, "send", broken)
+    follower._read_snapshot(snapshot)
+    assert calls, "the restore never tried to tell the leader"
+    assert not follower.fatal_errors and follower.storage.digest() == source.digest()
+    source.close()
