@@ -48,6 +48,7 @@ _END_AT = 36          # offset of the header's "end of records" field
 _FORMAT = 1
 _NO_OP = 1            # pysyncobj.syncobj._COMMAND_TYPE
 _COMMAND_TYPES = range(4)
+_RECORD_HEAD = struct.Struct("<IQQ")  # a record's size, then its Raft index and term
 COMPACTING = ".compacting"  # beside the journal while a compaction writes its successor
 
 
@@ -130,8 +131,7 @@ def _scan(path: str, data: bytes | mmap.mmap) -> JournalScan:
         if pos + 20 > limit:
             problem = f"record at byte {pos} is cut off"
             break
-        (length,) = struct.unpack_from("<I", data, pos)
-        idx, term = struct.unpack_from("<QQ", data, pos + 4)
+        length, idx, term = _RECORD_HEAD.unpack_from(data, pos)
         if length < 16 or pos + length + 8 > limit:
             problem = (f"record at byte {pos} has an impossible size {length}"
                        if length < 16 or pos + length + 8 > end else
@@ -220,27 +220,21 @@ def finish_compaction(path: str, prev: tuple, last: tuple,
         return 0
     with open(path, "rb") as fh:
         data = fh.read()
+    # The journal is whole (scanned above) and starts before prev: walk to it.
     pos, dropped = HEADER, 0
     while pos < found.whole_end:
-        (length,) = struct.unpack_from("<I", data, pos)
-        idx, term = struct.unpack_from("<QQ", data, pos + 4)
+        length, idx, _ = _RECORD_HEAD.unpack_from(data, pos)
         if idx == prev[1]:
             break
         pos += length + 8
         dropped += 1
-    else:
-        return 0
-    entries = []
-    at = pos
-    for _ in range(2):
-        if at >= found.whole_end:
-            return 0
-        (length,) = struct.unpack_from("<I", data, at)
-        idx, term = struct.unpack_from("<QQ", data, at + 4)
+    entries, at = [], pos
+    while at < found.whole_end and len(entries) < 2:
+        length, idx, term = _RECORD_HEAD.unpack_from(data, at)
         entries.append((bytes(data[at + 20:at + 4 + length]), idx, term))
         at += length + 8
     if entries != [tuple(prev), tuple(last)]:
-        return 0  # another history at those indexes: PySyncObj's clear is right
+        return 0  # not there, or another history at those indexes: PySyncObj's clear is right
     body = data[pos:found.whole_end]
     tmp = path + COMPACTING
     with open(tmp, "wb") as out:

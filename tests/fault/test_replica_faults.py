@@ -105,6 +105,12 @@ def test_kill_all_members_then_restart_keeps_acknowledged_writes(replica_cluster
                for m in cluster.members)
 
 
+def journal_record(idx: int, term: int, command: bytes) -> bytes:
+    """One PySyncObj journal record: size, index, term, command, size."""
+    record = struct.pack("<QQ", idx, term) + command
+    return struct.pack("<I", len(record)) + record + struct.pack("<I", len(record))
+
+
 def stage_torn_append(journal: str, how: str) -> None:
     """What a power cut in the middle of a tick's write-back can leave: the
     header's end counts one more record (the tick's append) whose bytes did
@@ -116,8 +122,7 @@ def stage_torn_append(journal: str, how: str) -> None:
               "request_id": new_request_id(), "at": "2026-11-28T00:00:00Z"}]
     # As PySyncObj journals a call of apply_sealed (method 1).
     command = b"\x00" + dumps((1, (entry_seal.seal(batch),)))
-    record = struct.pack("<QQ", found.last + 1, found.last_term) + command
-    sized = struct.pack("<I", len(record)) + record + struct.pack("<I", len(record))
+    sized = journal_record(found.last + 1, found.last_term, command)
     if how == "record-lost":
         sized = b"\0" * len(sized)
     elif how == "cut-off":
@@ -194,8 +199,7 @@ def stage_interrupted_compaction(journal: str, older: int = 40) -> None:
     (term,) = struct.unpack_from("<Q", data, 40 + 12)
     prefix = b""
     for idx in range(found.first - older, found.first):
-        record = struct.pack("<QQ", idx, term) + b"\x01"
-        prefix += struct.pack("<I", len(record)) + record + struct.pack("<I", len(record))
+        prefix += journal_record(idx, term, b"\x01")
     body = prefix + data[40:found.whole_end]
     with open(journal, "wb") as fh:
         fh.write(data[:36] + struct.pack("<I", 40 + len(body)) + body)

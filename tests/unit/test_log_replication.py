@@ -297,6 +297,21 @@ def test_fsync_a_leader_syncs_its_own_entries_before_counting_them(durable, orde
     assert synced and synced[0] < noop       # ...after the journal holding it was synced
 
 
+def snapshot_of_batches(tmp_path, batches: int) -> tuple[Storage, str]:  # type: ignore[no-untyped-def]
+    """A LevelDB of a little more than `batches` restore batches, and its snapshot at 41."""
+    from daemons.replica import storage as storage_module
+
+    source = Storage(str(tmp_path / "source"))
+    view = source.view()
+    for i in range(batches * storage_module._RESTORE_BATCH + 10):
+        view.put(b"t/%08d" % i, b"x")
+    view.put(b"m/applied", b"41")
+    source.commit(view)
+    snapshot = str(tmp_path / "snapshot")
+    source.dump(snapshot, (("raft", 41), ["cluster"], {}))
+    return source, snapshot
+
+
 def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tmp_path,
                                                                     monkeypatch):
     """A restore takes seconds at 10^6 keys, on the tick thread, reading no
@@ -307,17 +322,9 @@ def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tm
     answers every _RESTORE_BATCH keys and keeps that connection's read clock
     current. The election deadline set after the restore is on PySyncObj's
     clock (CLOCK_MONOTONIC_RAW), not time.monotonic (here moved 1000 s on)."""
-    from daemons.replica import storage as storage_module
     from pysyncobj.monotonic import monotonic as raft_clock
 
-    source = Storage(str(tmp_path / "source"))
-    view = source.view()
-    for i in range(3 * storage_module._RESTORE_BATCH + 10):
-        view.put(b"t/%08d" % i, b"x")
-    view.put(b"m/applied", b"41")
-    source.commit(view)
-    snapshot = str(tmp_path / "snapshot")
-    source.dump(snapshot, (("raft", 41), ["cluster"], {}))
+    source, snapshot = snapshot_of_batches(tmp_path, 3)
 
     leader = follower.leader_node
     follower._SyncObj__raftLeader = leader  # type: ignore[attr-defined]
@@ -353,16 +360,7 @@ def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tm
 def test_a_restore_goes_on_when_telling_the_leader_fails(follower, tmp_path, monkeypatch):
     """Telling the leader is a courtesy: a send that fails (a dropped
     connection, another PySyncObj version) must not fail the restore."""
-    from daemons.replica import storage as storage_module
-
-    source = Storage(str(tmp_path / "source"))
-    view = source.view()
-    for i in range(2 * storage_module._RESTORE_BATCH):
-        view.put(b"t/%08d" % i, b"x")
-    view.put(b"m/applied", b"41")
-    source.commit(view)
-    snapshot = str(tmp_path / "snapshot")
-    source.dump(snapshot, (("raft", 41), ["cluster"], {}))
+    source, snapshot = snapshot_of_batches(tmp_path, 2)
     follower._SyncObj__raftLeader = follower.leader_node  # type: ignore[attr-defined]
     follower._reply_repeat_window = 0.0
     transport = follower._SyncObj__transport  # type: ignore[attr-defined]
