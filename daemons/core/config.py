@@ -541,8 +541,8 @@ def _check_unique(c: _Checker, raw: Any) -> None:
         note(p, f"portals[{i}]", ("port",))
     listener = raw.get("listener")
     if isinstance(listener, dict):
-        note({"host": ListenerSpec.host, "port": ListenerSpec.port, **listener}, "listener",
-             ("port",))
+        note({"id": ListenerSpec.id, "host": ListenerSpec.host, "port": ListenerSpec.port,
+              **listener}, "listener", ("port",))
 
 
 class _StrictLoader(yaml.SafeLoader):

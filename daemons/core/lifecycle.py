@@ -112,12 +112,17 @@ Action = tuple[str, str, Callable[[Cluster, str], int]]
 
 def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Daemon],
                 argv: Sequence[str] | None = None, needs_id: bool = True,
-                actions: Sequence[Action] = ()) -> int:
-    """The whole of a daemon's __main__: parse, validate, build, run, map exit codes."""
+                actions: Sequence[Action] = (), shown: Sequence[tuple[str, str]] = ()) -> int:
+    """The whole of a daemon's __main__: parse, validate, build, run, map exit codes.
+
+    `shown`: (flag, help) of switches the caller took from argv itself, listed
+    in --help (and accepted) here too."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="cluster file (YAML)")
     if needs_id:
         parser.add_argument("--id", required=True, help="this daemon's id in the cluster file")
+    for flag, text in shown:
+        parser.add_argument(flag, action="store_true", help=text)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--check-config", action="store_true",
                        help="validate the cluster file, the id and the secret files this "

@@ -9,14 +9,16 @@ from daemons.core.config import Cluster
 from daemons.core.lifecycle import daemon_main
 from daemons.listener.daemon import ListenerDaemon, listener_spec
 
-DESCRIPTION = ("Run the Tarefa listener: append every change event to the audit log. "
-               "--follow also prints each event as a readable line on stdout.")
+DESCRIPTION = "Run the Tarefa listener: append every change event to the audit log."
+FOLLOW_HELP = "also print each event as a readable line on stdout"
 
 
 class _Builder:
     """daemon_main's `build`; its `check` also runs for --check-config."""
 
-    check = staticmethod(listener_spec)
+    # The section and every secret the listener reads (TLS, MQTT login), as a
+    # start would: --check-config said OK while a start then exited 2.
+    check = staticmethod(ListenerDaemon.check)
 
     def __init__(self, follow: bool) -> None:
         self.follow = follow
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--follow", action="store_true")
     known, rest = pre.parse_known_args(argv)
     return daemon_main("tarefa-listener", DESCRIPTION, _Builder(known.follow), rest,
-                       needs_id=False)
+                       needs_id=False, shown=[("--follow", FOLLOW_HELP)])
 
 
 if __name__ == "__main__":

@@ -241,13 +241,15 @@ def test_the_read_only_login_still_receives_events(stack):
 
 
 def test_daemon_refuses_a_secret_file_others_can_read(tmp_path):
-    ports = free_ports(8)
+    ports = free_ports(9)
     doc = {"cluster": {"name": "test"}, "security": SECURE,
            "broker": {"host": "127.0.0.1", "port": ports[0], "password_dir": "secrets/mqtt"},
            "replicas": [{"id": f"replica-{i}", "host": "127.0.0.1", "raft_port": ports[i],
                          "grpc_port": ports[3 + i], "data_dir": f"data/{i}"} for i in (1, 2, 3)],
            "portals": [{"id": "portal-admin", "host": "127.0.0.1", "port": ports[7],
-                        "services": ["admin"]}]}
+                        "services": ["admin"]}],
+           "listener": {"id": "listener", "host": "127.0.0.1", "port": ports[8],
+                        "audit_log": "audit/audit.jsonl"}}
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(doc))
     Provisioner(load_cluster(str(config))).run()
@@ -255,7 +257,10 @@ def test_daemon_refuses_a_secret_file_others_can_read(tmp_path):
             ("tls/replica-1.key", ["daemons.replica", "--id", "replica-1"], None),
             ("mqtt/portal-admin", ["daemons.portal", "--id", "portal-admin"], "mqtt"),
             ("raft.password", ["daemons.replica", "--id", "replica-1"], "raft.password"),
-            ("admin.token", ["daemons.portal", "--id", "portal-admin"], "admin.token")):
+            ("admin.token", ["daemons.portal", "--id", "portal-admin"], "admin.token"),
+            # The listener's --check-config said OK here, then its start exited 2.
+            ("tls/listener.key", ["daemons.listener"], None),
+            ("mqtt/listener", ["daemons.listener"], "mqtt")):
         path = tmp_path / "secrets" / name
         command = [sys.executable, "-m", argv[0], "--config", str(config), *argv[1:]]
         checked = subprocess.run([*command, "--check-config"], cwd=ROOT, capture_output=True,

@@ -388,6 +388,14 @@ def test_default_ports_clash_too(raw):
     ]
 
 
+def test_the_listeners_default_id_clashes_too(raw):
+    # Both would be `tarefa-<cluster>-listener` to the broker and share one login.
+    raw["listener"] = {k: v for k, v in raw["listener"].items() if k != "id"}  # "listener"
+    raw["portals"][1]["id"] = "listener"
+    assert problems(raw) == [
+        "cluster.yaml: listener.id: duplicate id 'listener' (also portals[1].id)"]
+
+
 def test_two_replicas_on_one_data_dir(raw):
     # Another spelling of the same directory.
     raw["replicas"][1]["data_dir"] = os.path.join("alias", "..", raw["replicas"][0]["data_dir"])
