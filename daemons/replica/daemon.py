@@ -20,7 +20,8 @@ from daemons.core.security import add_port, load_tls, server_options
 from daemons.replica import journal_file
 from daemons.replica.proposer import Proposer
 from daemons.replica.service import ReplicaServicer
-from daemons.replica.state_machine import RESYNC, ReplicaStateMachine, raft_password
+from daemons.replica.state_machine import (RESYNC, ReplicaStateMachine, raft_password,
+                                            snapshot_file)
 from daemons.replica.storage import Storage
 from proto import replica_pb2
 
@@ -44,6 +45,7 @@ def repair_journal(cluster: Cluster, replica_id: str) -> int:
     fd = lock_file(os.path.join(spec.data_dir, LOCK_FILE),
                    f"{replica_id} is running on data_dir {spec.data_dir}: stop it first")
     try:
+        _refuse_to_cut_applied_entries(spec.data_dir, journal)
         try:
             found, copy = journal_file.repair(journal)
         except ValueError as exc:
@@ -69,6 +71,42 @@ def repair_journal(cluster: Cluster, replica_id: str) -> int:
               "acknowledged may be among those cut: they survive only where another member "
               "still holds them")
     return 0
+
+
+def _refuse_to_cut_applied_entries(data_dir: str, journal: str) -> None:
+    """Refuse a cut that would leave this member's log short of what its LevelDB applied.
+
+    Entries are applied after they are in the journal (and with raft.fsync,
+    synced there), so a power cut cannot tear an applied record; one that is
+    torn means damage of another kind. Cut anyway, the member would hold
+    effects of entries its log lacks: it could reuse their indexes for other
+    entries, or win an election without them (with other members cut too),
+    and the members would then disagree without a word.
+    """
+    try:
+        found = journal_file.scan(journal)
+    except OSError:
+        return  # journal_file.repair reports it
+    if found.whole or found.header_problem is not None:
+        return  # nothing to cut, or no cut (refused by repair)
+    held = found.last or 0
+    snapshot = snapshot_file(data_dir)
+    if os.path.exists(snapshot):
+        try:
+            held = max(held, Storage.read_header(snapshot)[0][1])
+        except Exception:  # noqa: BLE001 - a damaged snapshot: then the LevelDB check decides
+            pass
+    storage = Storage(data_dir, verify=False)
+    try:
+        applied = storage.applied_index()
+    finally:
+        storage.close()
+    if applied > held:
+        raise StorageCorrupt(
+            f"{journal}: not repaired: LevelDB at {data_dir} has applied Raft entries up to "
+            f"index {applied}, but the journal's whole records (and the snapshot) end at "
+            f"{held}. Applied records are never at a torn end, so this is other damage, and a "
+            f"cut would make this member disagree with its peers; {RESYNC}")
 
 
 class ReplicaDaemon(Daemon):

@@ -268,3 +268,43 @@ def test_a_compaction_that_fails_before_the_rename_leaves_the_journal_whole(tmp_
     journal._destroy()
     assert loaded(path) == entries
     assert os.listdir(os.path.dirname(path)) == ["journal"]
+
+
+def _offline_cluster(data_dir: str):  # type: ignore[no-untyped-def]
+    """What repair_journal reads of the cluster: the member's data_dir and raft.fsync."""
+    from types import SimpleNamespace
+    return SimpleNamespace(replica=lambda _id: SimpleNamespace(data_dir=data_dir),
+                           raft=SimpleNamespace(fsync=True))
+
+
+@pytest.mark.parametrize("applied", [RECORDS - 1, RECORDS])
+def test_the_repair_refuses_to_cut_entries_leveldb_has_applied(tmp_path, capsys, applied):
+    """A torn record that LevelDB applied is not a power cut's tear (entries are
+    journalled first): cutting it would leave the member holding effects its log
+    lacks, free to reuse the index or lead without it. Found by review: two
+    damaged journals repaired, and the members then disagreed without a word."""
+    from daemons.replica.applier import EntryApplier
+    from daemons.replica.daemon import repair_journal
+    from daemons.replica.storage import Storage
+
+    data_dir = str(tmp_path / "d")
+    path, _ = write_journal(data_dir)
+    whole = tear(path, "record_cut_off")
+    storage = Storage(data_dir)
+    EntryApplier(storage, 100).apply(applied, [])
+    storage.close()
+    with open(path, "rb") as fh:
+        torn = fh.read()
+
+    if applied <= whole:
+        assert repair_journal(_offline_cluster(data_dir), "replica-1") == 0
+        assert journal_file.scan(path).whole
+        return
+    with pytest.raises(StorageCorrupt) as info:
+        repair_journal(_offline_cluster(data_dir), "replica-1")
+    message = info.value.message
+    assert f"applied Raft entries up to index {applied}" in message
+    assert f"end at {whole}" in message and "remove its data_dir" in message
+    with open(path, "rb") as fh:
+        assert fh.read() == torn, "the refused repair changed the journal"
+    assert not [f for f in os.listdir(os.path.dirname(path)) if ".torn-" in f]
