@@ -76,9 +76,11 @@ def repair_journal(cluster: Cluster, replica_id: str) -> int:
 def _refuse_to_cut_applied_entries(data_dir: str, journal: str) -> None:
     """Refuse a cut that would leave this member's log short of what its LevelDB applied.
 
-    Entries are applied after they are in the journal (and with raft.fsync,
-    synced there), so a power cut cannot tear an applied record; one that is
-    torn means damage of another kind. Cut anyway, the member would hold
+    Entries are applied after they are in the journal and, with raft.fsync,
+    synced there, so a power cut then cannot tear an applied record; one that
+    is torn means damage of another kind (or, without raft.fsync, a power cut
+    that wrote LevelDB's pages back and not the journal's). Cut anyway, the
+    member would hold
     effects of entries its log lacks: it could reuse their indexes for other
     entries, or win an election without them (with other members cut too),
     and the members would then disagree without a word.
@@ -105,8 +107,8 @@ def _refuse_to_cut_applied_entries(data_dir: str, journal: str) -> None:
         raise StorageCorrupt(
             f"{journal}: not repaired: LevelDB at {data_dir} has applied Raft entries up to "
             f"index {applied}, but the journal's whole records (and the snapshot) end at "
-            f"{held}. Applied records are never at a torn end, so this is other damage, and a "
-            f"cut would make this member disagree with its peers; {RESYNC}")
+            f"{held}: a cut would leave this member with effects of entries its log lacks, "
+            f"and it could then disagree with its peers; {RESYNC}")
 
 
 class ReplicaDaemon(Daemon):
