@@ -95,9 +95,15 @@ _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 def _title_char_ok(ch: str) -> bool:
     if ch.isprintable():
         return True
+    category = unicodedata.category(ch)
+    # str.isprintable() refuses every space but U+0020: the no-break spaces of
+    # French ("Réunion : 10 h") and the ideographic space are spaces too (Zs).
+    # Line and paragraph separators (Zl, Zp) stay refused.
+    if category == "Zs":
+        return True
     # Format characters (Cf) such as the zero-width joiner of emoji sequences are
     # fine; bidirectional overrides would let a title display as another.
-    return unicodedata.category(ch) == "Cf" and ch not in _BIDI_CONTROLS
+    return category == "Cf" and ch not in _BIDI_CONTROLS
 
 
 def validate_description(description: object) -> str:

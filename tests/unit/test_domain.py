@@ -109,6 +109,14 @@ def test_title_accepts_emoji_zwj_sequences():
         assert domain.validate_title(title) == title
 
 
+def test_title_accepts_every_kind_of_space():
+    # str.isprintable() is False for all of these (found by review: refused
+    # with "only printable characters", which they are).
+    for title in ("Réunion\u00a0: 10\u202fh", "会議\u3000資料", "em\u2003space",
+                  "thin\u2009space", "\u00a0"):
+        assert domain.validate_title(title) == title
+
+
 def test_title_of_257_characters_is_refused():
     message = refused(domain.validate_title, "x" * 257, "title")
     assert "256" in message and "257" in message
