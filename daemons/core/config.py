@@ -199,7 +199,13 @@ class _Checker:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            self.fail(path, f"must be a mapping (got {_kind(raw)})")
+            if not path:
+                # The whole file: never quoted (--config pointed at a credentials
+                # file, say, would print its secret).
+                self.fail(path, f"must be a mapping of settings (got {_summary(raw)}): is "
+                                "this a Tarefa cluster file?")
+            else:
+                self.fail(path, f"must be a mapping (got {_kind(raw)})")
             return {}
         out: dict[str, Any] = {}
         for key in raw:
@@ -331,7 +337,25 @@ def _is_int(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+    if value is None:
+        return "nothing"
+    shown = repr(value)
+    if len(shown) > _SHOWN_CHARS:
+        shown = shown[:_SHOWN_CHARS] + "…"
+    return f"{type(value).__name__} {shown}"
+
+
+_SHOWN_CHARS = 80  # of a wrong value, in a message
+
+
+def _summary(value: Any) -> str:
+    """What a value is, without its content."""
+    if isinstance(value, str):
+        return f"text of {len(value)} characters"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    return "a true/false value" if isinstance(value, bool) else \
+        "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
 
 
 def _join(path: str, key: str) -> str:

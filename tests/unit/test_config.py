@@ -486,8 +486,12 @@ def test_invalid_yaml(tmp_path, text):
 
 @pytest.mark.parametrize("text,expected", [
     ("", "replicas: required"),
-    ("- a\n- b\n", "must be a mapping (got list ['a', 'b'])"),
-    ("just text\n", "must be a mapping (got str 'just text')"),
+    ("- a\n- b\n", "must be a mapping of settings (got a list of 2 items): is this a "
+                   "Tarefa cluster file?"),
+    # Never quoted: found by review, `--config` on a credentials file printed it.
+    ("token=s3cr3t\n", "must be a mapping of settings (got text of 12 characters): is this "
+                       "a Tarefa cluster file?"),
+    ("42\n", "must be a mapping of settings (got a number): is this a Tarefa cluster file?"),
 ])
 def test_document_that_is_not_a_mapping(tmp_path, text, expected):
     path = tmp_path / "cluster.yaml"
