@@ -93,6 +93,12 @@ class Session:
             return None
         return self._cluster
 
+    def secrets_issued(self) -> bool | None:
+        """Whether the portals check client secrets (auth: token); None: no usable
+        cluster file says (e.g. --portal alone)."""
+        cluster = self.cluster(required=False)
+        return None if cluster is None else cluster.security.auth == "token"
+
     def metadata(self, service: str) -> tuple[tuple[str, str], ...]:
         """The credential for `service` as call metadata; none found -> send none
         (fine with `auth: cid-only`; otherwise the portal answers UNAUTHENTICATED)."""
@@ -220,7 +226,7 @@ def client_add(s: Session, a: argparse.Namespace) -> None:
                                                                request_id=s.request_id))
     if not c.secret:  # auth: cid-only, or a retry of a request id already applied
         s.printer.line(c.cid, client_dict(c))
-        if a.request_id:
+        if a.request_id and s.secrets_issued() is not False:
             print("Note: no secret in this answer; with auth: token that means this request "
                   "id was applied before and its secret was shown then (`tarefa client "
                   f"rotate-secret {c.cid}` issues a new one)", file=sys.stderr)
@@ -232,7 +238,19 @@ def client_add(s: Session, a: argparse.Namespace) -> None:
 
 def client_rotate_secret(s: Session, a: argparse.Namespace) -> None:
     r = s.call("admin", "RotateSecret", pb.RotateSecretRequest(cid=a.cid, request_id=s.request_id))
+    if not r.secret:
+        # A retry of a request id already applied: its secret was shown then.
+        s.printer.line(f"client {r.cid}: secret rotated (revision {r.revision})",
+                       {"cid": r.cid, "secret": None, "revision": r.revision})
+        print(f"Note: no secret in this answer: request id {s.request_id} was applied before "
+              "and its secret was shown then (rotate again without --request-id for a new "
+              "one)", file=sys.stderr)
+        return
     s.printer.line(r.secret, {"cid": r.cid, "secret": r.secret, "revision": r.revision})
+    if s.secrets_issued() is False:
+        print("Note: the cluster file says auth: cid-only, where portals check no secret",
+              file=sys.stderr)
+        return
     print(f"Note: client {r.cid}'s previous secret no longer works on any portal",
           file=sys.stderr)
 
@@ -443,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- argument types (argparse turns their ValueError/ArgumentTypeError into exit 2) ----
 
 def _timeout(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # refused below, by the same message
     if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most "
                                          f"{MAX_TIMEOUT:g} (got {text!r})")
@@ -451,7 +472,10 @@ def _timeout(text: str) -> float:
 
 
 def _limit(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0  # refused below, by the same message
     if not 1 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_LIMIT} (got {text!r})")
     return value
@@ -490,6 +514,10 @@ def _check_text_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        # A non-UTF-8 terminal: escape what it cannot show instead of a
+        # UnicodeEncodeError traceback halfway through a table.
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         _check_text_arguments(args)

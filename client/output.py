@@ -33,13 +33,18 @@ def event_dict(msg: pb.TaskEvent) -> dict[str, Any]:
 
 
 class Printer:
-    def __init__(self, as_json: bool, out: TextIO = sys.stdout) -> None:
+    def __init__(self, as_json: bool, out: TextIO | None = None) -> None:
         self.as_json = as_json
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # the current one, not the first
+        # Output that is not UTF-8 (a terminal or PYTHONIOENCODING in another
+        # encoding) gets JSON's own \u escapes; tables and lines get Python's
+        # backslash escapes for what it cannot encode (see client.__main__.main).
+        encoding = (getattr(self.out, "encoding", None) or "utf-8").lower().replace("-", "")
+        self._ascii_json = encoding not in ("utf8", "utf8sig")
 
     def document(self, value: Any) -> None:
         """One JSON document on a line."""
-        print(json.dumps(value, ensure_ascii=False), file=self.out, flush=True)
+        print(json.dumps(value, ensure_ascii=self._ascii_json), file=self.out, flush=True)
 
     def record(self, value: dict[str, Any]) -> None:
         if self.as_json:

@@ -154,21 +154,38 @@ def parse_client_data(data: object) -> dict:
     size = len(data.encode("utf-8"))
     if size > DATA_MAX_BYTES:
         raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
+    too_deep = f"data: nested deeper than {DATA_MAX_DEPTH} levels"
     try:
         value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
                            parse_int=_bounded_int)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        # Where the parser gives up depends on the thread's stack, so a replica
+        # must not say so: the same text deep enough for the check below gets
+        # the check's words on every member (the outcome is stored).
+        raise InvalidArgument(too_deep) from None
+    except ValueError as exc:
         raise InvalidArgument(f"data: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise InvalidArgument(f"data: must be a JSON object (got {type(value).__name__})")
+        raise InvalidArgument(f"data: must be a JSON object (got {_json_kind(value)})")
     if json_depth(value) > DATA_MAX_DEPTH:
-        raise InvalidArgument(f"data: nested deeper than {DATA_MAX_DEPTH} levels")
+        raise InvalidArgument(too_deep)
     try:  # escapes such as "\ud800" decode to text that is not valid UTF-8
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError, RecursionError):
         raise InvalidArgument("data: strings must be valid UTF-8 (lone surrogate escape)") \
             from None
     return value
+
+
+def _json_kind(value: object) -> str:
+    """A parsed JSON value's kind, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def json_depth(value: object) -> int:

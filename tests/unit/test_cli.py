@@ -6,12 +6,14 @@ against real portals)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 
 import grpc
 import pytest
+import yaml
 
 import client.__main__ as cli
 from client.output import Printer
@@ -250,3 +252,115 @@ def test_the_status_line_of_a_portal_shows_dropped_events_only_when_there_are_so
            "events_dropped": 0}
     assert "DROPPED" not in cli._status_detail(row)
     assert cli._status_detail({**row, "events_dropped": 7}).endswith("limited=0 DROPPED=7")
+
+
+# ---- found by review (2026-11-28) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--timeout", "abc", "client", "get", "7"], "--timeout"),
+    (["client", "ls", "--limit", "abc"], "--limit"),
+    (["client", "ls", "--limit", "1.5"], "--limit"),
+])
+def test_option_values_that_are_not_numbers_are_refused_in_words(capsys, argv, word):
+    # They said "invalid _timeout value: 'abc'" (the parser's function name).
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_USAGE and f"argument {word}: must be" in err
+    assert "invalid _" not in err
+
+
+class _Answer(_Channel):
+    """Answers every unary call with `response`."""
+
+    def __init__(self, response: object) -> None:
+        super().__init__(RuntimeError("unused"))
+        self.response = response
+
+    def unary_unary(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def call(request, timeout=None, metadata=None):  # type: ignore[no-untyped-def]
+            self.requests.append(request)
+            return self.response
+        return call
+
+
+def _answered(monkeypatch, response: object) -> _Answer:
+    channel = _Answer(response)
+    monkeypatch.setattr(cli.Session, "_connect", lambda self, service: ("127.0.0.1:9", channel))
+    monkeypatch.setattr(cli.Session, "metadata", lambda self, service: ())
+    return channel
+
+
+def test_a_retried_rotation_says_its_secret_was_shown_before(capsys, monkeypatch):
+    # A retry of an applied request id has no secret: it printed an empty line
+    # and "the previous secret no longer works".
+    from proto import portal_pb2 as pb
+    _answered(monkeypatch, pb.RotateSecretResponse(cid="7", secret="", revision=5))
+    code, out, err = run(capsys, "--request-id", "rr1", "client", "rotate-secret", "7")
+    assert code == 0 and out == "client 7: secret rotated (revision 5)\n"
+    assert "request id rr1 was applied before" in err and "no longer works" not in err
+    code, out, _ = run(capsys, "--json", "--request-id", "rr1", "client", "rotate-secret", "7")
+    assert code == 0 and json.loads(out) == {"cid": "7", "secret": None, "revision": 5}
+
+
+def _cid_only_config(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    with open(os.path.join(ROOT, "config", "cluster.yaml"), encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    doc["security"] = {"auth": "cid-only"}
+    doc["broker"].pop("password_dir", None)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_cid_only_clients_get_no_note_about_secrets(capsys, monkeypatch, tmp_path):
+    # With auth: cid-only no answer carries a secret; the note said a fresh
+    # request id "was applied before".
+    from proto import portal_pb2 as pb
+    _answered(monkeypatch, pb.Client(cid="100", data="{}", revision=1))
+    config = _cid_only_config(tmp_path)
+    code, out, err = run(capsys, "--config", config, "--request-id", "rid-1",
+                         "client", "add", "--cid", "100", "{}")
+    assert code == 0 and out == "100\n" and err == ""
+    _answered(monkeypatch, pb.RotateSecretResponse(cid="100", secret="s3", revision=2))
+    code, out, err = run(capsys, "--config", config, "client", "rotate-secret", "100")
+    assert code == 0 and out == "s3\n" and "no longer works" not in err
+    assert "auth: cid-only" in err
+
+
+_LIST_ON_ASCII = """
+import sys
+import client.__main__ as cli
+from proto import portal_pb2 as pb
+
+class Channel:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def unary_unary(self, *args, **kwargs):
+        return lambda request, timeout=None, metadata=None: pb.ListTasksResponse(
+            tasks=[pb.Task(cid="7", title="caf\u00e9 " * 30, status="pending")])
+
+    unary_stream = unary_unary
+
+cli.Session._connect = lambda self, service: ("127.0.0.1:9", Channel())
+cli.Session.metadata = lambda self, service: ()
+sys.exit(cli.main(["--portal", "127.0.0.1:9", *sys.argv[1:], "task", "ls", "--cid", "7"]))
+"""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_output_that_is_not_utf8_is_escaped_not_a_traceback(as_json):
+    # It was a UnicodeEncodeError traceback halfway through the table (an
+    # accent, or the … of a cut cell, on a terminal in another encoding).
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", _LIST_ON_ASCII, *(["--json"] if as_json else [])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    if as_json:  # JSON's own escapes: still the same document
+        assert json.loads(done.stdout)["tasks"][0]["title"] == "caf\u00e9 " * 30
+        assert "\\u00e9" in done.stdout
+    else:
+        assert "caf\\xe9" in done.stdout.splitlines()[1]
