@@ -66,6 +66,9 @@ class CliError(Exception):
         self.code = code
 
 
+CONNECT_WAIT = 3.0  # seconds for each portal to accept a connection (at most --timeout)
+
+
 class Session:
     """Which portal to call and how; one RPC per verb."""
 
@@ -136,17 +139,21 @@ class Session:
     def _connect(self, service: str) -> tuple[str, grpc.Channel]:
         """The address and open channel of the first reachable portal serving `service`."""
         down = []
+        wait = min(self.timeout, CONNECT_WAIT)
         for address in self.addresses(service):
             channel = self.channel(address)
             try:
-                grpc.channel_ready_future(channel).result(timeout=min(self.timeout, 3))
+                grpc.channel_ready_future(channel).result(timeout=wait)
             except grpc.FutureTimeoutError:
                 channel.close()
                 down.append(address)
                 continue
             return address, channel
         which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
-        raise CliError(f"{which} not reachable ({service} service)", EXIT_UNAVAILABLE)
+        hint = f"; --timeout {self.timeout:g} may be too short to connect" \
+            if wait < CONNECT_WAIT else ""
+        raise CliError(f"{which} not reachable within {wait:g}s ({service} service){hint}",
+                       EXIT_UNAVAILABLE)
 
     def call(self, service: str, method: str, request: Any) -> Any:
         """Call `method` on the first reachable portal serving `service`."""

@@ -31,6 +31,7 @@ MAX_INT = 2**31 - 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # one host for clash checks (IPv4 loopback)
 AUTH_MODES = ("token", "cid-only")
 _DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,252}[A-Za-z0-9_])?")
 # Names other things already take where ids name files and programs: the CA's
 # certificate (tls/ca.crt), the CLI's certificate (security.CLI_CERT), the
 # broker's supervisord program, and tarefa-secrets' Mosquitto files.
@@ -232,6 +233,18 @@ class _Checker:
             return None
         return value
 
+    def host(self, value: Any, path: str) -> str | None:
+        """A host name or IPv4 address: addresses are written host:port for
+        PySyncObj and gRPC, where an IPv6 literal's colons are misread."""
+        if self.string(value, path) is None:
+            return None
+        if not _HOST.fullmatch(value):
+            extra = " (IPv6 literals are not supported: give a host name that resolves to " \
+                    "the address)" if ":" in value else ""
+            self.fail(path, f"must be a host name or an IPv4 address (got {_kind(value)}){extra}")
+            return None
+        return value
+
     def daemon_id(self, value: Any, path: str) -> str | None:
         """A daemon id: it names files (TLS, MQTT passwords), ACL lines, MQTT
         sessions and supervisord programs, so only a safe spelling goes."""
@@ -382,7 +395,7 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
         "grace_seconds": c.seconds,
         "raft": lambda v, p: c.mapping(v, p, _raft_checks(c)),
         "broker": lambda v, p: c.mapping(v, p, {
-            "host": c.string, "port": c.port,
+            "host": c.host, "port": c.port,
             "username": c.optional_string, "password": c.optional_string,
             "password_dir": c.optional_path}),
         "security": lambda v, p: c.mapping(v, p, {
@@ -396,16 +409,16 @@ def parse_cluster(raw: Any, source: str, base_dir: str) -> Cluster:
             "max_watch_streams_per_client": c.positive_int,
             "client_write_rate": c.optional_rate, "client_write_burst": c.optional_positive_int}),
         "replicas": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
-            "id": c.daemon_id, "host": c.string, "raft_port": c.port, "grpc_port": c.port,
+            "id": c.daemon_id, "host": c.host, "raft_port": c.port, "grpc_port": c.port,
             "data_dir": c.path_value}, required=("id", "host", "raft_port", "grpc_port",
                                                  "data_dir"))),
         "portals": lambda v, p: _list(c, v, p, lambda item, ip: c.mapping(item, ip, {
-            "id": c.daemon_id, "host": c.string, "port": c.port, "services": c.services,
+            "id": c.daemon_id, "host": c.host, "port": c.port, "services": c.services,
             "cache_entries": c.positive_int, "cache_bytes": c.positive_int,
             "cache_ttl": c.seconds},
             required=("id", "host", "port", "services"))),
         "listener": lambda v, p: c.mapping(v, p, {
-            "id": c.daemon_id, "host": c.string, "port": c.port, "audit_log": c.path_value,
+            "id": c.daemon_id, "host": c.host, "port": c.port, "audit_log": c.path_value,
             "fsync": c.choice(FSYNC_POLICIES), "fsync_interval": c.seconds,
             "rotate_bytes": c.positive_int, "keep_files": c.bounded_int(MAX_KEEP_FILES),
             "dedupe_window": c.positive_int, "missing_after": c.seconds}),

@@ -364,3 +364,12 @@ def test_output_that_is_not_utf8_is_escaped_not_a_traceback(as_json):
         assert "\\u00e9" in done.stdout
     else:
         assert "caf\\xe9" in done.stdout.splitlines()[1]
+
+
+def test_a_timeout_too_short_to_connect_says_so(capsys):
+    # `--timeout 0.001` called a healthy portal "not reachable", nothing more.
+    # (127.0.0.1:9: nothing listens there, so no connection in 0.2 s either.)
+    code, _, err = run(capsys, "--timeout", "0.2", "client", "get", "7")
+    assert code == cli.EXIT_UNAVAILABLE
+    assert "portal 127.0.0.1:9 is not reachable within 0.2s (admin service); --timeout 0.2 " \
+           "may be too short to connect" in err

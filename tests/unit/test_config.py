@@ -291,6 +291,31 @@ def test_same_port_on_different_hosts_is_fine(raw):
     assert parse_cluster(raw, SOURCE, "/x").replicas[1].raft_address == "10.0.0.2:7001"
 
 
+@pytest.mark.parametrize("host", ["::1", "[::1]", "fe80::1%eth0"])
+def test_an_ipv6_literal_host_is_refused_by_name(raw, host):
+    # It passed the check, then the start said the port "is in use": the
+    # address "::1:7101" is misread by PySyncObj and gRPC alike.
+    raw["replicas"][0]["host"] = host
+    assert only_problem(raw) == (
+        f"cluster.yaml: replicas[0].host: must be a host name or an IPv4 address (got str "
+        f"{host!r}) (IPv6 literals are not supported: give a host name that resolves to the "
+        "address)")
+
+
+@pytest.mark.parametrize("host", ["http://x", "a b", "-x", "x:1"])
+def test_a_host_that_is_not_a_name_is_refused(raw, host):
+    raw["portals"][0]["host"] = host
+    assert only_problem(raw).startswith(
+        "cluster.yaml: portals[0].host: must be a host name or an IPv4 address")
+
+
+@pytest.mark.parametrize("host", ["localhost", "10.0.0.2", "replica-1.example.org", "node_2",
+                                  "a"])
+def test_host_names_and_ipv4_addresses_are_fine(raw, host):
+    raw["listener"]["host"] = host
+    assert parse_cluster(raw, SOURCE, "/x").listener.host == host
+
+
 def test_even_replica_count(raw):
     add_replica(raw, 4)
     assert only_problem(raw).startswith(
