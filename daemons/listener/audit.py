@@ -246,6 +246,9 @@ class AuditLog:
                 os.makedirs(directory, exist_ok=True)
                 if self.fsync_policy != "never":
                     fsync_parent(directory)  # the directory's own entry in its parent
+            if os.path.isdir(self.path):
+                # Refused before the lock and rejects files are made beside it.
+                raise IsADirectoryError(errno.EISDIR, "is a directory", self.path)
             self._take_lock()
             self._rejects.open()
             self._repair_tail()

@@ -198,6 +198,8 @@ def test_an_audit_log_that_names_a_directory_is_refused_clearly(tmp_path):
     with pytest.raises(TarefaError, match=r"audit log .*audit.jsonl: cannot open it: .*"
                                           r"[Ii]s a directory"):
         AuditLog(str(tmp_path / "audit.jsonl")).open()
+    # Nothing left behind (the lock and rejects files were created first).
+    assert os.listdir(tmp_path) == ["audit.jsonl"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(TarefaError, match=r"cannot open it: .*[Nn]ot a directory"):
         AuditLog(str(tmp_path / "file" / "audit.jsonl")).open()
