@@ -79,8 +79,14 @@ class PortalOperations:
             # it once (events are deduplicated by change, not by origin).
             record = json.loads(answer.record) if answer.record else None
             records.append(record)
+            # The change's own time: a duplicate answer carries the first
+            # attempt's record, so its event is the same as that attempt's
+            # (the audit log drops it as a redelivery; it was written twice,
+            # differing only in `at`). A deletion has no record: its `at` is now.
+            stamp = record.get("updated_at") if isinstance(record, dict) else None
             self.coherence.local_change(events.make_event(
-                event, cid, answer.revision, self.portal_id, at, title=title, record=record))
+                event, cid, answer.revision, self.portal_id,
+                stamp if isinstance(stamp, str) and stamp else at, title=title, record=record))
 
         answer = await self.replicas.apply(command, timeout, committed)
         if not records:  # `committed` failed (logged by ReplicaClient)

@@ -281,6 +281,46 @@ def test_a_retried_write_answered_from_the_dedupe_table_is_published_once() -> N
     assert len(Bus.sent) == 1
 
 
+def test_a_retried_write_is_published_with_the_time_of_its_change() -> None:
+    """The event of a duplicate answer carries the change's time (the first
+    attempt's record), not the retry's: otherwise the same change from the same
+    portal reached the audit log twice, differing only in `at` (found by
+    review: two task.created lines for one revision from portal-client-1)."""
+    import asyncio
+    import json
+
+    from daemons.core import events
+    from daemons.portal.operations import PortalOperations
+    from proto import replica_pb2
+
+    first = {**rec(10, "first"), "updated_at": "2026-01-02T03:04:05.678Z"}
+
+    class Replicas:
+        async def apply(self, command, timeout, on_commit):  # type: ignore[no-untyped-def]
+            assert command.at != first["updated_at"]  # the retry's own time
+            answer = replica_pb2.ApplyResponse(revision=10, record=json.dumps(first),
+                                               duplicate=True)
+            on_commit(answer)
+            return answer
+
+    class Bus:
+        sent: list = []
+
+        def publish(self, topic: str, payload: bytes) -> None:
+            self.sent.append(events.decode(payload))
+
+    async def retry() -> None:
+        coherence = Coherence("portal-client-1", "test", PortalCache(100, 60))
+        coherence.on_connection(True)
+        coherence.loop = asyncio.get_running_loop()
+        coherence.bus = Bus()
+        ops = PortalOperations("portal-client-1", Replicas(), coherence)  # type: ignore[arg-type]
+        await ops.update_task(CID, "t", "first", None, "req-1", 5)
+
+    asyncio.run(retry())
+    assert [e["at"] for e in Bus.sent] == ["2026-01-02T03:04:05.678Z"]
+
+
 def test_reads_retried_for_newer_changes_share_the_call_s_timeout() -> None:
     """A read whose answer keeps being overtaken by newer events reads again,
     up to 5 times: all of them within the one timeout of the call, not 5 x it."""
