@@ -405,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(group: Any, name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = group.add_parser(name, help=help_text)
         sub.set_defaults(fn=fn)
+        # Also after the verb (`tarefa cluster status --json`); SUPPRESS keeps
+        # the value given before it when not repeated here.
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print JSON (also accepted before the verb)")
         return sub
 
     def consistency(sub: argparse.ArgumentParser) -> None:

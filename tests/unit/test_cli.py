@@ -373,3 +373,14 @@ def test_a_timeout_too_short_to_connect_says_so(capsys):
     assert code == cli.EXIT_UNAVAILABLE
     assert "portal 127.0.0.1:9 is not reachable within 0.2s (admin service); --timeout 0.2 " \
            "may be too short to connect" in err
+
+
+@pytest.mark.parametrize("argv, as_json", [
+    (["cluster", "status"], False),
+    (["--json", "cluster", "status"], True),
+    (["cluster", "status", "--json"], True),  # refused: "unrecognized arguments"
+    (["task", "ls", "--cid", "7", "--json"], True),
+    (["--json", "task", "ls", "--json", "--cid", "7"], True),
+])
+def test_json_is_accepted_before_and_after_the_verb(argv, as_json):
+    assert cli.build_parser().parse_args(argv).json is as_json
