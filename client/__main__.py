@@ -27,9 +27,11 @@ import uuid
 from typing import Any, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.credentials import Credentials, CredentialsError
 from client.output import Printer, client_dict, event_dict, task_dict
+from client.status import connect_failure
 from daemons.core.config import Cluster, load_cluster
 from daemons.core.domain import validate_request_id
 from daemons.core.errors import ConfigError, InvalidArgument
@@ -139,20 +141,25 @@ class Session:
     def _connect(self, service: str) -> tuple[str, grpc.Channel]:
         """The address and open channel of the first reachable portal serving `service`."""
         down = []
+        causes = []
         wait = min(self.timeout, CONNECT_WAIT)
         for address in self.addresses(service):
             channel = self.channel(address)
             try:
                 grpc.channel_ready_future(channel).result(timeout=wait)
             except grpc.FutureTimeoutError:
+                cause = _why_not_connected(channel, min(self.timeout, 1.0))
                 channel.close()
                 down.append(address)
+                if cause is not None and cause not in causes:
+                    causes.append(cause)
                 continue
             return address, channel
         which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
         hint = f"; --timeout {self.timeout:g} may be too short to connect" \
             if wait < CONNECT_WAIT else ""
-        raise CliError(f"{which} not reachable within {wait:g}s ({service} service){hint}",
+        why = "".join(f"\n{cause}" for cause in causes)
+        raise CliError(f"{which} not reachable within {wait:g}s ({service} service){hint}{why}",
                        EXIT_UNAVAILABLE)
 
     def call(self, service: str, method: str, request: Any) -> Any:
@@ -185,6 +192,17 @@ class Session:
         address, channel = self._connect("client")
         return address, getattr(portal_pb2_grpc.ClientPortalStub(channel), method)(
             request, metadata=metadata)
+
+
+def _why_not_connected(channel: grpc.Channel, timeout: float) -> str | None:
+    """Why a channel did not connect, in an operator's words, if gRPC tells
+    (one health check: its error carries the last connection error)."""
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                  timeout=timeout)
+    except grpc.RpcError as exc:
+        return connect_failure(exc.details() or "")
+    return None  # it connected after all: no cause to give
 
 
 def _rpc_error(exc: grpc.RpcError, address: str, service: str = "client") -> CliError:

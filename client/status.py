@@ -23,8 +23,24 @@ def _row(daemon_id: str, kind: str, address: str) -> dict[str, Any]:
     return {"id": daemon_id, "kind": kind, "address": address, "reachable": False, "role": ""}
 
 
+def connect_failure(details: str) -> str | None:
+    """The cause of a failed gRPC connection in an operator's words, from the
+    call's details (gRPC's last connection error); None if it names none."""
+    text = details.lower()
+    if any(word in text for word in ("handshake", "ssl", "certificate", "tsi_")):
+        return ("TLS handshake failed: this CLI and the daemon do not trust each other's "
+                "certificates (from different CAs? after tarefa-secrets issued new ones, "
+                "restart the daemons so they load them)")
+    if "connection refused" in text:
+        return "connection refused: nothing listens there (is the daemon running?)"
+    return None
+
+
 def _failed(row: dict[str, Any], exc: grpc.RpcError) -> dict[str, Any]:
-    row["error"] = f"{exc.code().name}: {exc.details()}"
+    details = exc.details() or ""
+    cause = connect_failure(details)
+    # The cause first: the table shows the start of it.
+    row["error"] = f"{exc.code().name}: " + (f"{cause} [{details}]" if cause else details)
     return row
 
 

@@ -56,15 +56,21 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def foreign_tls(tmp_path_factory):
-    """A complete, valid TLS setup from ANOTHER CA, with the same daemon names."""
+def foreign_dir(tmp_path_factory):
+    """A cluster file with a complete, valid TLS setup from ANOTHER CA."""
     work = tmp_path_factory.mktemp("foreign")
     doc = {"security": {"auth": "cid-only", "tls": SECURE["tls"]},
            "replicas": [{"id": f"replica-{i}", "host": "127.0.0.1", "raft_port": 1000 + i,
                          "grpc_port": 2000 + i, "data_dir": f"d{i}"} for i in (1, 2, 3)]}
     (work / "cluster.yaml").write_text(yaml.safe_dump(doc))
-    cluster = load_cluster(str(work / "cluster.yaml"))
-    Provisioner(cluster).run()
+    Provisioner(load_cluster(str(work / "cluster.yaml"))).run()
+    return work
+
+
+@pytest.fixture(scope="module")
+def foreign_tls(foreign_dir):
+    """A complete, valid TLS setup from ANOTHER CA, with the same daemon names."""
+    cluster = load_cluster(str(foreign_dir / "cluster.yaml"))
     return load_tls(cluster.security.tls, CLI_CERT)
 
 
@@ -127,6 +133,38 @@ def test_cli_cluster_status_speaks_tls_to_every_daemon(stack):
     # No secret of any kind in what the operator sees.
     for secret in secrets_of(stack):
         assert secret not in done.stdout and secret not in done.stderr
+
+
+def test_the_cli_names_a_tls_handshake_failure(stack, foreign_dir, tmp_path):
+    """Certificates the daemons do not trust (the CA re-issued by tarefa-secrets,
+    daemons not restarted yet) are named as such, not as a daemon that is down,
+    without gRPC's own log lines (found by review: "not reachable", and three
+    "Handshake failed" lines per try; `cluster status` showed every daemon False
+    with the cause cut off)."""
+    with open(stack.config_path, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    doc["security"]["tls"] = {"ca_file": str(foreign_dir / SECURE["tls"]["ca_file"]),
+                              "cert_dir": str(foreign_dir / SECURE["tls"]["cert_dir"])}
+    # Relative paths of the stack's file stay relative to its directory.
+    config = os.path.join(os.path.dirname(stack.config_path), "foreign-ca.yaml")
+    with open(config, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(doc, fh)
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    portal = stack.portal("portal-client-1")
+    done = subprocess.run([sys.executable, "-m", "client", "--config", config, "--portal",
+                           portal.address, "task", "ls", "--cid", "7"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert f"portal {portal.address} is not reachable" in done.stderr
+    assert "TLS handshake failed: this CLI and the daemon do not trust each other's " \
+           "certificates" in done.stderr
+    assert "SSL_ERROR" not in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "client", "--config", config, "cluster",
+                           "status"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("portal-client-1")]
+    assert rows and "UNAVAILABLE: TLS handshake failed" in rows[0], done.stdout
 
 
 def secrets_of(stack: Stack) -> list[str]:
