@@ -144,10 +144,13 @@ class Provisioner:
                 f"{tls.ca_file} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: remove it "
                 f"and {ca_key_path}, re-run (every certificate is issued again) and copy "
                 "the new files to every machine of the cluster")
+        reissued = []
         for daemon_id, _, host in [*self.daemons(), (CLI_CERT, "cli", "127.0.0.1")]:
             cert_path, key_path = tls.cert_pair(daemon_id)
             if os.path.exists(key_path) and _still_good(cert_path, ca_cert):
                 continue
+            if os.path.exists(cert_path):
+                reissued.append(daemon_id)
             # Missing, half missing, signed by a CA since replaced (every
             # handshake would fail), or about to expire: a new pair from the
             # current CA (a daemon reads it at its next start).
@@ -164,6 +167,13 @@ class Provisioner:
             self._write(key_path, _key_pem(key), replace=True)
             self._write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644,
                         replace=True)
+        if reissued:
+            # A running daemon keeps the pair it read at start: until it restarts,
+            # handshakes with holders of the new ones fail.
+            self.warnings.append(
+                f"issued new TLS certificates for {', '.join(reissued)}: restart the daemons "
+                "(supervisorctl restart all, or systemctl restart tarefa.target on every "
+                "machine) so they load them; until then their handshakes with the new ones fail")
 
     @staticmethod
     def _builder(subject: x509.Name, issuer: x509.Name, public_key: object,
