@@ -182,8 +182,9 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
             client = await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
             await context.abort(grpc_code(exc), exc.message)
-        # Client events at or below the revision of the record seen here are of
-        # this client's creation or of a CID's earlier life: not news.
+        # Events at or below the revision of the record seen here are of this
+        # client's creation, changes before the watch, or of a CID's earlier life
+        # arriving late (a redelivery): not news.
         seen = client["revision"]
         coherence = self.ops.coherence
         watcher = coherence.watch(request.cid)
@@ -214,7 +215,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         "this portal's event broker connection changed and "
                                         "events may have been missed; watch again and re-list")
-                if kind.startswith("client.") and event["revision"] <= seen:
+                if event["revision"] <= seen:
                     continue
                 if deleted_at and event["revision"] > deleted_at:
                     # After the deletion: the CID may belong to another client now.

@@ -272,6 +272,47 @@ def test_a_watch_ends_when_its_client_is_deleted(stack):
     assert gone.revision > 0
 
 
+def test_a_watch_skips_a_late_task_event_of_its_cids_earlier_life(stack):
+    """A task event of an earlier client with the same CID that arrives late (a
+    QoS 1 redelivery, a portal cut off from the broker for a while) is older
+    than the watched client's record: not this client's change. Found by review:
+    only client events were checked against that revision."""
+    import paho.mqtt.client as mqtt
+
+    from daemons.core import events
+
+    admin = stack.portal("portal-admin").admin
+    a, b = stack.portal("portal-client-1"), stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="41", data="{}"), timeout=10)
+    old = a.client.CreateTask(pb.CreateTaskRequest(cid="41", title="old"), timeout=10)
+    admin.DeleteClient(pb.DeleteClientRequest(cid="41"), timeout=10)
+    admin.CreateClient(pb.CreateClientRequest(cid="41", data="{}"), timeout=10)
+    call, seen, reader = _watch_in_background(b, "41")
+    late = events.make_event("task.created", "41", old.revision, "portal-client-1",
+                             "2026-01-01T00:00:00.000Z", title="ghost",
+                             record={"cid": "41", "title": "ghost", "description": "",
+                                     "status": "pending", "created_at": "2026-01-01T00:00:00.000Z",
+                                     "updated_at": "2026-01-01T00:00:00.000Z",
+                                     "revision": old.revision})
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    publisher.connect("127.0.0.1", stack.broker.port, keepalive=10)
+    publisher.loop_start()
+    try:
+        received = b.status().events_received
+        info = publisher.publish(events.event_topic("test", late), events.encode(late), qos=1)
+        info.wait_for_publish(timeout=10)
+        wait_for(lambda: b.status().events_received > received, 5, "B to get the late event")
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+    new = a.client.CreateTask(pb.CreateTaskRequest(cid="41", title="new"), timeout=10)
+    wait_for(lambda: any(e.title == "new" for e in seen), 5, "the new client's task")
+    call.cancel()
+    reader.join(5)
+    assert [(e.event, e.title, e.revision) for e in seen] == [
+        ("task.created", "new", new.revision)]
+
+
 def _watch_in_background(portal, cid: str):  # type: ignore[no-untyped-def]
     """A WatchTasks stream on `portal` read by a thread into a list: (call, events, thread)."""
     call = portal.client.WatchTasks(pb.WatchTasksRequest(cid=cid))
