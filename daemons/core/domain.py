@@ -24,10 +24,12 @@ keys sort clients numerically, a client's tasks are contiguous under
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import re
 import unicodedata
+from typing import Any
 
 from daemons.core.errors import InvalidArgument
 
@@ -148,6 +150,34 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+class _Unstorable(ValueError):
+    """Valid JSON that the stored record could not hold as written."""
+
+
+def _exact_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused unless the stored
+    record (Python's float, written back by json.dumps as its repr) denotes
+    the same number: 12345678901234567890.5 or 1e-400 would change silently."""
+    value = _finite_float(text)
+    if decimal.Decimal(text) != decimal.Decimal(repr(value)):
+        raise _Unstorable(f"the number {text[:40]} cannot be kept exactly as a 64-bit float "
+                          f"(it would be stored as {value!r}); send it as a string")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object, refused when a key repeats (only one value would be kept)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Unstorable(f"the key {json.dumps(key)[:80]} is given twice in one object "
+                                  "(only one value could be kept)")
+            seen.add(key)
+    return value
+
+
 def parse_client_data(data: object) -> dict:
     """Client data: the text of a JSON object, at most 64 KiB."""
     data = _check_text(data, "data")
@@ -156,8 +186,10 @@ def parse_client_data(data: object) -> dict:
         raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
     too_deep = f"data: nested deeper than {DATA_MAX_DEPTH} levels"
     try:
-        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
-                           parse_int=_bounded_int)
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_exact_float,
+                           parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except _Unstorable as exc:
+        raise InvalidArgument(f"data: {exc}") from None
     except RecursionError:
         # Where the parser gives up depends on the thread's stack, so a replica
         # must not say so: the same text deep enough for the check below gets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import json
 
 import pytest
@@ -241,6 +242,34 @@ def test_client_data_refuses_deep_nesting_without_crashing(depth):
     text = '{"a": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
     message = refused(domain.parse_client_data, text, "data")
     assert message == "data: nested deeper than 64 levels"
+
+
+@pytest.mark.parametrize("text, stored", [
+    ('{"a": 12345678901234567890.5}', "1.2345678901234567e+19"), ('{"a": 1e-400}', "0.0"),
+    ('{"a": [0.10000000000000000555]}', "0.1"), ('{"a": {"b": 1.0000000000000001}}', "1.0")])
+def test_client_data_refuses_numbers_a_float_cannot_keep(text, stored):
+    # They were stored rounded, without a word (found by review).
+    message = refused(domain.parse_client_data, text, "data")
+    assert "cannot be kept exactly as a 64-bit float" in message
+    assert f"(it would be stored as {stored})" in message and "as a string" in message
+
+
+@pytest.mark.parametrize("text", ['{"a": 0.1}', '{"a": 1E2}', '{"a": -0.0}', '{"a": 5e-324}',
+                                  '{"a": 1.7976931348623157e308}', '{"a": 3.14159}',
+                                  '{"a": 2.5E-3}', '{"a": 123456789012345678901234567890}'])
+def test_client_data_keeps_numbers_a_float_holds(text):
+    value = domain.parse_client_data(text)["a"]
+    assert decimal.Decimal(json.dumps(value)) == decimal.Decimal(text[6:-1])
+
+
+@pytest.mark.parametrize("text, key", [('{"k": 1, "k": 2}', '"k"'),
+                                       ('{"a": [{"x": 1, "y": 2, "x": 1}]}', '"x"'),
+                                       ('{"\u00e9": 1, "\u00e9": 1}', '"\\u00e9"')])
+def test_client_data_refuses_a_key_given_twice(text, key):
+    # Only the last value was kept, without a word (found by review).
+    message = refused(domain.parse_client_data, text, "data")
+    assert message == f"data: the key {key} is given twice in one object (only one value " \
+                      "could be kept)"
 
 
 @pytest.mark.parametrize("text", ['{"a": 1e400}', '{"a": -1e400}', '{"a": [1E999]}'])
