@@ -29,8 +29,22 @@ _OP_NAMES = {value: name.lower() for name, value in replica_pb2.Op.items()
              if name != "OP_UNSPECIFIED"}
 
 
+# Above any valid command (a client's data or a task's description of 64 KiB,
+# a title of 256 characters, a CID of 1,000 digits, a request id, a time, a
+# secret hash), with room to spare: anything larger is refused before it is
+# proposed. A 2-4 MB command reached Raft, was refused by the apply, and
+# meanwhile its replication stalled the leader's ticks: elections, UNAVAILABLE.
+MAX_COMMAND_BYTES = 256 * 1024
+
+
 def command_from_proto(msg: replica_pb2.Command) -> dict[str, Any]:
     """The dict the state machine applies; `at` is filled here, outside Raft."""
+    size = msg.ByteSize()
+    if size > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"command: {size} bytes, larger than any valid command (data and description "
+            f"are at most {domain.DATA_MAX_BYTES} bytes, a title {domain.TITLE_MAX_CHARS} "
+            "characters)")
     op = _OP_NAMES.get(msg.op)
     if op is None:
         raise InvalidArgument(f"op: unknown operation {msg.op}")
@@ -89,6 +103,9 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     async def _barrier(self, consistency: int, context: Any) -> None:
         if consistency == replica_pb2.LINEARIZABLE:
             await self.proposer.propose(None, self._timeout(context))
+        elif consistency != replica_pb2.SERIALIZABLE:
+            # An unknown value was served as a local read, possibly stale.
+            raise InvalidArgument(f"consistency: LINEARIZABLE or SERIALIZABLE (got {consistency})")
 
     @boundary
     async def Apply(self, request: replica_pb2.Command, context: Any) -> Any:
@@ -157,6 +174,9 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         else:
             raise InvalidArgument("kind: CLIENT or TASK")
         if request.status:
+            if request.kind != replica_pb2.TASK:
+                # Client records have no status (it answered INTERNAL: KeyError).
+                raise InvalidArgument("status: a filter of TASK scans only")
             domain.validate_status(request.status)
         start_after = _decode_token(request.page_token, prefix)
         await self._barrier(request.consistency, context)

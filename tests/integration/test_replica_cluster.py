@@ -143,6 +143,33 @@ def test_scan_pages_and_filters(cluster):
         stub.Apply(cmd(pb.CREATE_CLIENT, cid=cid, data="{}"), timeout=5)
     clients = [json.loads(r)["cid"] for r in scan_all(cluster.members[0], pb.CLIENT)]
     assert clients == ["7", "9", "10", "100"]
+    # Found by review: a status filter on clients answered INTERNAL (KeyError),
+    # and an unknown consistency value was served as a local, maybe stale, read.
+    for request in (pb.ScanRequest(kind=pb.CLIENT, status="done"),
+                    pb.ScanRequest(kind=pb.TASK, cid="7", consistency=7)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Scan(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Get(pb.GetRequest(kind=pb.CLIENT, cid="7", consistency=7), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "consistency" in info.value.details()
+
+
+def test_a_command_larger_than_any_valid_one_is_refused_before_raft(cluster):
+    """A 3 MB description reached Raft, stalled the leader into elections and
+    answered UNAVAILABLE (found by review); it is refused before it is proposed."""
+    leader = cluster.wait_leader()
+    leader.stub.Apply(cmd(pb.CREATE_CLIENT, cid="8", data="{}"), timeout=5)
+    term = leader.status().term
+    for member in (leader, cluster.followers()[0]):
+        expect_error(member.stub, cmd(pb.CREATE_TASK, cid="8", title="big",
+                                      description="x" * 3_000_000),
+                     grpc.StatusCode.INVALID_ARGUMENT, "larger than any valid command")
+    assert cluster.wait_leader() is leader and leader.status().term == term
+    # The largest valid command still goes.
+    leader.stub.Apply(cmd(pb.CREATE_TASK, cid="8", title="t" * 256,
+                          description="é" * 32 * 1024), timeout=10)
 
 
 def test_linearizable_read_on_follower_sees_acknowledged_write(cluster):
