@@ -438,10 +438,15 @@ def test_broker_loss_and_return(stack):
              == written.revision, 2, "B to see A's write after the broker returned")
 
 
-def test_replica_killed_while_writing_through_portals(stack):
+@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+def test_replica_killed_while_writing_through_portals(stack, stop):
+    """The leader killed, or stopped by SIGTERM (whose gRPC server cancels the
+    calls that arrive while it stops: CANCELLED, which the portal now retries
+    with the same request id), while clients write through both portals."""
+    cid = "11" if stop == "kill" else "12"
     admin = stack.portal("portal-admin").admin
     portals = [stack.portal("portal-client-1"), stack.portal("portal-client-2")]
-    admin.CreateClient(pb.CreateClientRequest(cid="11", data="{}"), timeout=10)
+    admin.CreateClient(pb.CreateClientRequest(cid=cid, data="{}"), timeout=10)
     acked: dict[str, int] = {}
     errors: list = []
     lock = threading.Lock()
@@ -453,7 +458,7 @@ def test_replica_killed_while_writing_through_portals(stack):
             for _attempt in range(10):  # the CLI-style retry: same request id
                 try:
                     answer = portals[(w + _attempt) % 2].client.CreateTask(
-                        pb.CreateTaskRequest(cid="11", title=title, request_id=rid), timeout=10)
+                        pb.CreateTaskRequest(cid=cid, title=title, request_id=rid), timeout=10)
                 except grpc.RpcError as exc:
                     if exc.code() in (grpc.StatusCode.UNAVAILABLE,
                                       grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -468,7 +473,11 @@ def test_replica_killed_while_writing_through_portals(stack):
         t.start()
     wait_for(lambda: len(acked) >= 60, 60, "60 writes before the kill")
     leader = stack.wait_leader()
-    leader.kill()
+    if stop == "kill":
+        leader.kill()
+    else:
+        leader.signal(signal.SIGTERM)
+        assert leader.proc.wait(20) == 0
     for t in threads:
         t.join(120)
     leader.start()
@@ -478,7 +487,7 @@ def test_replica_killed_while_writing_through_portals(stack):
     assert len(set(acked.values())) == 360, "two writes share a revision"
     listed, token = [], ""
     for _ in range(100):  # 360 tasks in pages of up to 1000: bounded, whatever the paging
-        page = portals[0].client.ListTasks(pb.ListTasksRequest(cid="11", page_token=token,
+        page = portals[0].client.ListTasks(pb.ListTasksRequest(cid=cid, page_token=token,
                                                                limit=1000), timeout=10)
         listed += [(t.title, t.revision) for t in page.tasks]
         token = page.next

@@ -116,6 +116,34 @@ def test_a_write_the_member_could_not_commit_goes_to_the_next_with_the_same_id()
     assert [ids for ids, _ in stubs[1].sent] == [["r1"]]
 
 
+class _Cancelled(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "CANCELLED"
+
+
+class _StoppingStub(_BatchStub):
+    """A member whose gRPC server is stopping (SIGTERM): it cancels the call."""
+
+    async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+        self.sent.append(([c.request_id for c in request.commands], timeout))
+        raise _Cancelled()
+
+
+def test_a_write_a_stopping_member_cancelled_goes_to_the_next_with_the_same_id():
+    # Found by a fault test: a replica stopped by SIGTERM cancelled a portal's
+    # write and the portal answered the client INTERNAL "CANCELLED".
+    client, stubs = _batch_client(lambda rid: "", lambda rid: "", lambda rid: "")
+    stubs[0] = _StoppingStub(lambda rid: "")
+    client._stubs = stubs  # type: ignore[assignment]
+    answer = asyncio.run(client.apply(pb.Command(request_id="r1"), 2.0))
+    assert answer.revision == 7
+    assert [ids for ids, _ in stubs[0].sent] == [["r1"]]
+    assert [ids for ids, _ in stubs[1].sent] == [["r1"]]
+
+
 def test_only_the_uncommitted_writes_of_a_group_are_sent_again():
     client, stubs = _batch_client(
         lambda rid: {"a": "", "b": "UNAVAILABLE", "c": "ALREADY_EXISTS"}[rid],
