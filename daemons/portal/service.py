@@ -19,7 +19,7 @@ from daemons.core import domain
 from daemons.core.errors import TarefaError
 from daemons.core.rpc import boundary, call_timeout, grpc_code, reject_undecodable
 from daemons.portal.auth import Authenticator
-from daemons.portal.coherence import BROKER_CHANGED
+from daemons.portal.coherence import BROKER_CHANGED, Watcher
 from daemons.portal.limits import PortalLimits
 from daemons.portal.operations import PortalOperations
 from proto import portal_pb2 as pb
@@ -164,19 +164,27 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
     async def WatchTasks(self, request: pb.WatchTasksRequest,
                          context: Any) -> AsyncIterator[pb.TaskEvent]:
         await reject_undecodable(request, context)
+        # Registered before the secret is checked: a rotation or deletion whose
+        # event arrives while the check runs (scrypt, seconds when its pool is
+        # busy) is in the queue, and ends the stream (found by review: it
+        # reached nobody, and the stream went on with the old secret).
+        watcher = self.ops.coherence.watch(request.cid)
         try:
-            secret_revision = await self.auth.client(context, "WatchTasks", request.cid,
-                                                     self.default_timeout)
-            self.limits.watch.acquire(request.cid)
-        except TarefaError as exc:
-            await context.abort(grpc_code(exc), exc.message)
-        try:
-            async for message in self._watch(request, context, secret_revision):
-                yield message
-        finally:
-            self.limits.watch.release(request.cid)
+            try:
+                secret_revision = await self.auth.client(context, "WatchTasks", request.cid,
+                                                         self.default_timeout)
+                self.limits.watch.acquire(request.cid)
+            except TarefaError as exc:
+                await context.abort(grpc_code(exc), exc.message)
+            try:
+                async for message in self._watch(request, context, watcher, secret_revision):
+                    yield message
+            finally:
+                self.limits.watch.release(request.cid)
+        finally:  # the caller went away (the task is cancelled) or we aborted
+            self.ops.coherence.unwatch(watcher)
 
-    async def _watch(self, request: pb.WatchTasksRequest, context: Any,
+    async def _watch(self, request: pb.WatchTasksRequest, context: Any, watcher: Watcher,
                      secret_revision: int) -> AsyncIterator[pb.TaskEvent]:
         try:
             client = await self.ops.require_client(request.cid, self.default_timeout)
@@ -187,65 +195,74 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
         # arriving late (a redelivery): not news.
         seen = client["revision"]
         coherence = self.ops.coherence
-        watcher = coherence.watch(request.cid)
-        try:
-            # Checked once registered: a broker change from now on reaches the queue.
-            if not coherence.serving_cache:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "this portal is not connected to the event broker; try "
-                                    "another portal or watch again shortly")
-            deleted_at = 0  # the revision of this client's deletion, once seen
-            ends_at = 0.0
-            loop = asyncio.get_running_loop()
-            while True:
-                if not deleted_at:
-                    event = await watcher.queue.get()
-                else:
-                    try:
-                        event = await asyncio.wait_for(watcher.queue.get(),
-                                                       max(0.0, ends_at - loop.time()))
-                    except asyncio.TimeoutError:
-                        await context.abort(grpc.StatusCode.NOT_FOUND,
-                                            f"client {request.cid} was deleted")
-                kind = event["event"]
-                if watcher.overflowed:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        "watcher fell too far behind; watch again and re-list")
-                if event is BROKER_CHANGED:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        "this portal's event broker connection changed and "
-                                        "events may have been missed; watch again and re-list")
-                if event["revision"] <= seen:
-                    continue
-                if deleted_at and event["revision"] > deleted_at:
-                    # After the deletion: the CID may belong to another client now.
+        # Token mode: the secret was checked against the record of this
+        # revision; a rotation, deletion or re-creation of the CID after it
+        # means the stream was opened with a secret that no longer holds,
+        # whatever the client record read afterwards says.
+        checked = secret_revision if self.auth.enforcing else seen
+        # Checked once registered: a broker change from now on reaches the queue.
+        if not coherence.serving_cache:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "this portal is not connected to the event broker; try "
+                                "another portal or watch again shortly")
+        deleted_at = 0  # the revision of this client's deletion, once seen
+        ends_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            if not deleted_at:
+                event = await watcher.queue.get()
+            else:
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(),
+                                                   max(0.0, ends_at - loop.time()))
+                except asyncio.TimeoutError:
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
+            kind = event["event"]
+            if watcher.overflowed:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    "watcher fell too far behind; watch again and re-list")
+            if event is BROKER_CHANGED:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "this portal's event broker connection changed and "
+                                    "events may have been missed; watch again and re-list")
+            if checked < event["revision"] <= seen:
                 if kind == "client.secret_rotated":
-                    # Above secret_revision: the stream was opened with the old
-                    # secret. At or below it: the rotation that made the one used.
-                    if self.auth.enforcing and event["revision"] > secret_revision:
-                        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                            "the client's secret was rotated; watch again with "
-                                            "the new one")
-                    continue
-                if kind == "client.created":
-                    # Only after the watched client was deleted (its event may come
-                    # later, from another portal): this is another client now.
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        "the client's secret was rotated; watch again with "
+                                        "the new one")
+                if kind in ("client.deleted", "client.created"):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
-                                        f"client {request.cid} was deleted and created again")
-                record = event.get("record")
-                yield pb.TaskEvent(
-                    event=kind, cid=event["cid"], title=event.get("title", ""),
-                    revision=event["revision"], origin=event["origin"], at=event["at"],
-                    task=task_message(record) if record and "title" in record else None)
-                if kind == "client.deleted" and not deleted_at:
-                    # Events from other portals may arrive out of order: the
-                    # client's own changes from before its deletion still come
-                    # for a moment, then the stream ends.
-                    deleted_at, ends_at = event["revision"], loop.time() + DELETION_DRAIN
-        finally:  # the caller went away (the task is cancelled) or we aborted
-            coherence.unwatch(watcher)
+                                        f"client {request.cid} was deleted")
+            if event["revision"] <= seen:
+                continue
+            if deleted_at and event["revision"] > deleted_at:
+                # After the deletion: the CID may belong to another client now.
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"client {request.cid} was deleted")
+            if kind == "client.secret_rotated":
+                # Above secret_revision: the stream was opened with the old
+                # secret. At or below it: the rotation that made the one used.
+                if self.auth.enforcing and event["revision"] > secret_revision:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        "the client's secret was rotated; watch again with "
+                                        "the new one")
+                continue
+            if kind == "client.created":
+                # Only after the watched client was deleted (its event may come
+                # later, from another portal): this is another client now.
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"client {request.cid} was deleted and created again")
+            record = event.get("record")
+            yield pb.TaskEvent(
+                event=kind, cid=event["cid"], title=event.get("title", ""),
+                revision=event["revision"], origin=event["origin"], at=event["at"],
+                task=task_message(record) if record and "title" in record else None)
+            if kind == "client.deleted" and not deleted_at:
+                # Events from other portals may arrive out of order: the
+                # client's own changes from before its deletion still come
+                # for a moment, then the stream ends.
+                deleted_at, ends_at = event["revision"], loop.time() + DELETION_DRAIN
 
 
 class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
@@ -262,6 +279,7 @@ class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
         await reject_undecodable(request, context)
         return pb.PortalStatusResponse(id=self.portal_id, services=list(self.services),
                                        auth_refused=self.auth.refused,
-                                       # streams receiving events (past their checks)
-                                       watch_streams=self.ops.coherence.watcher_count,
+                                       # streams past their checks (each holds a
+                                       # slot; its events queue from before them)
+                                       watch_streams=self.limits.watch.open,
                                        limited=self.limits.refused, **self.ops.status())

@@ -134,6 +134,33 @@ def test_a_new_secret_works_before_the_rotation_event_arrives():
     assert store.reads == [False, True]
 
 
+def test_a_rotation_or_deletion_during_the_check_refuses_the_old_secret():
+    """The check of a secret can wait seconds for scrypt (its pool busy with
+    other callers'): a rotation or deletion whose event arrived meanwhile wins.
+    Found by review: a write with the old secret committed 2.3 s after the
+    rotation had returned."""
+    old, new = auth.new_secret(), auth.new_secret()
+    for after in (record_for(new, 9), None):  # rotated, deleted
+        store = Store()
+        store.cached["7"] = record_for(old, 3)
+        reads = 0
+
+        async def read(cid: str, timeout: float, linearizable: bool) -> dict | None:
+            nonlocal reads
+            reads += 1
+            # The event arrives while the first check runs: the cache moves on.
+            return store.cached["7"] if reads == 1 else after
+
+        a = Authenticator("portal-1", "token", TOKEN, SecretHasher(), read)
+        with pytest.raises(auth.PermissionDenied):
+            run(a.client(Context(old), "CreateTask", "7", 1.0))
+    # The new secret, checked across the same rotation, is accepted.
+    reads = 0
+    a = Authenticator("portal-1", "token", TOKEN, SecretHasher(), read)
+    after = record_for(new, 9)
+    assert run(a.client(Context(new), "CreateTask", "7", 1.0)) == 9
+
+
 def test_concurrent_checks_share_one_scrypt_run():
     store = Store()
     secret = auth.new_secret()
