@@ -117,6 +117,9 @@ def daemon_main(prog: str, description: str, build: Callable[[Cluster, str], Dae
 
     `shown`: (flag, help) of switches the caller took from argv itself, listed
     in --help (and accepted) here too."""
+    # Nothing a daemon writes (LevelDB, the Raft journal, the audit log) is for
+    # other users; a stricter umask of the caller stays (systemd: 0027).
+    os.umask(os.umask(0o027) | 0o027)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="cluster file (YAML)")
     if needs_id:

@@ -124,6 +124,15 @@ def test_stack_under_supervisord(tmp_path):
         audit = os.path.join(tmp, "run", "audit", "audit.jsonl")
         wait_for(lambda: os.path.exists(audit) and sum(1 for _ in open(audit)) >= 3, 10,
                  "the listener to write the audit log")
+        # Found by review: replica data was 0644 in 0755 directories, readable by
+        # every local user. The daemons' own files are for no "others" now (the
+        # logs supervisord writes follow its umask=027 once daemonized; this
+        # test runs it in the foreground, where supervisord applies none).
+        for top in ("data", "audit"):
+            for where, dirs, files in os.walk(os.path.join(tmp, "run", top)):
+                for name in [*dirs, *files]:
+                    mode = os.stat(os.path.join(where, name)).st_mode & 0o777
+                    assert not mode & 0o007, (os.path.join(where, name), oct(mode))
         supervisorctl("shutdown")
         supervisord.wait(60)
     finally:
