@@ -227,6 +227,11 @@ class Proposer:
             batch.timer.cancel()
         position = 0
         for command, future in batch.waiters:
+            if command is None and error is not None:
+                # A barrier (a linearizable read's) changes nothing: no outcome to doubt.
+                what = error.message.split("; ")[0]
+                _settle(future, None, Unavailable(f"{what}; the read was not served: retry it"))
+                continue
             if command is None or error is not None:
                 _settle(future, None, error)
                 continue
