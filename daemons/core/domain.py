@@ -24,7 +24,7 @@ keys sort clients numerically, a client's tasks are contiguous under
 
 from __future__ import annotations
 
-import decimal
+import itertools
 import json
 import math
 import re
@@ -154,12 +154,37 @@ class _Unstorable(ValueError):
     """Valid JSON that the stored record could not hold as written."""
 
 
+_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
+_EXPONENT_DIGITS = 18  # beyond any float's (10**308) by far; int() of it is always allowed
+
+
+def _decimal_value(text: str) -> tuple[bool, str, int] | None:
+    """A JSON number's exact value as (negative, digits, exponent) with no
+    leading or trailing zero digit (every zero is (False, "", 0)); None when
+    its exponent is too long to matter (then it is not zero). Integer
+    arithmetic only, no decimal context: the same on every replica."""
+    found = _NUMBER.fullmatch(text)
+    if found is None:
+        return None
+    sign, whole, fraction, exponent = found.groups()
+    fraction = fraction or ""
+    digits = (whole + fraction).lstrip("0")
+    if not digits.rstrip("0"):
+        return False, "", 0
+    exponent = exponent or "0"
+    if len(exponent.lstrip("+-").lstrip("0")) > _EXPONENT_DIGITS:
+        return None
+    stripped = digits.rstrip("0")
+    return sign == "-", stripped, int(exponent) - len(fraction) + len(digits) - len(stripped)
+
+
 def _exact_float(text: str) -> float:
     """A JSON number with a fraction or exponent, refused unless the stored
     record (Python's float, written back by json.dumps as its repr) denotes
     the same number: 12345678901234567890.5 or 1e-400 would change silently."""
     value = _finite_float(text)
-    if decimal.Decimal(text) != decimal.Decimal(repr(value)):
+    exact = _decimal_value(text)
+    if exact is None or exact != _decimal_value(repr(value)):
         raise _Unstorable(f"the number {text[:40]} cannot be kept exactly as a 64-bit float "
                           f"(it would be stored as {value!r}); send it as a string")
     return value
@@ -185,6 +210,10 @@ def parse_client_data(data: object) -> dict:
     if size > DATA_MAX_BYTES:
         raise InvalidArgument(f"data: at most {DATA_MAX_BYTES} bytes of JSON (got {size})")
     too_deep = f"data: nested deeper than {DATA_MAX_DEPTH} levels"
+    if _text_depth(data) > DATA_MAX_DEPTH:
+        # Measured on the text, before the parser: whether json.loads runs out
+        # of stack first depends on the thread, and replicas store the answer.
+        raise InvalidArgument(too_deep)
     try:
         value = json.loads(data, parse_constant=_refuse_constant, parse_float=_exact_float,
                            parse_int=_bounded_int, object_pairs_hook=_unique_keys)
@@ -207,6 +236,20 @@ def parse_client_data(data: object) -> dict:
         raise InvalidArgument("data: strings must be valid UTF-8 (lone surrogate escape)") \
             from None
     return value
+
+
+# A JSON string (unrolled: one regex step per run of plain characters), and
+# what is not a bracket.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
+
+
+def _text_depth(text: str) -> int:
+    """How deep brackets nest in JSON text, strings skipped (any text: a
+    malformed one gets some number, the same every time)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(map(_STEP, brackets)), default=0)
 
 
 def _json_kind(value: object) -> str:

@@ -261,7 +261,7 @@ def execute(view: BatchView, cmd: Any, revision: int, mark: str = "") -> Outcome
         encoded = raw.decode("utf-8") if raw is not None else ""
     except TarefaError as exc:
         return Outcome.failure(exc, mark)
-    except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
+    except (ValueError, TypeError, UnicodeError, RecursionError, ArithmeticError) as exc:
         # Handlers stage nothing before they are sure to succeed, so refusing
         # here leaves the view as it was; the same input fails on every replica.
         return Outcome.failure(InvalidArgument(f"command cannot be applied: {exc}"), mark)

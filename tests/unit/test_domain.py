@@ -244,8 +244,33 @@ def test_client_data_refuses_deep_nesting_without_crashing(depth):
     assert message == "data: nested deeper than 64 levels"
 
 
+@pytest.mark.parametrize("inner", ["1e-400", '{"k": 1, "k": 2}', "1] x [", '"]]]["'])
+def test_deep_data_gets_one_answer_whatever_the_stack(inner):
+    """Deep text with another fault inside got that fault's message on a
+    shallow stack and "nested deeper" on a deep one (found by review: replicas
+    store the refusal, and their call stacks differ)."""
+    text = '{"a": ' + "[" * 900 + inner + "]" * 900 + "}"
+
+    def at_depth(frames: int) -> str:
+        if frames:
+            return at_depth(frames - 1)
+        return refused(domain.parse_client_data, text, "data")
+
+    messages = {at_depth(0), at_depth(150), at_depth(400)}
+    assert messages == {"data: nested deeper than 64 levels"}, messages
+
+
+@pytest.mark.parametrize("text, depth", [('{"a": "[[[[{{{"}', 1), ('{"a": "\\"}', 1),
+                                         ('{"a": "\\\"[["}', 1), ('[[["]"]]]', 3)])
+def test_text_depth_skips_strings(text, depth):
+    assert domain._text_depth(text) == depth
+
+
 @pytest.mark.parametrize("text, stored", [
     ('{"a": 12345678901234567890.5}', "1.2345678901234567e+19"), ('{"a": 1e-400}', "0.0"),
+    # An exponent beyond what decimal.Decimal takes raised InvalidOperation (not a
+    # ValueError) out of the apply, on every replica, for good (found by review).
+    ('{"a": 1E-99999999999999999999999}', "0.0"),
     ('{"a": [0.10000000000000000555]}', "0.1"), ('{"a": {"b": 1.0000000000000001}}', "1.0")])
 def test_client_data_refuses_numbers_a_float_cannot_keep(text, stored):
     # They were stored rounded, without a word (found by review).
@@ -254,12 +279,34 @@ def test_client_data_refuses_numbers_a_float_cannot_keep(text, stored):
     assert f"(it would be stored as {stored})" in message and "as a string" in message
 
 
-@pytest.mark.parametrize("text", ['{"a": 0.1}', '{"a": 1E2}', '{"a": -0.0}', '{"a": 5e-324}',
+@pytest.mark.parametrize("text", ['{"a": 100.0e-2}',
+                                  '{"a": 0.1}', '{"a": 1E2}', '{"a": -0.0}', '{"a": 5e-324}',
                                   '{"a": 1.7976931348623157e308}', '{"a": 3.14159}',
                                   '{"a": 2.5E-3}', '{"a": 123456789012345678901234567890}'])
 def test_client_data_keeps_numbers_a_float_holds(text):
     value = domain.parse_client_data(text)["a"]
     assert decimal.Decimal(json.dumps(value)) == decimal.Decimal(text[6:-1])
+
+
+def test_zero_with_an_extreme_exponent_is_zero():
+    assert domain.parse_client_data('{"a": 0e999999999999999999999}') == {"a": 0.0}
+    assert domain.parse_client_data('{"a": -0.000e-999999999999999999999}') == {"a": -0.0}
+
+
+def test_an_extreme_exponent_is_refused_by_the_apply_not_raised():
+    from daemons.replica.commands import execute
+
+    class View:
+        def get(self, key):  # type: ignore[no-untyped-def]
+            return None
+
+        def put(self, key, value):  # type: ignore[no-untyped-def]
+            raise AssertionError("nothing may be staged")
+
+    for text in ('{"a": 1E-99999999999999999999999}', '{"a": [1e999999999999999999999]}'):
+        outcome = execute(View(), {"op": "create_client", "cid": "7", "data": text,
+                                   "request_id": "r", "at": "t"}, 5, "")
+        assert not outcome.ok and outcome.code == "INVALID_ARGUMENT", outcome
 
 
 @pytest.mark.parametrize("text, key", [('{"k": 1, "k": 2}', '"k"'),
