@@ -39,7 +39,7 @@ class _NoMetadataValues(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Invalid encoding on"):
             record.msg = ("a call's metadata value is not valid UTF-8 (not shown: it may be a "
-                          "credential); the call is refused")
+                          "credential)")
             record.args = ()
             record.exc_info = None
             record.exc_text = None

@@ -42,9 +42,10 @@ from proto import replica_pb2_grpc
 log = logging.getLogger(__name__)
 
 # CANCELLED: a replica's gRPC server cancels the calls that arrive while it
-# stops (SIGTERM); the portal never cancels its own calls to replicas (a write
-# goes on when its caller has gone), so it comes from the member, and a
-# retry with the same request id is applied at most once.
+# stops (SIGTERM), and those still running after its grace (maybe applied);
+# the portal never cancels its own calls to replicas (a write goes on when
+# its caller has gone), so it comes from the member, and a retry with the
+# same request id is applied at most once.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED)
 # The same, as a command's own result in an ApplyBatch answer.

@@ -154,6 +154,15 @@ def test_a_rotation_or_deletion_during_the_check_refuses_the_old_secret():
         a = Authenticator("portal-1", "token", TOKEN, SecretHasher(), read)
         with pytest.raises(auth.PermissionDenied):
             run(a.client(Context(old), "CreateTask", "7", 1.0))
+    # A memo hit waited for nothing: one read, as before (a re-read can be a
+    # Raft barrier when the record is not cached).
+    store = Store()
+    store.cached["7"] = record_for(old, 3)
+    a = authenticator(store=store)
+    run(a.client(Context(old), "GetTask", "7", 1.0))  # scrypt: read, re-read
+    store.reads.clear()
+    run(a.client(Context(old), "GetTask", "7", 1.0))
+    assert store.reads == [False]
     # The new secret, checked across the same rotation, is accepted.
     reads = 0
     a = Authenticator("portal-1", "token", TOKEN, SecretHasher(), read)
