@@ -28,6 +28,9 @@ agree, so a forged first event cannot anchor it. At start, tracking resumes
 from the revisions the audit log remembers (`resume`), from its highest
 group of at least CONFIRM revisions without a jump over MAX_JUMP: holes
 among them are reported; a few forged revisions above them are left out.
+Both start from the first of those revisions to arrive (or to be written),
+not the lowest, so that a late or forged low one cannot anchor tracking
+below changes this process never had to see.
 """
 
 from __future__ import annotations
@@ -62,6 +65,21 @@ def trusted(revisions: Iterable[int]) -> list[int]:
     return []
 
 
+def _first_arrived(order: list[int], members: set[int]) -> int:
+    """The first of `members` in `order` (arrival, or the log's order).
+
+    Tracking starts there, not at the lowest: a late or forged low revision
+    among them (a retry answered by a portal that was cut off, a forgery
+    within MAX_JUMP) is the lowest, and starting from it reported every
+    revision between it and the others missing — on an empty log, changes
+    made before the listener ever subscribed; after a restart, revisions
+    written but no longer remembered (found by review: "131 revisions never
+    arrived", all in the audit log). Revisions a little below the first that
+    arrive right after it, out of order, are then not tracked: no hole is
+    reported among them, none wrongly."""
+    return next(r for r in order if r in members)
+
+
 class RevisionGaps:
     def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace = grace
@@ -74,6 +92,7 @@ class RevisionGaps:
         self.missing = 0  # revisions reported missing, less those that arrived later
         self.ignored = 0  # revisions set aside as too far ahead (MAX_JUMP)
         self._aside: list[int] = []  # those, and those received before tracking began
+        self._aside_order: list[int] = []  # _aside as it was when a group was confirmed
         self._late = 0  # reported revisions that arrived since take_late()
         # The highest revision of a group confirmed far ahead (CONFIRM agreeing),
         # while the hole below it waits for `grace`: revisions near it are real
@@ -87,20 +106,24 @@ class RevisionGaps:
             self._next = revision + 1
 
     def resume(self, revisions: Iterable[int]) -> None:
-        """Pick up after a restart from the revisions the audit log remembers:
-        from the lowest trusted one (see `trusted`), so that holes among them
+        """Pick up after a restart from the revisions the audit log remembers
+        (in the log's order): from the first of the trusted ones (see `trusted`
+        and `_first_arrived`), so that holes among them
         are reported `grace` seconds from now, like any other (a hole the
         previous run had not yet reported used to be forgotten; one it had
         reported is reported again, and counted in `missing` again). With no
         trusted revisions, tracking starts as on an empty log."""
-        group = trusted(revisions)
+        order = list(revisions)
+        group = trusted(order)
         if not group:
             return
+        members = set(group)
         with self._lock:
-            self._next = group[0]
+            self._next = _first_arrived(order, members)
             now = self._clock()
             for revision in group:
-                self._track(revision, now)
+                if revision >= self._next:
+                    self._track(revision, now)
 
     def plausible(self, revision: int) -> bool:
         """Whether `revision` is not far ahead of what is tracked (True before
@@ -143,9 +166,11 @@ class RevisionGaps:
         agreeing = {r for r in self._aside if abs(r - revision) <= MAX_JUMP}
         if len(agreeing) < CONFIRM:
             return
+        self._aside_order = list(self._aside)
         self._aside = [r for r in self._aside if r not in agreeing]
         if self._next is None:
-            self._next = min(agreeing)  # the first events: nothing before them expected
+            # The first events: nothing before them expected.
+            self._next = _first_arrived(self._aside_order, agreeing)
         else:
             self._anchor = max(agreeing)
         now = self._clock()

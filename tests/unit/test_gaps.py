@@ -221,3 +221,26 @@ def test_a_forged_first_event_on_an_empty_log_does_not_anchor_tracking():
         gaps.seen(revision)
     clock.now += 11
     assert gaps.overdue() == [(3, 4)]
+
+
+def test_a_late_low_revision_does_not_anchor_tracking_on_an_empty_log():
+    """Found by review: 1001-1005, then a late 50, then 1006-: "950 revisions
+    never arrived (51-1000)", changes made before the listener subscribed."""
+    gaps, clock = tracker()
+    for revision in (1001, 1002, 1003, 1004, 1005, 50, *range(1006, 1020)):
+        gaps.seen(revision)
+    clock.now += 11
+    assert gaps.overdue() == [] and gaps.missing == 0
+
+
+def test_a_late_low_revision_in_the_remembered_window_does_not_anchor_a_restart():
+    """Found by review: 1-200 written, the window remembers the last 50 (151-200)
+    and a late 20; after a restart "131 revisions never arrived (21-151)"."""
+    gaps, clock = tracker()
+    gaps.resume([*range(151, 201), 20])  # the log's order
+    gaps.seen(201)
+    clock.now += 11
+    assert gaps.overdue() == [] and gaps.missing == 0
+    gaps.seen(203)
+    clock.now += 11
+    assert gaps.overdue() == [(202, 202)]  # holes after the start are still reported
