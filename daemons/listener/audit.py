@@ -387,6 +387,9 @@ class AuditLog:
                 self.duplicates += 1
                 return None
             entry = {**event, "topic": topic, "received_at": self._now()}
+            # The listener's own verdict only: an event carrying the field (a
+            # forged one) kept it, and --follow printed "(out of order)".
+            entry.pop("out_of_order", None)
             out_of_order = event["revision"] < self._highest.get(event["origin"], 0)
             if out_of_order:
                 entry["out_of_order"] = True
