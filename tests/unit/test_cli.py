@@ -384,3 +384,17 @@ def test_a_timeout_too_short_to_connect_says_so(capsys):
 ])
 def test_json_is_accepted_before_and_after_the_verb(argv, as_json):
     assert cli.build_parser().parse_args(argv).json is as_json
+
+
+def test_grpc_is_quieted_in_the_cli_process_only():
+    """The CLI sets GRPC_VERBOSITY=NONE for itself; set by any process that
+    imports the package (a test run), it reached every daemon the tests
+    start and hid the gRPC lines tests look for (add_port.cc)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    probe = "import os, client; print(os.environ.get('GRPC_VERBOSITY'))"
+    for argv0, expected in (("-m", "NONE"), ("/usr/local/bin/tarefa", "NONE"),
+                            ("/x/.venv/bin/pytest", "None")):
+        done = subprocess.run([sys.executable, "-c", f"import sys; sys.argv[0] = {argv0!r}; "
+                               + probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.stdout.strip() == expected, (argv0, done.stdout, done.stderr)
