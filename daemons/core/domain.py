@@ -228,8 +228,6 @@ def parse_client_data(data: object) -> dict:
         raise InvalidArgument(f"data: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"data: must be a JSON object (got {_json_kind(value)})")
-    if json_depth(value) > DATA_MAX_DEPTH:
-        raise InvalidArgument(too_deep)
     try:  # escapes such as "\ud800" decode to text that is not valid UTF-8
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError, RecursionError):

@@ -92,7 +92,6 @@ class RevisionGaps:
         self.missing = 0  # revisions reported missing, less those that arrived later
         self.ignored = 0  # revisions set aside as too far ahead (MAX_JUMP)
         self._aside: list[int] = []  # those, and those received before tracking began
-        self._aside_order: list[int] = []  # _aside as it was when a group was confirmed
         self._late = 0  # reported revisions that arrived since take_late()
         # The highest revision of a group confirmed far ahead (CONFIRM agreeing),
         # while the hole below it waits for `grace`: revisions near it are real
@@ -166,11 +165,11 @@ class RevisionGaps:
         agreeing = {r for r in self._aside if abs(r - revision) <= MAX_JUMP}
         if len(agreeing) < CONFIRM:
             return
-        self._aside_order = list(self._aside)
-        self._aside = [r for r in self._aside if r not in agreeing]
+        arrived = self._aside
+        self._aside = [r for r in arrived if r not in agreeing]
         if self._next is None:
             # The first events: nothing before them expected.
-            self._next = _first_arrived(self._aside_order, agreeing)
+            self._next = _first_arrived(arrived, agreeing)
         else:
             self._anchor = max(agreeing)
         now = self._clock()

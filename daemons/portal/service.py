@@ -110,6 +110,10 @@ class AdminServicer(_Servicer, portal_pb2_grpc.AdminPortalServicer):
         return pb.RotateSecretResponse(cid=request.cid, secret=secret, revision=revision)
 
 
+# Why a WatchTasks stream opened with a secret since rotated ends.
+ROTATED = "the client's secret was rotated; watch again with the new one"
+
+
 class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
     async def _caller(self, context: Any, method: str, cid: str, write: bool = False) -> None:
         """The call must carry client `cid`'s secret; a write must fit its rate."""
@@ -228,9 +232,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                                     "events may have been missed; watch again and re-list")
             if checked < event["revision"] <= seen:
                 if kind == "client.secret_rotated":
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                        "the client's secret was rotated; watch again with "
-                                        "the new one")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, ROTATED)
                 if kind in ("client.deleted", "client.created"):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
@@ -244,9 +246,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                 # Above secret_revision: the stream was opened with the old
                 # secret. At or below it: the rotation that made the one used.
                 if self.auth.enforcing and event["revision"] > secret_revision:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                        "the client's secret was rotated; watch again with "
-                                        "the new one")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, ROTATED)
                 continue
             if kind == "client.created":
                 # Only after the watched client was deleted (its event may come

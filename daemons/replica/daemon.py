@@ -45,9 +45,10 @@ def repair_journal(cluster: Cluster, replica_id: str) -> int:
     fd = lock_file(os.path.join(spec.data_dir, LOCK_FILE),
                    f"{replica_id} is running on data_dir {spec.data_dir}: stop it first")
     try:
-        _refuse_to_cut_applied_entries(spec.data_dir, journal)
         try:
-            found, copy = journal_file.repair(journal)
+            found = journal_file.scan(journal)
+            _refuse_to_cut_applied_entries(spec.data_dir, journal, found)
+            found, copy = journal_file.repair(journal, found)
         except ValueError as exc:
             raise StorageCorrupt(f"{journal}: {exc}: not a torn end, no repair; {RESYNC}") \
                 from None
@@ -73,22 +74,18 @@ def repair_journal(cluster: Cluster, replica_id: str) -> int:
     return 0
 
 
-def _refuse_to_cut_applied_entries(data_dir: str, journal: str) -> None:
+def _refuse_to_cut_applied_entries(data_dir: str, journal: str,
+                                   found: journal_file.JournalScan) -> None:
     """Refuse a cut that would leave this member's log short of what its LevelDB applied.
 
     Entries are applied after they are in the journal and, with raft.fsync,
     synced there, so a power cut then cannot tear an applied record; one that
     is torn means damage of another kind (or, without raft.fsync, a power cut
     that wrote LevelDB's pages back and not the journal's). Cut anyway, the
-    member would hold
-    effects of entries its log lacks: it could reuse their indexes for other
-    entries, or win an election without them (with other members cut too),
-    and the members would then disagree without a word.
+    member would hold effects of entries its log lacks: it could reuse their
+    indexes for other entries, or win an election without them (with other
+    members cut too), and the members would then disagree without a word.
     """
-    try:
-        found = journal_file.scan(journal)
-    except OSError:
-        return  # journal_file.repair reports it
     if found.whole or found.header_problem is not None:
         return  # nothing to cut, or no cut (refused by repair)
     held = found.last or 0

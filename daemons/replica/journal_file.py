@@ -166,16 +166,18 @@ def _default_header() -> bytes:
             + struct.pack("<II", _FORMAT, HEADER))
 
 
-def repair(path: str) -> tuple[JournalScan, str | None]:
+def repair(path: str, found: JournalScan | None = None) -> tuple[JournalScan, str | None]:
     """Cut a torn journal back to its last whole record; return its scan (before
     the cut) and where the original was copied (None: nothing was changed).
+    `found`: the journal's scan, if the caller has it.
 
     The caller holds the data dir's lock. The original is copied first
     (`<journal>.torn-<UTC time>`, synced), then the header's end is moved back
     (or a fresh header written) and the journal synced: a crash in between
     leaves either the original or the cut journal, never a mix.
     """
-    found = scan(path)
+    if found is None:
+        found = scan(path)
     if found.header_problem is not None:
         raise ValueError(found.header_problem)
     if found.problem is None:
