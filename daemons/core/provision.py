@@ -45,7 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from daemons.core import events
 from daemons.core.config import Cluster, load_cluster
 from daemons.core.errors import ConfigError
-from daemons.core.security import CLI_CERT
+from daemons.core.security import CLI_CERT, new_credential
 
 CERT_DAYS = 825
 RENEW_DAYS = 30  # a daemon certificate this close to expiry is issued again by a re-run
@@ -91,7 +91,7 @@ class Provisioner:
 
     def _secret(self, path: str | None) -> None:
         if path is not None:
-            self._write(path, (secrets.token_urlsafe(32) + "\n").encode())
+            self._write(path, (new_credential() + "\n").encode())
 
     # -- everything ------------------------------------------------------------
 

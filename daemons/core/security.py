@@ -10,6 +10,7 @@ calls give plaintext servers and channels.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from typing import Any
 
@@ -29,6 +30,16 @@ def _refuse_if_shared(path: str, what: str) -> None:
     if mode & 0o077:
         raise ConfigError([f"{path}: {what} is readable by group or others "
                            f"(mode {mode:04o}); chmod 600 it"])
+
+
+def new_credential(nbytes: int = 32) -> str:
+    """A random URL-safe credential (`nbytes` of randomness) that does not start
+    with "-": `secrets.token_urlsafe` gives one in 64 that does, and the CLI's
+    parser takes `--insecure-secret -abc…` for an option (seen in CI)."""
+    while True:
+        credential = secrets.token_urlsafe(nbytes)
+        if not credential.startswith("-"):
+            return credential
 
 
 def read_secret_file(path: str, what: str) -> str:

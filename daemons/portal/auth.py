@@ -42,7 +42,7 @@ from daemons.core import domain
 from daemons.core.clock import left
 from daemons.core.config import Security, printable_ascii
 from daemons.core.errors import ConfigError, TarefaError
-from daemons.core.security import read_secret_file
+from daemons.core.security import new_credential, read_secret_file
 from proto import replica_pb2
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PermissionDenied(TarefaError):
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(SECRET_BYTES)
+    return new_credential(SECRET_BYTES)
 
 
 def scrypt(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:

@@ -262,3 +262,13 @@ def test_a_rotation_event_with_a_record_is_refused():
                               record={"salt": "00", "hash": "11"})
     with pytest.raises(InvalidArgument, match="absent"):
         events.decode(events.encode(event))
+
+
+def test_a_new_secret_never_starts_with_a_dash(monkeypatch):
+    """token_urlsafe starts one secret in 64 with "-", which the CLI's parser
+    took for an option (`--insecure-secret -abc…`: seen in CI)."""
+    from daemons.core import security
+
+    answers = iter(["-starts-with-a-dash", "-again", "fine-one"])
+    monkeypatch.setattr(security.secrets, "token_urlsafe", lambda n: next(answers))
+    assert auth.new_secret() == "fine-one"
