@@ -10,6 +10,7 @@ when a test fails.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,25 +42,53 @@ SECURE = {"auth": "token", "admin_token_file": "secrets/admin.token",
 _GIVEN_OUT: set[int] = set()
 
 
+def _below_ephemeral() -> range:
+    """Ports the kernel never picks for an outgoing connection's local end.
+
+    A port bound to 0 comes from the ephemeral range, the same the kernel
+    draws from for every outgoing connection (Raft peers, gRPC and MQTT
+    clients): between the test taking a port and its daemon binding it, a
+    connection could take it as its local port, and the daemon then refused
+    to start, "Address already in use" (seen in CI: a robustness run's
+    portal). Ports below that range are only ever taken by a bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    # From 10000: above the stack's own defaults (1883, 7001-7301), which a
+    # running stack on this machine may hold.
+    return range(min(10000, low - 1000), low)
+
+
+_PICK = random.Random(os.getpid())
+
+
 def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (bound briefly, then released), none
-    of them given out before by this process."""
+    """Distinct free TCP ports on 127.0.0.1 below the ephemeral range (bound
+    briefly, then released), none of them given out before by this process."""
+    candidates = _below_ephemeral()
     socks, ports = [], []
     try:
-        while len(ports) < count:
-            if len(socks) > count + 5000:
-                raise RuntimeError(f"no {count} fresh free ports on 127.0.0.1")
+        for _ in range(count + 5000):
+            if len(ports) == count:
+                return ports
+            port = _PICK.choice(candidates)
+            if port in _GIVEN_OUT:
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)  # held until the end, so one call never repeats a port
-            port = s.getsockname()[1]
-            if port not in _GIVEN_OUT:
-                ports.append(port)
-                _GIVEN_OUT.add(port)
+            ports.append(port)
+            _GIVEN_OUT.add(port)
+        raise RuntimeError(f"no {count} fresh free ports on 127.0.0.1")
     finally:
         for s in socks:
             s.close()
-    return ports
 
 
 def cannot_run(reason: str) -> None:
