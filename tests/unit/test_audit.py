@@ -181,12 +181,17 @@ def test_rotation_deletes_beyond_keep_files(path, opened):
 
 
 def test_a_rotation_touches_only_the_files_that_exist(path, opened, monkeypatch):
-    # keep_files may be large: a rotation must not look at every possible slot.
+    # keep_files may be large: a rotation must not look at every possible slot,
+    # by whatever means: os.path.exists, isfile, isdir, pathlib and os.stat
+    # itself all come down to os.stat or os.lstat, which are counted here.
     log = opened(path, rotate_bytes=1000, keep_files=10**5)
     checked: list[str] = []
-    real_exists = os.path.exists
-    monkeypatch.setattr(audit_module.os.path, "exists",
-                        lambda p: checked.append(p) or real_exists(p))
+    for name in ("stat", "lstat"):
+        def counting(p, *args, _real=getattr(os, name), **kwargs):  # type: ignore[no-untyped-def]
+            if isinstance(p, str) and p.startswith(path):
+                checked.append(p)
+            return _real(p, *args, **kwargs)
+        monkeypatch.setattr(os, name, counting)
     for rev in range(1, 61):
         log.append(task_event(rev), TOPIC)
     assert len(rotated_paths(path)) >= 5 and len(checked) < 100
