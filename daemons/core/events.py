@@ -15,6 +15,14 @@ Payload (JSON object, schema 1):
      "revision": 42, "origin": "portal-client-1", "at": "2026-...Z",
      "record": {...the task after the change...}}
 
+`"replay": true` marks a change published again: a retried request id that
+the replicas had already applied gets the first attempt's answer, whose
+record newer changes may have superseded (the attempt that committed it
+usually reached no portal that published it, so it is published now).
+Receivers take a replay as news of the revision only: they drop what they
+cached of the record's key and never cache its record. The field is absent
+otherwise.
+
 `record` is absent for deletions (`client.deleted`, `task.deleted`,
 `task.cleared`) and for `client.secret_rotated` (a rotation of the client's
 secret: it carries the CID and revision only, never the secret or its hash;
@@ -81,11 +89,14 @@ def event_topic(cluster_name: str, event: dict[str, Any]) -> str:
 
 
 def make_event(event: str, cid: str, revision: int, origin: str, at: str,
-               title: str | None = None, record: dict | None = None) -> dict[str, Any]:
+               title: str | None = None, record: dict | None = None,
+               replay: bool = False) -> dict[str, Any]:
     payload: dict[str, Any] = {"schema": SCHEMA, "event": event, "cid": cid}
     if title is not None:
         payload["title"] = title
     payload.update(revision=revision, origin=origin, at=at)
+    if replay:
+        payload["replay"] = True
     if record is not None:
         payload["record"] = record
     return payload
@@ -222,6 +233,8 @@ def decode(payload: bytes, topic: str | None = None,
     for field in ("origin", "at"):
         if not isinstance(event.get(field), str):
             raise InvalidArgument(f"{field}: must be a string")
+    if "replay" in event and event["replay"] is not True:
+        raise InvalidArgument(f"replay: must be true when present, got {event['replay']!r}")
     needs_title = kind in TASK_EVENTS and kind != "task.cleared"
     if needs_title:
         domain.validate_title(event.get("title"))

@@ -390,7 +390,9 @@ class AuditLog:
             # The listener's own verdict only: an event carrying the field (a
             # forged one) kept it, and --follow printed "(out of order)".
             entry.pop("out_of_order", None)
-            out_of_order = event["revision"] < self._highest.get(event["origin"], 0)
+            # A replay (events.py) is an old change announced again, and says so.
+            out_of_order = event["revision"] < self._highest.get(event["origin"], 0) \
+                and not event.get("replay")
             if out_of_order:
                 entry["out_of_order"] = True
             self._audit.write(encode_line(entry))

@@ -109,17 +109,28 @@ class Coherence:
         self.received += 1
         self.apply_event(event)
 
-    def local_change(self, event: dict[str, Any]) -> None:
-        """A change this portal committed: update the cache, feed watchers, publish."""
-        self.apply_event(event, verified=True)
+    def local_change(self, event: dict[str, Any], cache_record: bool = True) -> None:
+        """A change this portal committed: update the cache, feed watchers, publish.
+
+        `cache_record` False: the record may be older than what the cluster
+        holds (see apply_event), e.g. the cache was emptied while the write
+        was in flight (events may have been missed meanwhile)."""
+        self.apply_event(event, verified=True, cache_record=cache_record)
         if self.bus is not None:
             self.bus.publish(events.event_topic(self.cluster_name, event), events.encode(event))
             self.published += 1
 
-    def apply_event(self, event: dict[str, Any], verified: bool = False) -> None:
+    def apply_event(self, event: dict[str, Any], verified: bool = False,
+                    cache_record: bool = True) -> None:
         """Apply a change to the cache and feed watchers, once per event identity.
 
         `verified`: this portal committed the change itself (the revision is real).
+        A replay (events.py), or `cache_record` False, is news of the revision
+        only: its record may have been superseded by changes this portal never
+        heard of (it restarted, or missed them while off the broker), so the
+        key's entry is dropped and its mark raised as for a deletion, and the
+        record is never cached (found by review: a retried UpdateTask's first
+        answer was cached, and served for the TTL, over a newer value).
         """
         identity = (event["event"], event["cid"], event.get("title"), event["revision"])
         with self._lock:
@@ -129,7 +140,7 @@ class Coherence:
             if len(self._seen) > _SEEN_EVENTS:
                 self._seen.popitem(last=False)
         kind, cid, revision = event["event"], event["cid"], event["revision"]
-        record = event.get("record")
+        record = event.get("record") if cache_record and not event.get("replay") else None
         if kind == "client.secret_rotated":
             self.cache.apply_change(secret_key(cid), None, revision, verified)
         elif kind.startswith("client."):

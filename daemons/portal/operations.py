@@ -67,26 +67,32 @@ class PortalOperations:
         command = pb.Command(request_id=_request_id(request_id), op=op, cid=cid,
                              title=title or "", at=at, **fields)
         records: list[Any] = []
+        epoch = self.cache.epoch  # changes when the cache is emptied (broker lost or back)
 
         def committed(answer: pb.ApplyResponse) -> None:
             # Runs as soon as the replicas answer, even if our caller has gone
             # (ReplicaClient): a committed change is always published. A
             # duplicate (a retry of a request id already applied) gets the first
-            # answer and is published too: the attempt that committed it almost
-            # never reached a portal that published it (a per-try timeout, a
-            # failover, the caller's retry after UNAVAILABLE). Where it was
-            # published already, caches ignore the old revision and watchers get
-            # it once (events are deduplicated by change, not by origin).
+            # answer and is published too, as a replay: the attempt that
+            # committed it almost never reached a portal that published it (a
+            # per-try timeout, a failover, the caller's retry after
+            # UNAVAILABLE). Its record may be older than the key's current one,
+            # so no cache takes it (coherence.apply_event); where the change was
+            # published already, watchers get it once (events are deduplicated
+            # by change, not by origin).
             record = json.loads(answer.record) if answer.record else None
             records.append(record)
             # The change's own time: a duplicate answer carries the first
-            # attempt's record, so its event is the same as that attempt's
-            # (the audit log drops it as a redelivery; it was written twice,
-            # differing only in `at`). A deletion has no record: its `at` is now.
+            # attempt's record, so its event tells the time of that attempt's.
+            # A deletion has no record: its `at` is now.
             stamp = record.get("updated_at") if isinstance(record, dict) else None
-            self.coherence.local_change(events.make_event(
-                event, cid, answer.revision, self.portal_id,
-                stamp if isinstance(stamp, str) and stamp else at, title=title, record=record))
+            self.coherence.local_change(
+                events.make_event(event, cid, answer.revision, self.portal_id,
+                                  stamp if isinstance(stamp, str) and stamp else at,
+                                  title=title, record=record, replay=answer.duplicate),
+                # Emptied while the write was in flight: a newer change of the
+                # key may have come and gone unheard.
+                cache_record=self.cache.epoch == epoch)
 
         answer = await self.replicas.apply(command, timeout, committed)
         if not records:  # `committed` failed (logged by ReplicaClient)

@@ -198,6 +198,40 @@ def test_caches_coherent_across_portals(stack):
         wait_for(refused, 1.0, f"{portal.id} to refuse the deleted client's CID")
 
 
+def test_a_retried_write_never_puts_its_first_answer_over_a_newer_value(stack):
+    """A retried request id gets its first answer (exactly once), which is
+    published again as a replay: no cache may take that record, since newer
+    changes may have superseded it. Found by review: portal-client-2, restarted
+    since (no revision mark for the key), cached the first answer of a retry,
+    made on itself or on portal-client-1, and served it for the whole TTL
+    while the replicas held a newer value."""
+    admin = stack.portal("portal-admin").admin
+    a = stack.portal("portal-client-1")
+    b = stack.portal("portal-client-2")
+    admin.CreateClient(pb.CreateClientRequest(cid="12", data="{}"), timeout=10)
+    a.client.CreateTask(pb.CreateTaskRequest(cid="12", title="t", description="v0"), timeout=10)
+    ref = pb.TaskRef(cid="12", title="t")
+    for retried_on in (b, a):
+        request_id = f"retried-on-{retried_on.id}"
+        first = a.client.UpdateTask(pb.UpdateTaskRequest(
+            cid="12", title="t", description="first", request_id=request_id), timeout=10)
+        newer = a.client.UpdateTask(pb.UpdateTaskRequest(
+            cid="12", title="t", description="newer"), timeout=10)
+        b.terminate()
+        b.start()
+        b.wait_ready(30)
+        received = b.status().events_received
+        again = retried_on.client.UpdateTask(pb.UpdateTaskRequest(
+            cid="12", title="t", description="first", request_id=request_id), timeout=10)
+        assert (again.revision, again.description) == (first.revision, "first")
+        if retried_on is a:
+            wait_for(lambda: b.status().events_received > received, 10,
+                     "portal-client-2 to get the replayed event")
+        for _ in range(2):  # the first read may fill the cache, the second is served from it
+            got = b.client.GetTask(ref, timeout=10)
+            assert (got.description, got.revision) == ("newer", newer.revision), retried_on.id
+
+
 def test_watch_streams_changes_from_other_portals(stack):
     admin = stack.portal("portal-admin").admin
     a = stack.portal("portal-client-1")

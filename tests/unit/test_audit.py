@@ -221,6 +221,15 @@ def test_rejects_rotate_too(path, opened):
 # ---- out of order ---------------------------------------------------------------------------
 
 
+def test_a_replay_is_written_as_such_not_as_out_of_order(path, opened):
+    log = opened(path)
+    log.append(task_event(5), TOPIC)
+    replay = {**task_event(3), "replay": True}
+    line = log.append(replay, TOPIC)
+    assert line is not None and line["replay"] is True and "out_of_order" not in line
+    assert log.out_of_order == 0
+
+
 def test_out_of_order_is_flagged_and_still_written(path, opened):
     log = opened(path)
     log.append(task_event(5), TOPIC)

@@ -45,6 +45,15 @@ def test_valid_events_round_trip() -> None:
         assert events.decode(events.encode(ev), events.event_topic("c", ev), "c") == ev
 
 
+def test_a_replay_says_so_and_nothing_else_passes_for_one() -> None:
+    ev = events.make_event("task.updated", CID, 42, "portal-1", AT, title="buy milk",
+                           record=task_event()["record"], replay=True)
+    assert ev["replay"] is True and events.decode(events.encode(ev)) == ev
+    assert "replay" not in task_event()
+    for value in (False, 1, "true", None):
+        assert rejected(raw({**task_event(), "replay": value})).startswith("replay:")
+
+
 @pytest.mark.parametrize("revision", [1, 2**63 - 1])
 def test_revision_bounds_accepted(revision: int) -> None:
     assert events.decode(raw(task_event(revision)))["revision"] == revision
