@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 1000
 _SEEN_EVENTS = 50_000
+_DELETIONS = 10_000  # clients whose latest deletion revision is remembered
 # Offered to every watcher when the broker connection goes down or comes back.
 BROKER_CHANGED: dict[str, Any] = {"event": "_broker_changed"}
 # Client events a WatchTasks stream of that client must see (each ends it).
@@ -50,8 +51,11 @@ _CLIENT_EVENTS_FOR_WATCHERS = ("client.created", "client.deleted", "client.secre
 class Watcher:
     """One WatchTasks stream's queue (on the loop); `overflowed` once it fell behind."""
 
-    def __init__(self, cid: str) -> None:
+    def __init__(self, cid: str, after: int = 0) -> None:
         self.cid = cid
+        # Every change at or below this revision committed before the watcher
+        # registered: the highest revision the replicas had shown this portal.
+        self.after = after
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WATCH_QUEUE)
         self.overflowed = False
 
@@ -73,6 +77,7 @@ class Coherence:
         self._lock = threading.Lock()
         self._watchers: dict[str, list[Watcher]] = collections.defaultdict(list)
         self._seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self._deleted: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.received = 0
         self.published = 0
         self.rejected = 0
@@ -149,6 +154,7 @@ class Coherence:
                 self.cache.apply_change(secret_key(cid), None, revision, verified)
             if kind == "client.deleted":
                 self.cache.drop_client(cid, revision, verified)
+                self._note_deletion(cid, revision)
         elif kind == "task.cleared":
             self.cache.drop_client(cid, revision, verified)
         else:
@@ -158,6 +164,19 @@ class Coherence:
                 watchers = list(self._watchers.get(cid, ()))
             for watcher in watchers:
                 self._offer(watcher, event)
+
+    def _note_deletion(self, cid: str, revision: int) -> None:
+        with self._lock:
+            if revision > self._deleted.get(cid, 0):
+                self._deleted[cid] = revision
+            self._deleted.move_to_end(cid)
+            if len(self._deleted) > _DELETIONS:
+                self._deleted.popitem(last=False)
+
+    def deleted_revision(self, cid: str) -> int:
+        """The revision of the latest deletion of client `cid` this portal heard of (0: none)."""
+        with self._lock:
+            return self._deleted.get(cid, 0)
 
     def _offer(self, watcher: Watcher, event: dict[str, Any]) -> None:
         if self.loop is not None:
@@ -177,7 +196,7 @@ class Coherence:
     # -- watchers --------------------------------------------------------------
 
     def watch(self, cid: str) -> Watcher:
-        watcher = Watcher(cid)
+        watcher = Watcher(cid, after=self.cache.verified)
         with self._lock:
             self._watchers[cid].append(watcher)
         return watcher

@@ -194,11 +194,19 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
             client = await self.ops.require_client(request.cid, self.default_timeout)
         except TarefaError as exc:
             await context.abort(grpc_code(exc), exc.message)
-        # Events at or below the revision of the record seen here are of this
-        # client's creation, changes before the watch, or of a CID's earlier life
-        # arriving late (a redelivery): not news.
+        # Client events at or below the revision of the record seen here are
+        # not news: the record tells them.
         seen = client["revision"]
         coherence = self.ops.coherence
+        # Task events that are not news: changes committed before the stream
+        # registered, and those of an earlier client with this CID arriving
+        # late (below its deletion, see `earlier` below). A record never
+        # updated is at its creation's revision: every task change below it is
+        # older than this client. An updated record's revision may lie above
+        # task changes made after the stream registered (found by review: one
+        # such change never reached the stream), so only what committed
+        # before the registration is skipped then.
+        task_floor = seen if client["updated_at"] == client["created_at"] else watcher.after
         # Token mode: the secret was checked against the record of this
         # revision; a rotation, deletion or re-creation of the CID after it
         # means the stream was opened with a secret that no longer holds,
@@ -236,7 +244,12 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                 if kind in ("client.deleted", "client.created"):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
-            if event["revision"] <= seen:
+            if kind.startswith("task."):
+                earlier = coherence.deleted_revision(request.cid)
+                if event["revision"] <= task_floor or (
+                        earlier <= seen and event["revision"] <= earlier):
+                    continue
+            elif event["revision"] <= seen:
                 continue
             if deleted_at and event["revision"] > deleted_at:
                 # After the deletion: the CID may belong to another client now.
