@@ -217,6 +217,9 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "this portal is not connected to the event broker; try "
                                 "another portal or watch again shortly")
+        # The response headers say the stream is live: a caller that waits for
+        # them, then lists, misses no change.
+        await context.send_initial_metadata(())
         deleted_at = 0  # the revision of this client's deletion, once seen
         ends_at = 0.0
         loop = asyncio.get_running_loop()

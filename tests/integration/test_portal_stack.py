@@ -348,13 +348,21 @@ def test_a_watch_skips_a_late_task_event_of_its_cids_earlier_life(stack):
 
 
 def _watch_in_background(portal, cid: str):  # type: ignore[no-untyped-def]
-    """A WatchTasks stream on `portal` read by a thread into a list: (call, events, thread)."""
+    """A live WatchTasks stream on `portal` read by a thread into a list: (call, events, thread)."""
     call = portal.client.WatchTasks(pb.WatchTasksRequest(cid=cid))
     seen: list = []
     reader = threading.Thread(target=lambda: [seen.append(e) for e in _until_cancel(call)])
     reader.start()
-    time.sleep(0.3)  # the stream is registered once the first message could flow
+    _wait_live(call)
     return call, seen, reader
+
+
+def _wait_live(call) -> None:  # type: ignore[no-untyped-def]
+    """Until the portal sent the stream's headers: it is registered and past its checks."""
+    live = threading.Event()
+    call.add_done_callback(lambda _: live.set())  # ended early: the reader raises
+    threading.Thread(target=lambda: (call.initial_metadata(), live.set()), daemon=True).start()
+    assert live.wait(10), "the watch stream's headers within 10 s"
 
 
 def _until_cancel(call):
@@ -384,7 +392,7 @@ def test_cache_invariant_under_racing_writes_and_reads(stack):
                 seen_by_b[event.title] = max(seen_by_b[event.title], event.revision)
     watcher = threading.Thread(target=watch)
     watcher.start()
-    time.sleep(0.3)
+    _wait_live(call)
     stop = time.monotonic() + 8
     violations: list = []
     reads = [0]

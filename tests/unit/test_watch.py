@@ -46,6 +46,9 @@ class Context:
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Ended(code, details)
 
+    async def send_initial_metadata(self, metadata: tuple) -> None:
+        pass
+
 
 class Replicas:
     """The client read waits for `release`; then answers `record` at store revision `at`."""
