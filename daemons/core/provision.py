@@ -202,17 +202,35 @@ class Provisioner:
             acl += ["", f"user {daemon_id}", f"topic {access} {topics}"]
         acl_path = os.path.join(directory, MOSQUITTO_ACL)
         acl_text = "\n".join(acl).encode() + b"\n"
-        if _content(acl_path) != acl_text:  # e.g. the cluster was renamed: new topics
+        rewritten = []  # broker files replaced (a broker may have loaded the old ones)
+        current = _content(acl_path)
+        if current != acl_text:  # e.g. the cluster was renamed: new topics
             self._write(acl_path, acl_text, replace=True)
+            if current is not None:
+                rewritten.append(MOSQUITTO_ACL)
         passwd_path = os.path.join(directory, MOSQUITTO_PASSWD)
-        if not new_passwords and _users(passwd_path) == [d for d, _ in logins]:
-            return  # the same logins and passwords: keep the file (its hashes are salted)
-        lines = []
-        for daemon_id, _ in logins:
-            with open(os.path.join(directory, daemon_id), encoding="utf-8") as handle:
-                password = handle.readline().strip()
-            lines.append(f"{daemon_id}:{mosquitto_hash(password)}")
-        self._write(passwd_path, "\n".join(lines).encode() + b"\n", replace=True)
+        if new_passwords or _users(passwd_path) != [d for d, _ in logins]:
+            existed = os.path.exists(passwd_path)
+            lines = []
+            for daemon_id, _ in logins:
+                with open(os.path.join(directory, daemon_id), encoding="utf-8") as handle:
+                    password = handle.readline().strip()
+                lines.append(f"{daemon_id}:{mosquitto_hash(password)}")
+            self._write(passwd_path, "\n".join(lines).encode() + b"\n", replace=True)
+            if existed:
+                rewritten.append(MOSQUITTO_PASSWD)
+        # else: the same logins and passwords: the file is kept (its hashes are salted)
+        if rewritten:
+            # Mosquitto keeps the files it read at start: found by review, a
+            # rotated login was refused ("Not authorized") and, after a cluster
+            # rename, every event was dropped by the old ACL while every daemon
+            # looked healthy.
+            self.warnings.append(
+                f"rewrote {' and '.join(rewritten)}: the broker keeps the files it read at "
+                "start; reload it before restarting the daemons that use the new logins or "
+                "topics (under supervisord: supervisorctl signal HUP broker; under systemd, "
+                "systemd/install-units.sh on the broker's machine copies them and restarts "
+                "Mosquitto)")
 
 
 def _content(path: str) -> bytes | None:

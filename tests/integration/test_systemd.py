@@ -233,6 +233,8 @@ def test_cluster_files_keep_state_where_the_units_allow_writes():
     assert not [k for _, k, _ in directives("tarefa-portal@.service") if k == "StateDirectory"]
     for example in EXAMPLES:
         cluster = load_cluster(os.path.join(UNIT_DIR, example))
+        # As config/cluster.yaml (found by review: the systemd examples left it off).
+        assert cluster.raft.fsync, f"{example}: raft.fsync"
         for replica in cluster.replicas:
             assert replica.data_dir == f"{STATE}/{replica.id}", example
         assert cluster.listener is not None

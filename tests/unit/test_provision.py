@@ -93,8 +93,10 @@ def test_acl_lets_portals_write_and_the_listener_only_read(cluster_file, tmp_pat
     assert password not in acl and password not in "\n".join(users)
 
 
-def test_renaming_the_cluster_rewrites_the_acl_and_keeps_the_passwords(cluster_file, tmp_path):
+def test_renaming_the_cluster_rewrites_the_acl_and_keeps_the_passwords(cluster_file, tmp_path,
+                                                                      capsys):
     main(["--config", str(cluster_file)])
+    assert "Warning" not in capsys.readouterr().err  # a first run: no broker has them yet
     mqtt = tmp_path / "run" / "secrets" / "mqtt"
     passwd = (mqtt / MOSQUITTO_PASSWD).read_text()
     raw = yaml.safe_load(cluster_file.read_text())
@@ -104,6 +106,23 @@ def test_renaming_the_cluster_rewrites_the_acl_and_keeps_the_passwords(cluster_f
     acl = (mqtt / MOSQUITTO_ACL).read_text()
     assert "topic readwrite tarefa/prod/#" in acl and "tarefa/tarefa/" not in acl
     assert (mqtt / MOSQUITTO_PASSWD).read_text() == passwd  # same logins: not rehashed
+    # A running broker keeps the old ACL: it would drop every event on the new topics.
+    err = capsys.readouterr().err
+    assert "Warning: rewrote mosquitto.acl: the broker keeps the files" in err
+    assert "signal HUP broker" in err
+
+
+def test_a_rotated_login_says_the_broker_must_reload_its_password_file(cluster_file,
+                                                                       tmp_path, capsys):
+    main(["--config", str(cluster_file)])
+    mqtt = tmp_path / "run" / "secrets" / "mqtt"
+    os.unlink(mqtt / "portal-client-1")
+    capsys.readouterr()
+    assert main(["--config", str(cluster_file)]) == 0
+    err = capsys.readouterr().err
+    assert "Warning: rewrote mosquitto.passwd: the broker keeps the files" in err
+    main(["--config", str(cluster_file)])  # nothing changed: nothing to reload
+    assert "Warning" not in capsys.readouterr().err
 
 
 def test_mosquitto_hash_is_pbkdf2_sha512():
