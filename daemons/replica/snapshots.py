@@ -34,6 +34,19 @@ that ends within the tick:
 
 A snapshot installed from the leader (the deserializer) cancels a dump in
 progress: the older dump must not replace the newer snapshot afterwards.
+
+A damaged snapshot file must not spread (found by review: a bit flipped in
+the leader's file, which its own start skipped since LevelDB was past it,
+was sent to a resynced member, which exited 1 at every start, and to a
+lagging member, whose own good snapshot PySyncObj had already replaced with
+it by the time the restore found the checksum wrong). So:
+- a received snapshot is checked before PySyncObj renames it into place
+  (`attach` wraps setTransmissionData): a damaged one is deleted and the
+  transfer refused, the member's own snapshot and journal stay as they are,
+  and the leader starts it again;
+- a member that does not restore its own snapshot at start still checks it
+  (ReplicaStateMachine); a damaged one is `mark_damaged`: the member forces a
+  compaction on every tick until a new snapshot is in place.
 """
 
 from __future__ import annotations
@@ -70,12 +83,52 @@ class SnapshotWriter:
         self._report_failure = False
         self.written = 0
         self.cancelled = 0
+        self.damaged = False  # the snapshot file failed its check: replace it (module doc)
+        self.refused_transfers = 0
         # Left by a crash during a dump; the snapshot file itself is intact.
         remove_if_present(path + PARTIAL_SUFFIX)
 
-    def attach(self, serializer: Any) -> None:
-        """PySyncObj's Serializer (SyncObj's `_SyncObj__serializer`), see the module doc."""
+    def attach(self, serializer: Any, progress: Callable[[], None] | None = None) -> None:
+        """PySyncObj's Serializer (SyncObj's `_SyncObj__serializer`), see the module doc.
+        `progress()` is called while a received snapshot is checked."""
         self._serializer = serializer
+        receive = serializer.setTransmissionData
+
+        def checked(data: Any) -> bool:
+            if data is not None and data[2] and not self._received_whole(progress):
+                return False
+            return bool(receive(data))
+        serializer.setTransmissionData = checked
+
+    def _received_whole(self, progress: Callable[[], None] | None) -> bool:
+        """The last chunk of a snapshot from the leader came: check the file PySyncObj
+        wrote (`<snapshot>.1.tmp`) before it renames it over ours."""
+        incoming = self._serializer._Serializer__incomingTransmissionFile  # noqa: SLF001
+        if incoming is None:
+            return True  # PySyncObj refuses the chunk itself
+        tmp = self.path + ".1.tmp"
+        try:
+            incoming.flush()
+            Storage.verify_snapshot(tmp, progress)
+            return True
+        except (StorageCorrupt, OSError) as exc:
+            self.refused_transfers += 1
+            log.error("%s: refused the snapshot the leader sent: %s; this member keeps its "
+                      "own data (the leader sends it again; a damaged snapshot file on the "
+                      "leader is replaced at its next compaction, see the leader's log)",
+                      self.name, exc)
+            incoming.close()
+            self._serializer._Serializer__incomingTransmissionFile = None  # noqa: SLF001
+            remove_if_present(tmp)
+            return False
+
+    def mark_damaged(self, why: str) -> None:
+        """This member's own snapshot file failed its check (LevelDB is past it)."""
+        self.damaged = True
+        log.error("%s: the snapshot file is damaged (%s); LevelDB is past it, so nothing "
+                  "is lost here, but a member that needs a snapshot would refuse it: a new "
+                  "one is written as soon as an entry newer than it is applied", self.name,
+                  why)
 
     def _allow_transmissions(self) -> None:
         if self._serializer is not None:
@@ -145,6 +198,9 @@ class SnapshotWriter:
             log.exception("%s: snapshot dump at Raft index %s failed", self.name, self._index)
             return SERIALIZER_STATE.FAILED
         self.written += 1
+        if self.damaged:
+            self.damaged = False
+            log.info("%s: the damaged snapshot file is replaced", self.name)
         self._restart_transmissions()
         log.info("%s: snapshot at Raft index %s: %d keys", self.name, self._index, count)
         return SERIALIZER_STATE.SUCCESS

@@ -236,7 +236,8 @@ class ReplicaStateMachine(SyncObj):
         except Exception as exc:  # noqa: BLE001 - the journal is read here
             raise StorageCorrupt(f"{self.journal_path}: cannot start Raft from this journal "
                                  f"({exc!r}); {RESYNC}") from exc
-        self.snapshots.attach(self._SyncObj__serializer)  # type: ignore[attr-defined]
+        self.snapshots.attach(self._SyncObj__serializer,  # type: ignore[attr-defined]
+                              progress=self._say_alive_to_leader)
         if self._fsync:
             log.info("%s: raft.fsync: the Raft journal is fsynced before an entry is "
                      "acknowledged or counted", spec.id)
@@ -319,6 +320,8 @@ class ReplicaStateMachine(SyncObj):
                     self.durable = DurableJournal(
                         self._SyncObj__raftLog, self._fsync_failed)  # type: ignore[attr-defined]
                 self.durable.sync()
+            if self.snapshots.damaged:
+                self.forceLogCompaction()  # PySyncObj drops the request when nothing is new
             super()._onTick(timeToWait)
         except Exception as exc:
             now = time.monotonic()
@@ -571,13 +574,15 @@ class ReplicaStateMachine(SyncObj):
             header = Storage.read_header(filename)
             snap_index = header[0][1]
             applied = self.storage.applied_index()
-            if applied >= snap_index:
-                log.info("%s: snapshot at %d not restored: LevelDB already at %d",
-                         self.spec.id, snap_index, applied)
-            elif self.storage.holds_snapshot(filename):
-                log.info("%s: snapshot at %d not restored: LevelDB at %d holds it already "
-                         "(the entries after %d were PySyncObj no-ops)", self.spec.id,
-                         snap_index, applied, applied)
+            if applied >= snap_index or self._holds(filename):
+                log.info("%s: snapshot at %d not restored: LevelDB already at %d%s",
+                         self.spec.id, snap_index, applied, "" if applied >= snap_index else
+                         f" and holding it (the entries after {applied} were PySyncObj no-ops)")
+                # Not needed here, but sent to any member that needs a snapshot.
+                try:
+                    Storage.verify_snapshot(filename)
+                except StorageCorrupt as exc:
+                    self.snapshots.mark_damaged(str(exc))
             else:
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)
@@ -602,6 +607,12 @@ class ReplicaStateMachine(SyncObj):
             self._die(exc if isinstance(exc, StorageCorrupt)
                       else StorageCorrupt(f"{filename}: cannot load snapshot: {exc!r}"))
             raise
+
+    def _holds(self, filename: str) -> bool:
+        try:
+            return self.storage.holds_snapshot(filename)
+        except StorageCorrupt:
+            return False  # damaged before the applied index: the restore refuses it
 
     # -- status --------------------------------------------------------------
 

@@ -345,6 +345,16 @@ class Storage:
             if _read_exact(src, 32, filename) != h.digest():
                 raise StorageCorrupt(f"{filename}: snapshot checksum mismatch")
 
+    @staticmethod
+    def verify_snapshot(filename: str, progress: Callable[[], None] | None = None) -> int:
+        """Read a whole snapshot file and check its checksum (StorageCorrupt if it
+        fails); return its number of pairs. `progress()` every _RESTORE_BATCH pairs."""
+        count = 0
+        for count, _ in enumerate(Storage.snapshot_pairs(filename), 1):
+            if progress is not None and count % _RESTORE_BATCH == 0:
+                progress()
+        return count
+
     def holds_snapshot(self, filename: str) -> bool:
         """True if this DB already holds what snapshot `filename` holds although
         the snapshot's Raft label is higher: the DB's applied index is the one
@@ -368,9 +378,7 @@ class Storage:
         second per 10^6 keys per pass here), e.g. to tell the leader this member
         is alive meanwhile."""
         tick = progress if progress is not None else (lambda: None)
-        for n, _ in enumerate(self.snapshot_pairs(filename), 1):  # verify the checksum
-            if n % _RESTORE_BATCH == 0:                         # before touching the DB
-                tick()
+        self.verify_snapshot(filename, tick)  # before touching the DB
         with self._guard("snapshot restore"):
             self._restore(filename, tick)
 

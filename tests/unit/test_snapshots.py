@@ -13,6 +13,7 @@ Two properties matter beyond "a snapshot gets written":
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -238,3 +239,51 @@ def test_any_failure_to_start_a_dump_is_reported_and_the_next_one_works(tmp_path
     (tmp_path / "snapshot.tmp").rmdir()
     h.serialize(23)
     assert h.settle() == (SERIALIZER_STATE.SUCCESS, 23)
+
+
+def test_a_damaged_snapshot_from_the_leader_never_replaces_this_members_own(tmp_path, storage):
+    """Found by review: PySyncObj renamed a received snapshot over the member's
+    own before anything checked it, so a damaged one from the leader left a
+    healthy member unable to restart. It is checked before the rename now."""
+    (tmp_path / "leader").mkdir()
+    leader = Harness(tmp_path / "leader", storage)
+    leader.serialize(22)
+    assert leader.settle()[0] == SERIALIZER_STATE.SUCCESS
+    (tmp_path / "follower").mkdir()
+    follower = Harness(tmp_path / "follower", storage)
+    follower.serialize(22)
+    assert follower.settle()[0] == SERIALIZER_STATE.SUCCESS
+    own = (tmp_path / "follower" / "snapshot").read_bytes()
+
+    def send(damage: bool) -> list[bool]:
+        results = []
+        first = True
+        while True:
+            data = leader.serializer.getTransmissionData("follower")
+            chunk, _, last = data
+            if damage and first:
+                chunk = chunk[:-1] + bytes([chunk[-1] ^ 0x01])
+            results.append(follower.serializer.setTransmissionData((chunk, first, last)))
+            first = False
+            if last:
+                return results
+
+    assert send(damage=True)[-1] is False
+    assert (tmp_path / "follower" / "snapshot").read_bytes() == own
+    assert not (tmp_path / "follower" / "snapshot.1.tmp").exists()
+    assert follower.writer.refused_transfers == 1
+    assert send(damage=False)[-1] is True  # the next, whole transfer is taken
+    assert (tmp_path / "follower" / "snapshot").read_bytes() == \
+        (tmp_path / "leader" / "snapshot").read_bytes()
+
+
+def test_a_damaged_own_snapshot_is_reported_and_replaced_by_the_next_dump(tmp_path, storage,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="daemons.replica.snapshots")
+    h = Harness(tmp_path, storage)
+    h.writer.mark_damaged("snapshot checksum mismatch")
+    assert h.writer.damaged and "the snapshot file is damaged" in caplog.text
+    h.serialize(22)
+    assert h.settle()[0] == SERIALIZER_STATE.SUCCESS
+    assert not h.writer.damaged and "the damaged snapshot file is replaced" in caplog.text
+    Storage.verify_snapshot(h.path)
