@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
+from pysyncobj.pickle import loads as raft_loads
 
 from daemons.core.config import Cluster, RaftSettings, ReplicaSpec
 from daemons.core.errors import ConfigError, StorageCorrupt, TarefaError
@@ -94,6 +95,16 @@ def check_raft_files(data_dir: str) -> None:
     """
     journal = os.path.join(data_dir, "raft", "journal")
     snapshot = snapshot_file(data_dir)
+    meta = journal + ".meta"
+    problem = _meta_problem(meta)
+    if problem is not None:
+        # PySyncObj would start from term 0 with no vote, without a word (found
+        # by review): Raft's one vote per term would no longer hold here.
+        raise StorageCorrupt(
+            f"{meta}: {problem}: this member would forget the Raft term and the vote it "
+            f"stored, and could vote a second time in a term (two leaders in it). As for a "
+            f"lost disk: check that the other members have a leader (tarefa cluster status), "
+            f"then move this file aside and start the replica again")
     if not os.path.exists(journal):
         return  # a fresh log: the LevelDB applied index and the peers fill it in
     try:
@@ -129,6 +140,24 @@ def check_raft_files(data_dir: str) -> None:
                         "(Raft index %d) was in place: the journal now starts at index %d, "
                         "as the compaction would have left it (%d entries dropped, all in "
                         "the snapshot)", journal, last[1], prev[1], dropped)
+
+
+def _meta_problem(path: str) -> str | None:
+    """Why PySyncObj's term-and-vote file cannot be read (None: readable, or absent)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    try:
+        meta = raft_loads(raw)
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler makes of the bytes
+        return f"unreadable ({type(exc).__name__})"
+    if not isinstance(meta, dict):
+        return f"unreadable (holds {type(meta).__name__}, not the term and vote)"
+    return None
 
 
 def raft_password(cluster: Cluster) -> str | None:

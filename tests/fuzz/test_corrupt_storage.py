@@ -298,14 +298,14 @@ SCENARIOS = [
     Scenario("journal_deleted", _raft("journal", os.remove),
              "recovers: LevelDB is at its applied index, the leader sends the log again"),
     Scenario("journal_meta_garbled", _raft("journal.meta", lambda p: overwrite(p, b"garbage")),
-             "recovers, silently: PySyncObj ignores an unreadable .meta (term, vote and "
-             "commit index are forgotten without a word)"),
+             "refused: CRITICAL naming journal.meta (before: recovered silently, PySyncObj "
+             "forgetting the term and the vote, so the member could vote twice in a term)"),
     Scenario("snapshot_header_garbled", _raft("snapshot", lambda p: flip(p, 0, 4)),
              "refused: CRITICAL '<path>/raft/snapshot: not a Tarefa snapshot', exit 1"),
     Scenario("snapshot_body_garbled",
              _raft("snapshot", lambda p: flip(p, os.path.getsize(p) // 2, 8)),
-             "recovers: LevelDB is past the snapshot, so it is not read (its checksum is only "
-             "verified when restored); the next compaction replaces it"),
+             "recovers: LevelDB is past the snapshot; its checksum is checked at start, "
+             "an ERROR says it is damaged, and a compaction is forced to replace it"),
     # LevelDB
     Scenario("leveldb_current_emptied", _leveldb(
         lambda d: truncate(os.path.join(d, "CURRENT"), 0)),

@@ -308,3 +308,20 @@ def test_the_repair_refuses_to_cut_entries_leveldb_has_applied(tmp_path, capsys,
     with open(path, "rb") as fh:
         assert fh.read() == torn, "the refused repair changed the journal"
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".torn-" in f]
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"", dumps([1, 2])])
+def test_an_unreadable_term_and_vote_file_is_refused_at_start(tmp_path, content):
+    """PySyncObj reads an unreadable journal.meta as {}: term 0 and no vote,
+    without a word, and the member could vote twice in one term."""
+    data_dir = str(tmp_path / "d")
+    path, _ = write_journal(data_dir)
+    with open(path + ".meta", "wb") as fh:
+        fh.write(dumps({"term": 3, "votedFor": "r2"}))
+    check_raft_files(data_dir)  # readable: accepted
+    with open(path + ".meta", "wb") as fh:
+        fh.write(content)
+    with pytest.raises(StorageCorrupt) as info:
+        check_raft_files(data_dir)
+    assert info.value.message.startswith(path + ".meta: ")
+    assert "vote a second time" in info.value.message and "have a leader" in info.value.message
