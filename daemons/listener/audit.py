@@ -390,9 +390,11 @@ class AuditLog:
             # The listener's own verdict only: an event carrying the field (a
             # forged one) kept it, and --follow printed "(out of order)".
             entry.pop("out_of_order", None)
-            # A replay (events.py) is an old change announced again, and says so.
-            out_of_order = event["revision"] < self._highest.get(event["origin"], 0) \
-                and not event.get("replay")
+            # A replay (events.py) is an old change announced again, and says so:
+            # neither flagged nor counted towards its origin's highest revision.
+            replay = event.get("replay") is True
+            out_of_order = not replay and \
+                event["revision"] < self._highest.get(event["origin"], 0)
             if out_of_order:
                 entry["out_of_order"] = True
             self._audit.write(encode_line(entry))
@@ -400,7 +402,7 @@ class AuditLog:
             self._remember(key)
             if out_of_order:
                 self.out_of_order += 1
-            elif plausible:
+            elif plausible and not replay:
                 self._note_highest(event["origin"], event["revision"])
             self.written += 1
             return entry

@@ -228,6 +228,8 @@ def test_a_replay_is_written_as_such_not_as_out_of_order(path, opened):
     line = log.append(replay, TOPIC)
     assert line is not None and line["replay"] is True and "out_of_order" not in line
     assert log.out_of_order == 0
+    # ...and it does not lower its origin's highest revision (5): 4 is still late.
+    assert log.append(task_event(4), TOPIC)["out_of_order"] is True
 
 
 def test_out_of_order_is_flagged_and_still_written(path, opened):
