@@ -14,6 +14,7 @@ the replicas; the secret is returned to the caller once and kept nowhere.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -131,22 +132,22 @@ class PortalOperations:
                             timeout: float) -> tuple[dict, str]:
         """(the new client's record, its secret): the secret is "" in cid-only mode
         and when the replicas answer a retry of an already applied request id."""
+        deadline = time.monotonic() + timeout  # scrypt and every try share it
         generated = not cid
         domain.parse_client_data(data)
         if not generated:
             domain.validate_cid(cid)
         secret, hashed = "", None
         if self.issue_secrets:
-            secret = new_secret()
-            hashed = await self.hasher.make(secret)
+            secret, hashed = await self._new_secret(deadline)
         for _ in range(5 if generated else 1):
             # With the caller's request id the CID comes from it, so that a retry
             # with the same id is the same command (and gets the first answer).
             the_cid = _generated_cid(request_id) if generated else cid
             try:
                 answer, record = await self._commit("client.created", pb.CREATE_CLIENT,
-                                                    request_id, timeout, the_cid, data=data,
-                                                    secret=hashed)
+                                                    request_id, left(deadline), the_cid,
+                                                    data=data, secret=hashed)
             except AlreadyExists:
                 if generated and not request_id:
                     continue
@@ -157,12 +158,25 @@ class PortalOperations:
 
     async def rotate_secret(self, cid: str, request_id: str, timeout: float) -> tuple[str, int]:
         """Give client `cid` a new secret; (the secret, or "" for a duplicate; revision)."""
+        deadline = time.monotonic() + timeout
         domain.validate_cid(cid)
-        secret = new_secret()
-        hashed = await self.hasher.make(secret)
+        secret, hashed = await self._new_secret(deadline)
         answer, _ = await self._commit("client.secret_rotated", pb.ROTATE_SECRET, request_id,
-                                       timeout, cid, secret=hashed)
+                                       left(deadline), cid, secret=hashed)
         return "" if answer.duplicate else secret, answer.revision
+
+    async def _new_secret(self, deadline: float) -> tuple[str, pb.SecretHash]:
+        """A new secret and its scrypt hash, within the call's time: the hash
+        waits for a free scrypt thread (2, shared with every secret check), and
+        the write must still fit after it (found by review: under load the
+        caller got DEADLINE_EXCEEDED instead of this portal's UNAVAILABLE)."""
+        secret = new_secret()
+        try:
+            hashed = await asyncio.wait_for(self.hasher.make(secret), left(deadline))
+        except asyncio.TimeoutError:
+            raise Unavailable("this portal's secret hashing is busy (scrypt); nothing was "
+                              "changed: retry") from None
+        return secret, hashed
 
     async def secret_record(self, cid: str, timeout: float, linearizable: bool = False
                             ) -> dict | None:

@@ -65,6 +65,14 @@ MAX_GROUPS_IN_FLIGHT = 1
 OnCommit = Callable[[pb.ApplyResponse], Any]
 
 
+class AnswerTooLarge(Unavailable):
+    """A write's answer exceeded the gRPC message limit: it may be committed."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(f"the replicas' answer was too large ({details}); the change may or "
+                         "may not be applied: retry with the same request id")
+
+
 class ReplicaClient:
     """Create and use on the portal's event loop."""
 
@@ -138,6 +146,8 @@ class ReplicaClient:
                     self._preferred = index
                 return answer
             except grpc.RpcError as exc:
+                if write and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise AnswerTooLarge(exc.details() or "RESOURCE_EXHAUSTED") from None
                 if exc.code() not in RETRYABLE:
                     raise _as_error(exc) from None
                 last = exc
@@ -208,33 +218,52 @@ class ReplicaClient:
                                                   OnCommit | None]]) -> None:
         try:
             deadline = max(d for _, _, d, _ in group)
-            pending = group
-            attempt = 0
-            while pending:
-                request = pb.CommandBatch(commands=[c for c, _, _, _ in pending])
-                try:
-                    answer = await self._call(
-                        lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline,
-                        write=True)
-                except TarefaError as exc:
-                    for _, future, _, _ in pending:
-                        if not future.done():
-                            future.set_exception(exc)
-                    return
-                pending = self._settle_group(pending, answer.results, deadline)
-                if pending:
-                    # The member answered, but could not commit these (no leader,
-                    # leader changed, no quorum within the try): the next member
-                    # gets them, with the same request ids, after a backoff
-                    # (20 ms doubling to 0.5 s: "no leader" comes back at once
-                    # during an election, and the group may be large).
-                    self._preferred = (self._preferred + 1) % len(self._stubs)
-                    pause = min(RETRY_MAX_PAUSE, RETRY_FIRST_PAUSE * 2 ** attempt)
-                    attempt += 1
-                    await asyncio.sleep(min(pause, left(deadline)))
+            parts = [group]
+            while parts:
+                await self._send_part(parts, deadline)
         finally:
             self._groups_in_flight -= 1
             self._send_groups()
+
+    async def _send_part(self, parts: list[list[tuple[pb.Command, asyncio.Future, float,
+                                                        OnCommit | None]]],
+                         deadline: float) -> None:
+        """Send parts[0] (taken off the list) until each of its writes is settled."""
+        pending = parts.pop(0)
+        attempt = 0
+        while pending:
+            request = pb.CommandBatch(commands=[c for c, _, _, _ in pending])
+            try:
+                answer = await self._call(
+                    lambda stub, t: stub.ApplyBatch(request, timeout=t), deadline,
+                    write=True)
+            except TarefaError as exc:
+                if isinstance(exc, AnswerTooLarge) and len(pending) > 1:
+                    # The answer outgrew the message limit (each result
+                    # carries its whole record: a status-only update answers
+                    # with 64 KiB) although the commands fit, so the writes
+                    # may all be committed (found by review: 39 of 40
+                    # committed writes were answered INTERNAL and never
+                    # published). Ask again in halves with the same request
+                    # ids: what committed is answered from the replicas' memory.
+                    half = len(pending) // 2
+                    parts[:0] = [pending[:half], pending[half:]]
+                    return
+                for _, future, _, _ in pending:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            pending = self._settle_group(pending, answer.results, deadline)
+            if pending:
+                # The member answered, but could not commit these (no leader,
+                # leader changed, no quorum within the try): the next member
+                # gets them, with the same request ids, after a backoff
+                # (20 ms doubling to 0.5 s: "no leader" comes back at once
+                # during an election, and the group may be large).
+                self._preferred = (self._preferred + 1) % len(self._stubs)
+                pause = min(RETRY_MAX_PAUSE, RETRY_FIRST_PAUSE * 2 ** attempt)
+                attempt += 1
+                await asyncio.sleep(min(pause, left(deadline)))
 
     def _settle_group(self, group: list[tuple[pb.Command, asyncio.Future, float,
                                               OnCommit | None]],

@@ -278,3 +278,77 @@ def test_writes_no_member_can_commit_are_sent_again_with_a_growing_pause():
         asyncio.run(client.apply(pb.Command(request_id="r1"), 0.6))
     sends = sum(len(stub.sent) for stub in stubs)
     assert 3 <= sends <= 7, sends  # 20, 40, 80, 160, 320 ms pauses in 0.6 s
+
+
+class _TooLarge(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "SERVER: Sent message larger than max (7474299 vs. 4194304)"
+
+
+class _BigAnswerStub(_BatchStub):
+    """Commits every command, but cannot send an answer for more than two: each
+    result carries its whole record (found by review with 64 KiB descriptions)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda rid: "")
+        self.committed: set[str] = set()
+
+    async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
+        ids = [c.request_id for c in request.commands]
+        self.sent.append((ids, timeout))
+        fresh = [rid not in self.committed for rid in ids]
+        self.committed.update(ids)
+        if len(ids) > 2:
+            raise _TooLarge()
+        return pb.ApplyBatchResponse(results=[pb.CommandResult(response=pb.ApplyResponse(
+            revision=7, duplicate=not new)) for new in fresh])
+
+
+def test_committed_writes_whose_answer_outgrew_the_limit_are_answered_in_parts():
+    client, stubs = _batch_client(lambda rid: "", lambda rid: "", lambda rid: "")
+    stubs[0] = _BigAnswerStub()
+    client._stubs = stubs  # type: ignore[assignment]
+    published: list[str] = []
+
+    async def five() -> list:
+        calls = [client.apply(pb.Command(request_id=rid), 5.0,
+                              lambda a, rid=rid: published.append(rid)) for rid in "abcde"]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(five())
+    assert [type(a).__name__ for a in answers] == ["ApplyResponse"] * 5
+    assert sorted(published) == list("abcde")  # every committed write is published
+    # Halved until each part's answer fits, the same request ids each time.
+    assert ["".join(ids) for ids, _ in stubs[0].sent] == ["abcde", "ab", "cde", "c", "de"]
+    assert not stubs[1].sent and not stubs[2].sent
+
+
+def test_a_busy_scrypt_pool_answers_unavailable_within_the_call_and_sends_nothing():
+    """Found by review: CreateClient/RotateSecret waited for scrypt, then gave the
+    write the call's whole timeout again, and the caller got DEADLINE_EXCEEDED."""
+    from daemons.core.errors import Unavailable as Busy
+    from daemons.portal.cache import PortalCache
+    from daemons.portal.coherence import Coherence
+    from daemons.portal.operations import PortalOperations
+
+    class StuckHasher:  # every scrypt thread busy for longer than the call may take
+        async def make(self, secret):  # type: ignore[no-untyped-def]
+            await asyncio.Event().wait()
+
+    class Replicas:
+        sent: list = []
+
+        async def apply(self, command, timeout, on_commit):  # type: ignore[no-untyped-def]
+            self.sent.append(command)
+            raise AssertionError("nothing may be sent")
+
+    ops = PortalOperations("p", Replicas(), Coherence("p", "test", PortalCache(10, 60)),  # type: ignore[arg-type]
+                           hasher=StuckHasher(), issue_secrets=True)  # type: ignore[arg-type]
+    for call in (lambda: ops.create_client("7", "{}", "", 0.2),
+                 lambda: ops.rotate_secret("7", "", 0.2)):
+        with pytest.raises(Busy, match="scrypt.*nothing was changed"):
+            asyncio.run(asyncio.wait_for(call(), 10))
+    assert Replicas.sent == []
