@@ -350,5 +350,10 @@ def log_key(index: int) -> bytes:
     return META_LOG_PREFIX + b"%020d" % index
 
 
+def log_index(key: bytes) -> int:
+    """The Raft index of a log_key."""
+    return int(key[len(META_LOG_PREFIX):])
+
+
 def request_key(request_id: str) -> bytes:
     return META_REQ_PREFIX + request_id.encode("utf-8")

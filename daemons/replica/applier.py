@@ -78,7 +78,7 @@ class EntryApplier:
             outcome = execute(view, cmd, revision + 1, mark)
             if outcome.ok:
                 revision = outcome.revision
-            view.put(domain.request_key(rid), outcome.to_json())
+            view.put(domain.request_key(rid), outcome.to_json(index))
             results.append(outcome)
         view.put(domain.META_APPLIED, b"%d" % index)
         view.put(domain.META_REVISION, b"%d" % revision)
@@ -124,8 +124,19 @@ class EntryApplier:
         after = self._pruned[1] if self._pruned and self._pruned[0] == generation else None
         for key, raw in self.storage.page(domain.META_LOG_PREFIX, after,
                                           min(excess, _PRUNE_PER_APPLY))[0]:
+            index = domain.log_index(key)
             for rid in json.loads(raw):
-                if isinstance(rid, str) and rid:
+                if not (isinstance(rid, str) and rid):
+                    continue
+                # Only the result this entry applied: the entry also lists the
+                # ids it answered from the table (retries) and refused. Found
+                # by review: pruning an entry that had answered a retry deleted
+                # the result a later entry had stored for that id (applied
+                # afresh once the first had left the window), one entry after
+                # it instead of dedupe_window, and the next retry applied it
+                # again. Results stored by earlier versions (index 0) go as before.
+                stored = view.get(domain.request_key(rid))
+                if stored is not None and Outcome.stored_index(stored) in (index, 0):
                     view.delete(domain.request_key(rid))
             view.delete(key)
             logged -= 1

@@ -36,9 +36,14 @@ class Outcome:
     # fingerprint() of the command that produced this outcome (stored).
     fingerprint: str = field(default="", compare=False)
 
-    def to_json(self) -> bytes:
-        return _OUTCOME_JSON.encode([self.ok, self.revision, self.record, self.deleted_tasks,
-                                     self.code, self.message, self.fingerprint]).encode()
+    def to_json(self, index: int = 0) -> bytes:
+        """As stored in the dedupe table; `index`: the Raft entry that applied it
+        (last, so that `stored_index` reads it without parsing the record)."""
+        fields = [self.ok, self.revision, self.record, self.deleted_tasks, self.code,
+                  self.message, self.fingerprint]
+        if index:
+            fields.append(index)
+        return _OUTCOME_JSON.encode(fields).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, duplicate: bool = False) -> "Outcome":
@@ -47,8 +52,15 @@ class Outcome:
             # Written before outcomes carried a fingerprint (data dirs of earlier
             # versions): "" means unknown, see EntryApplier.
             fields.append("")
-        ok, revision, record, deleted, code, message, fingerprint = fields
+        ok, revision, record, deleted, code, message, fingerprint = fields[:7]
         return cls(ok, revision, record, deleted, code, message, duplicate, fingerprint)
+
+    @staticmethod
+    def stored_index(raw: bytes) -> int:
+        """The Raft index that applied a stored outcome; 0 if it was stored by an
+        earlier version, which did not record it."""
+        tail = raw[raw.rfind(b",") + 1:-1]
+        return int(tail) if tail.isdigit() else 0
 
     @classmethod
     def failure(cls, exc: TarefaError, fingerprint: str = "") -> "Outcome":

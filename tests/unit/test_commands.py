@@ -513,6 +513,41 @@ def test_dedupe_window_prunes_old_request_and_log_keys(storage):
     failed(h.one(dict(commands[0])), "ALREADY_EXISTS")
 
 
+def test_pruning_an_entry_keeps_the_results_a_later_entry_stored(storage):
+    """Found by review: an entry lists every request id it carried, also a retry
+    it answered from the table. Pruning it deleted that id's result even when a
+    later entry had stored it (the id applied afresh once its first entry left
+    the window): remembered for one entry instead of `dedupe_window`, and the
+    next retry was applied a second time, undoing a change made in between."""
+    h = Harness(storage, window=5)
+    h.one(h.create_client("1"))                                # index 1
+    h.one(h.create_task("1", "t", description="v0"))           # 2
+
+    def update(description: str, rid: str | None = None) -> Outcome:
+        fields = {"request_id": rid} if rid else {}
+        return h.one(h.cmd("update_task", cid="1", title="t", description=description,
+                           at=AT, **fields))
+
+    assert update("v1", "R").ok                                # 3: R applied
+    assert update("v1", "R").duplicate                         # 4: R answered, listed in 4
+    for i in range(2, 6):
+        h.one(h.create_client(str(i)))                         # 5..8: 3 leaves the window
+    again = update("v1", "R")                                  # 9: R applied afresh (by design)
+    assert again.ok and not again.duplicate
+    assert update("v3").ok                                     # 10: 4 leaves the window
+    retry = update("v1", "R")                                  # 11: R stored at 9, in the window
+    assert retry.duplicate and retry.revision == again.revision
+    assert h.task("1", "t")["description"] == "v3"             # not undone
+
+
+def test_outcomes_say_which_entry_stored_them():
+    outcome = Outcome(ok=True, revision=3, record='{"a": "b,c"}', fingerprint="f")
+    assert Outcome.stored_index(outcome.to_json(42)) == 42
+    assert Outcome.from_json(outcome.to_json(42)) == outcome
+    assert Outcome.stored_index(outcome.to_json()) == 0  # as earlier versions stored it
+    assert Outcome.from_json(outcome.to_json()) == outcome
+
+
 def test_a_lowered_dedupe_window_is_reached_64_entries_at_a_time(storage):
     h = Harness(storage, window=1000)
     for i in range(1, 151):
