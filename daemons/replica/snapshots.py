@@ -44,14 +44,20 @@ it by the time the restore found the checksum wrong). So:
   (`attach` wraps setTransmissionData): a damaged one is deleted and the
   transfer refused, the member's own snapshot and journal stay as they are,
   and the leader starts it again;
-- a member that does not restore its own snapshot at start still checks it
-  (ReplicaStateMachine); a damaged one is `mark_damaged`: the member forces a
-  compaction on every tick until a new snapshot is in place.
+- a member checks its own snapshot when it starts without restoring it, and
+  when it starts sending it to a member (`check_in_background`, once per
+  file: a background thread, since a check of a large file on the tick
+  thread outlasted the election timeout and cost an election, found by
+  review); a damaged one is `mark_damaged` (an ERROR in this member's log),
+  and ReplicaStateMachine then forces a compaction on every tick, proposing
+  an empty entry if need be, until a new snapshot is in place.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any, Callable
 
 from pysyncobj.config import SERIALIZER_STATE
@@ -85,6 +91,8 @@ class SnapshotWriter:
         self.cancelled = 0
         self.damaged = False  # the snapshot file failed its check: replace it (module doc)
         self.refused_transfers = 0
+        self._checked: tuple | None = None  # identity of the file last found whole
+        self._checking: tuple | None = None  # ... and of the one being checked
         # Left by a crash during a dump; the snapshot file itself is intact.
         remove_if_present(path + PARTIAL_SUFFIX)
 
@@ -93,12 +101,50 @@ class SnapshotWriter:
         `progress()` is called while a received snapshot is checked."""
         self._serializer = serializer
         receive = serializer.setTransmissionData
+        send = serializer.getTransmissionData
 
         def checked(data: Any) -> bool:
             if data is not None and data[2] and not self._received_whole(progress):
                 return False
             return bool(receive(data))
+
+        def sending(transmission_id: Any) -> Any:
+            transmissions = serializer._Serializer__transmissions  # noqa: SLF001
+            if transmission_id not in transmissions:  # a transfer starts
+                self.check_in_background()
+            return send(transmission_id)
         serializer.setTransmissionData = checked
+        serializer.getTransmissionData = sending
+
+    def _identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def check_in_background(self) -> None:
+        """Check the snapshot file once (per file) off the tick thread; a damaged
+        one is reported and replaced (module doc)."""
+        identity = self._identity()
+        if identity is None or identity in (self._checked, self._checking):
+            return
+        self._checking = identity
+
+        def check() -> None:
+            try:
+                Storage.verify_snapshot(self.path)
+            except (StorageCorrupt, OSError) as exc:
+                if self._identity() == identity:  # not replaced meanwhile
+                    self.mark_damaged(str(exc))
+            except Exception:  # noqa: BLE001 - a check must never stop the member
+                log.exception("%s: checking the snapshot file failed", self.name)
+            else:
+                self._checked = identity
+            finally:
+                if self._checking == identity:
+                    self._checking = None
+        threading.Thread(target=check, name="snapshot-check", daemon=True).start()
 
     def _received_whole(self, progress: Callable[[], None] | None) -> bool:
         """The last chunk of a snapshot from the leader came: check the file PySyncObj
@@ -110,6 +156,8 @@ class SnapshotWriter:
         try:
             incoming.flush()
             Storage.verify_snapshot(tmp, progress)
+            st = os.stat(tmp)  # the rename keeps it: no second check at the install
+            self._checked = (st.st_ino, st.st_size, st.st_mtime_ns)
             return True
         except (StorageCorrupt, OSError) as exc:
             self.refused_transfers += 1

@@ -216,6 +216,7 @@ class ReplicaStateMachine(SyncObj):
         self._fsync = cluster.raft.fsync
         self.durable: DurableJournal | None = None  # raft.fsync: see _onTick
         self._compacts_by_rename = False  # journal_file.install: see _onTick
+        self._damaged_nudged = 0.0  # when an entry was last proposed to replace a snapshot
         self.replies_skipped = 0
         self._tick_failures = 0
         self._tick_failing_since = 0.0
@@ -350,7 +351,7 @@ class ReplicaStateMachine(SyncObj):
                         self._SyncObj__raftLog, self._fsync_failed)  # type: ignore[attr-defined]
                 self.durable.sync()
             if self.snapshots.damaged:
-                self.forceLogCompaction()  # PySyncObj drops the request when nothing is new
+                self._replace_damaged_snapshot()
             super()._onTick(timeToWait)
         except Exception as exc:
             now = time.monotonic()
@@ -608,10 +609,7 @@ class ReplicaStateMachine(SyncObj):
                          self.spec.id, snap_index, applied, "" if applied >= snap_index else
                          f" and holding it (the entries after {applied} were PySyncObj no-ops)")
                 # Not needed here, but sent to any member that needs a snapshot.
-                try:
-                    Storage.verify_snapshot(filename)
-                except StorageCorrupt as exc:
-                    self.snapshots.mark_damaged(str(exc))
+                self.snapshots.check_in_background()
             else:
                 log.warning("%s: restoring snapshot at Raft index %d (LevelDB was at %d)",
                             self.spec.id, snap_index, applied)
@@ -636,6 +634,19 @@ class ReplicaStateMachine(SyncObj):
             self._die(exc if isinstance(exc, StorageCorrupt)
                       else StorageCorrupt(f"{filename}: cannot load snapshot: {exc!r}"))
             raise
+
+    def _replace_damaged_snapshot(self) -> None:
+        """Force a compaction (PySyncObj drops the request when no entry is newer
+        than the snapshot: then propose an empty one, at most every 5 s)."""
+        self.forceLogCompaction()
+        now = time.monotonic()
+        if now - self._damaged_nudged >= 5.0 and self.fatal is None:
+            self._damaged_nudged = now
+            try:
+                self.propose([], callback=lambda result, error: None)
+            except Exception:  # noqa: BLE001 - no leader now: the next tick tries again
+                log.debug("%s: proposing an entry to replace the snapshot failed",
+                          self.spec.id, exc_info=True)
 
     def _holds(self, filename: str) -> bool:
         try:

@@ -270,16 +270,18 @@ def test_member_behind_a_compaction_catches_up_from_snapshot(replica_cluster_fac
     assert len(set(cluster.stop_and_digest().values())) == 1
 
 
-@pytest.mark.parametrize("wiped", [False, True], ids=["data-kept", "data-dir-lost"])
-def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, wiped):
-    """One bit flipped in the snapshot of both members that stay up, which
-    skip it at start (their LevelDB is past it). Found by review: the leader
-    sent it as it was to the third member, lagging behind the compaction, which
-    then exited 1 at every start: with its data dir wiped (the README's
-    resync), and with its data kept, after PySyncObj had put the damaged file
-    over its own good snapshot. Now a member checks the snapshot it skips and
-    writes a new one at once, and a received snapshot is checked before it
-    replaces anything."""
+@pytest.mark.parametrize("how", ["data-kept", "data-dir-lost", "damaged-while-running"])
+def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, how):
+    """One bit flipped in the snapshot of both members that stay up: while
+    stopped (they skip it at start, their LevelDB being past it), or while they
+    run. Found by review: the leader sent it as it was to the third member,
+    lagging behind the compaction, which then exited 1 at every start: with its
+    data dir wiped (the README's resync), and with its data kept, after
+    PySyncObj had put the damaged file over its own good snapshot; damaged
+    while running, the third refused it forever and nothing said why on the
+    leader. Now a member checks its snapshot when it skips it at start and when
+    it starts sending it, and writes a new one at once; a received snapshot is
+    checked before it replaces anything."""
     cluster = replica_cluster_factory(raft={"compaction_min_entries": 40,
                                             "compaction_min_seconds": 3600})
     cluster.start()
@@ -288,7 +290,7 @@ def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, wiped)
     pool = WriterPool(cluster, task_commands(4, 200, "before")).start()
     pool.join()
     lagging.kill()
-    if wiped:
+    if how == "data-dir-lost":
         shutil.rmtree(cluster.data_dir(lagging))
     more = WriterPool(cluster, task_commands(4, 200, "after")).start()
     more.join()
@@ -297,8 +299,10 @@ def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, wiped)
     for member in others:
         snapshot = os.path.join(cluster.data_dir(member), "raft", "snapshot")
         wait_for(lambda p=snapshot: os.path.exists(p), 30, f"a snapshot on {member.id}")
-    for member in others:
-        assert member.terminate() == 0
+    running = how == "damaged-while-running"
+    if not running:
+        for member in others:
+            assert member.terminate() == 0
     for member in others:
         snapshot = os.path.join(cluster.data_dir(member), "raft", "snapshot")
         with open(snapshot, "r+b") as fh:
@@ -307,16 +311,18 @@ def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, wiped)
             byte = fh.read(1)[0]
             fh.seek(middle)
             fh.write(bytes([byte ^ 0x01]))
-    for member in others:
-        member.start()
-    cluster.wait_leader()
+    if not running:
+        for member in others:
+            member.start()
+    leader = cluster.wait_leader()
     lagging.start()  # at once: it may be sent the damaged file before its replacement
     cluster.wait_ready(lagging)
     pool.commands += more.commands
     pool.acked.update(more.acked)
     check_exactly_once(cluster, pool, first)
     assert lagging.alive and "CRITICAL" not in lagging.logs()
-    for member in others:
+    # Found and replaced: at start by both, while running by the leader that sent it.
+    for member in others if not running else [leader]:
         wait_for(lambda m=member: "the damaged snapshot file is replaced" in m.logs(), 30,
                  f"{member.id} to replace its damaged snapshot")
         assert "the snapshot file is damaged" in member.logs()
