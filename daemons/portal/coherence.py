@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 1000
 _SEEN_EVENTS = 50_000
-_DELETIONS = 10_000  # clients whose latest deletion revision is remembered
+_LIVES = 10_000  # clients whose latest creation and deletion revisions are remembered
 # Offered to every watcher when the broker connection goes down or comes back.
 BROKER_CHANGED: dict[str, Any] = {"event": "_broker_changed"}
 # Client events a WatchTasks stream of that client must see (each ends it).
@@ -77,7 +77,8 @@ class Coherence:
         self._lock = threading.Lock()
         self._watchers: dict[str, list[Watcher]] = collections.defaultdict(list)
         self._seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
-        self._deleted: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # cid -> [latest creation, latest deletion] revision heard of (0: none)
+        self._lives: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self.received = 0
         self.published = 0
         self.rejected = 0
@@ -154,7 +155,8 @@ class Coherence:
                 self.cache.apply_change(secret_key(cid), None, revision, verified)
             if kind == "client.deleted":
                 self.cache.drop_client(cid, revision, verified)
-                self._note_deletion(cid, revision)
+            if kind in ("client.created", "client.deleted"):
+                self._note_life(cid, kind == "client.deleted", revision)
         elif kind == "task.cleared":
             self.cache.drop_client(cid, revision, verified)
         else:
@@ -165,18 +167,20 @@ class Coherence:
             for watcher in watchers:
                 self._offer(watcher, event)
 
-    def _note_deletion(self, cid: str, revision: int) -> None:
+    def _note_life(self, cid: str, deleted: bool, revision: int) -> None:
         with self._lock:
-            if revision > self._deleted.get(cid, 0):
-                self._deleted[cid] = revision
-            self._deleted.move_to_end(cid)
-            if len(self._deleted) > _DELETIONS:
-                self._deleted.popitem(last=False)
+            life = self._lives.setdefault(cid, [0, 0])
+            life[deleted] = max(life[deleted], revision)
+            self._lives.move_to_end(cid)
+            if len(self._lives) > _LIVES:
+                self._lives.popitem(last=False)
 
-    def deleted_revision(self, cid: str) -> int:
-        """The revision of the latest deletion of client `cid` this portal heard of (0: none)."""
+    def life(self, cid: str) -> tuple[int, int]:
+        """(creation, deletion): the revisions of the latest client.created and
+        client.deleted of `cid` this portal heard of (0: none, or forgotten)."""
         with self._lock:
-            return self._deleted.get(cid, 0)
+            created, deleted = self._lives.get(cid, (0, 0))
+            return created, deleted
 
     def _offer(self, watcher: Watcher, event: dict[str, Any]) -> None:
         if self.loop is not None:

@@ -199,14 +199,12 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
         seen = client["revision"]
         coherence = self.ops.coherence
         # Task events that are not news: changes committed before the stream
-        # registered, and those of an earlier client with this CID arriving
-        # late (below its deletion, see `earlier` below). A record never
-        # updated is at its creation's revision: every task change below it is
-        # older than this client. An updated record's revision may lie above
-        # task changes made after the stream registered (found by review: one
-        # such change never reached the stream), so only what committed
-        # before the registration is skipped then.
-        task_floor = seen if client["updated_at"] == client["created_at"] else watcher.after
+        # registered (`watcher.after`), and those of an earlier client with
+        # this CID arriving late: below this client's creation or the earlier
+        # one's deletion, when this portal heard of them (`_task_floor`). Not
+        # the client record's revision: an update puts it above task changes
+        # made after the stream registered (found by review: one such change
+        # never reached the stream).
         # Token mode: the secret was checked against the record of this
         # revision; a rotation, deletion or re-creation of the CID after it
         # means the stream was opened with a secret that no longer holds,
@@ -248,9 +246,7 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
             if kind.startswith("task."):
-                earlier = coherence.deleted_revision(request.cid)
-                if event["revision"] <= task_floor or (
-                        earlier <= seen and event["revision"] <= earlier):
+                if event["revision"] <= _task_floor(watcher, coherence.life(request.cid), seen):
                     continue
             elif event["revision"] <= seen:
                 continue
@@ -279,6 +275,15 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                 # client's own changes from before its deletion still come
                 # for a moment, then the stream ends.
                 deleted_at, ends_at = event["revision"], loop.time() + DELETION_DRAIN
+
+
+def _task_floor(watcher: Watcher, life: tuple[int, int], seen: int) -> int:
+    """Task events at or below this are not news to a stream (see `_watch`):
+    `life` is the client's latest creation and deletion revisions the portal
+    heard of; only those at or below `seen`, the watched client's record,
+    can be of this client's creation or of an earlier client (a higher one,
+    real or forged, ends the stream or is ignored)."""
+    return max([watcher.after, *(r for r in life if r <= seen)])
 
 
 class StatusServicer(portal_pb2_grpc.PortalStatusServicer):
