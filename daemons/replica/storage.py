@@ -540,7 +540,14 @@ def _prefix_end(prefix: bytes) -> bytes | None:
 
 
 def _read_exact(src: Any, size: int, filename: str) -> bytes:
+    # A damaged length field can ask for gigabytes: file.read(n) allocates n
+    # bytes first (MemoryError on a small machine, not a clear refusal).
+    if size > _READ_AT_ONCE and size > os.fstat(src.fileno()).st_size - src.tell():
+        raise StorageCorrupt(f"{filename}: truncated snapshot (a record says {size} bytes)")
     data = src.read(size)
     if len(data) != size:
         raise StorageCorrupt(f"{filename}: truncated snapshot")
     return data
+
+
+_READ_AT_ONCE = 1 << 20  # smaller reads need no check of what is left of the file

@@ -577,3 +577,51 @@ def test_a_read_that_overlaps_a_restore_is_refused(tmp_path, store, other):
     other.restore(filename)
     assert len(during) == 1  # refused while the restore was still in progress
     other.read(domain.client_key("1"))  # fine once it finished
+
+
+def test_a_snapshot_length_field_damaged_to_gigabytes_is_refused_without_reading_them(tmp_path):
+    """Found by review: file.read(n) allocates n bytes before reading, so a
+    flipped high bit in a record's length asked for up to 8 GiB (MemoryError,
+    not StorageCorrupt, on a small machine)."""
+    import struct
+
+    from daemons.core.errors import StorageCorrupt
+    from daemons.replica import storage as storage_module
+
+    store = Storage(str(tmp_path / "db"))
+    view = store.view()
+    view.put(b"t/a", b"1")
+    store.commit(view)
+    path = str(tmp_path / "snap")
+    store.dump(path, ("header",))
+    store.close()
+    raw = bytearray(open(path, "rb").read())
+    header = len(storage_module.SNAPSHOT_MAGIC)
+    (size,) = struct.unpack(">I", raw[header:header + 4])
+    first = header + 4 + size  # the first record's lengths
+    raw[first:first + 4] = struct.pack(">I", 0x7FFFFFF0)
+    open(path, "wb").write(bytes(raw))
+    class SmallMachine:  # a file whose read(n) allocates n bytes, as CPython's does
+        def __init__(self, *args):  # type: ignore[no-untyped-def]
+            self.f = open(*args)
+
+        def read(self, n: int) -> bytes:
+            if n > 2**30:
+                raise MemoryError(f"cannot allocate {n} bytes")
+            return self.f.read(n)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.f, name)
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+            self.f.close()
+
+    storage_module.open = SmallMachine  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(StorageCorrupt, match="truncated snapshot"):
+            Storage.verify_snapshot(path)
+    finally:
+        del storage_module.open  # type: ignore[attr-defined]
