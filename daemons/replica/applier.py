@@ -42,8 +42,11 @@ class EntryApplier:
         self._logged_count: tuple[int, int] | None = None
         self._pruned: tuple[int, bytes] | None = None
 
-    def apply(self, index: int, commands: list) -> list[Outcome]:
-        """Apply the Raft entry at `index` (skipped if already applied); one WriteBatch."""
+    def apply(self, index: int, commands: list, indexed: bool = True) -> list[Outcome]:
+        """Apply the Raft entry at `index` (skipped if already applied); one WriteBatch.
+
+        `indexed`: store each result with `index` (the entry says so, see
+        entry_seal.py), so that pruning deletes only the results it stored."""
         ids = [c.get("request_id") if isinstance(c, dict) else None for c in commands]
         applied = self.storage.applied_index()
         if index <= applied:
@@ -78,7 +81,7 @@ class EntryApplier:
             outcome = execute(view, cmd, revision + 1, mark)
             if outcome.ok:
                 revision = outcome.revision
-            view.put(domain.request_key(rid), outcome.to_json(index))
+            view.put(domain.request_key(rid), outcome.to_json(index if indexed else 0))
             results.append(outcome)
         view.put(domain.META_APPLIED, b"%d" % index)
         view.put(domain.META_REVISION, b"%d" % revision)
@@ -134,7 +137,8 @@ class EntryApplier:
                 # the result a later entry had stored for that id (applied
                 # afresh once the first had left the window), one entry after
                 # it instead of dedupe_window, and the next retry applied it
-                # again. Results stored by earlier versions (index 0) go as before.
+                # again. Results stored without their index (by TS1 entries,
+                # the same on every member: entry_seal.py) go as before.
                 stored = view.get(domain.request_key(rid))
                 if stored is not None and Outcome.stored_index(stored) in (index, 0):
                     view.delete(domain.request_key(rid))

@@ -12,6 +12,14 @@ are still applied as they are.
 
 The cost is a CRC over a few kilobytes per entry, about a microsecond: the
 commands are pickled once either way (before, PySyncObj pickled the list).
+
+Two magics, one layout: `TS2:` (since 2026-11-28) tells every member to store
+each result of the entry with the entry's Raft index (EntryApplier), `TS1:`
+(entries journalled before) to store it without. The entry, not the code of
+the member applying it, decides, so that members upgraded at different
+indexes still store the same bytes (found by review: a member that had
+stored results the old way pruned them by another rule and diverged). A
+member of an earlier version refuses a TS2 entry as not sealed, and stops.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import pickle
 import struct
 import zlib
 
-MAGIC = b"TS1:"
+MAGIC = b"TS2:"
+LEGACY_MAGIC = b"TS1:"  # results stored without their index (see the module doc)
 _HEAD = len(MAGIC) + 4
 
 
@@ -34,7 +43,12 @@ def seal(commands: list) -> bytes:
 
 
 def is_sealed(blob: object) -> bool:
-    return isinstance(blob, bytes) and blob.startswith(MAGIC)
+    return isinstance(blob, bytes) and (blob.startswith(MAGIC) or blob.startswith(LEGACY_MAGIC))
+
+
+def results_indexed(blob: bytes) -> bool:
+    """Whether the entry's results are stored with its Raft index (module doc)."""
+    return blob.startswith(MAGIC)
 
 
 def verify(blob: bytes) -> memoryview:

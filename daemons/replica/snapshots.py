@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 from pysyncobj.config import SERIALIZER_STATE
@@ -67,6 +68,8 @@ from daemons.core.files import remove_if_present
 from daemons.replica.storage import PARTIAL_SUFFIX, Dump, Storage
 
 log = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 30.0  # a snapshot file found whole is not read again sooner
 
 
 class SnapshotWriter:
@@ -91,8 +94,9 @@ class SnapshotWriter:
         self.cancelled = 0
         self.damaged = False  # the snapshot file failed its check: replace it (module doc)
         self.refused_transfers = 0
-        self._checked: tuple | None = None  # identity of the file last found whole
-        self._checking: tuple | None = None  # ... and of the one being checked
+        # (identity, when) of the file last found whole; identity of the one being checked
+        self._checked: tuple[tuple, float] | None = None
+        self._checking: tuple | None = None
         # Left by a crash during a dump; the snapshot file itself is intact.
         remove_if_present(path + PARTIAL_SUFFIX)
 
@@ -127,7 +131,12 @@ class SnapshotWriter:
         """Check the snapshot file once (per file) off the tick thread; a damaged
         one is reported and replaced (module doc)."""
         identity = self._identity()
-        if identity is None or identity in (self._checked, self._checking):
+        if identity is None or identity == self._checking:
+            return
+        # A bit flipped in place keeps the file's inode, size and mtime (found
+        # by review): the same file is checked again, at most every RECHECK_SECONDS.
+        if self._checked is not None and self._checked[0] == identity \
+                and time.monotonic() - self._checked[1] < RECHECK_SECONDS:
             return
         self._checking = identity
 
@@ -140,7 +149,7 @@ class SnapshotWriter:
             except Exception:  # noqa: BLE001 - a check must never stop the member
                 log.exception("%s: checking the snapshot file failed", self.name)
             else:
-                self._checked = identity
+                self._checked = (identity, time.monotonic())
             finally:
                 if self._checking == identity:
                     self._checking = None
@@ -157,7 +166,7 @@ class SnapshotWriter:
             incoming.flush()
             Storage.verify_snapshot(tmp, progress)
             st = os.stat(tmp)  # the rename keeps it: no second check at the install
-            self._checked = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self._checked = ((st.st_ino, st.st_size, st.st_mtime_ns), time.monotonic())
             return True
         except (StorageCorrupt, OSError) as exc:
             self.refused_transfers += 1

@@ -393,15 +393,15 @@ class ReplicaStateMachine(SyncObj):
             self._die(StorageCorrupt(f"Raft entry {self.raftLastApplied + 1} is damaged: "
                                      f"{exc}; {RESYNC}"))
             return None
-        return self._apply(commands)
+        return self._apply(commands, indexed=entry_seal.results_indexed(blob))
 
-    def _apply(self, commands: list) -> list[Outcome] | None:
+    def _apply(self, commands: list, indexed: bool = False) -> list[Outcome] | None:
         """Apply one Raft entry. Never raises: a raise would make PySyncObj retry it."""
         index = self.raftLastApplied + 1
         if self.fatal is not None:
             return None
         try:
-            return self.applier.apply(index, commands)
+            return self.applier.apply(index, commands, indexed)
         except Exception as exc:  # noqa: BLE001 - must not escape into PySyncObj
             self._die(exc if isinstance(exc, StorageCorrupt)
                       else StorageCorrupt(f"apply of Raft entry {index} failed: {exc!r}"))

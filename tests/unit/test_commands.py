@@ -663,3 +663,15 @@ def test_outcomes_stored_before_fingerprints_still_load():
     outcome = Outcome.from_json(old, duplicate=True)
     assert (outcome.ok, outcome.revision, outcome.fingerprint, outcome.duplicate) == \
         (True, 12, "", True)
+
+
+def test_an_entry_sealed_the_earlier_way_stores_its_results_without_index(storage):
+    """Found by review: whether a result carries its index must follow from the
+    entry (entry_seal's magic), not from the code of the member applying it, or
+    members upgraded at different indexes store different bytes and later
+    prune differently (a retry then applied on one member only)."""
+    h = Harness(storage, window=3)
+    (legacy,) = h.applier.apply(1, [h.create_client("1")], indexed=False)
+    (indexed,) = h.applier.apply(2, [h.create_client("2")], indexed=True)
+    stored = {k: v for k, v in storage.items() if k.startswith(domain.META_REQ_PREFIX)}
+    assert sorted(Outcome.stored_index(v) for v in stored.values()) == [0, 2]

@@ -114,3 +114,11 @@ def test_the_start_check_verifies_sealed_records(tmp_path):
     assert size > 3000 + 4096
     found = journal_file.scan(path)
     assert found.records == 2 and "CRC-32" in (found.problem or ""), found
+
+
+def test_a_legacy_sealed_entry_still_applies_and_stores_results_without_index():
+    cmds = [{"op": "create_client", "cid": "1"}]
+    blob = entry_seal.seal(cmds)
+    legacy = entry_seal.LEGACY_MAGIC + blob[len(entry_seal.MAGIC):]
+    assert entry_seal.results_indexed(blob) and not entry_seal.results_indexed(legacy)
+    assert entry_seal.unseal(legacy) == cmds

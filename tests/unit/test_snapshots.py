@@ -287,3 +287,35 @@ def test_a_damaged_own_snapshot_is_reported_and_replaced_by_the_next_dump(tmp_pa
     assert h.settle()[0] == SERIALIZER_STATE.SUCCESS
     assert not h.writer.damaged and "the damaged snapshot file is replaced" in caplog.text
     Storage.verify_snapshot(h.path)
+
+
+def test_a_bit_flipped_in_place_is_found_when_a_later_transfer_starts(tmp_path, storage,
+                                                                      monkeypatch):
+    """Found by review: the file was checked once per (inode, size, mtime), which
+    a bit flipped in place keeps: every later transfer sent it unchecked, and a
+    resynced member refused it forever with nothing in the sender's log."""
+    import os
+
+    from daemons.replica import snapshots as snapshots_module
+    h = Harness(tmp_path, storage)
+    h.serialize(22)
+    assert h.settle()[0] == SERIALIZER_STATE.SUCCESS
+
+    def checked() -> None:  # start a transfer, wait for the background check
+        h.serializer.getTransmissionData("follower")
+        h.serializer.cancelTransmisstion("follower")
+        deadline = time.monotonic() + 10
+        while h.writer._checking is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    checked()
+    assert not h.writer.damaged
+    st = os.stat(h.path)
+    with open(h.path, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte ^ 0x01]))
+    os.utime(h.path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same identity
+    monkeypatch.setattr(snapshots_module, "RECHECK_SECONDS", 0.0)
+    checked()
+    assert h.writer.damaged
