@@ -40,6 +40,17 @@ def _request_id(given: str) -> str:
     return domain.validate_request_id(given) if given else uuid.uuid4().hex
 
 
+def _secret_given(answer: pb.ApplyResponse, request_id: str, secret: str) -> str:
+    """The secret to hand back: "" for a retry of the caller's request id that
+    the replicas had applied (the first answer gave the secret; this call's was
+    not stored). Without a caller's request id the id is this call's own, so a
+    duplicate answer is this call's own earlier attempt (a retry on another
+    member, or a group asked again in parts): its secret is the one stored
+    (found by review: CreateClient and RotateSecret answered "" and the new
+    secret was lost)."""
+    return "" if answer.duplicate and request_id else secret
+
+
 def _limit(limit: int) -> int:
     if limit > LIST_MAX:
         raise InvalidArgument(f"limit: at most {LIST_MAX}")
@@ -152,8 +163,7 @@ class PortalOperations:
                 if generated and not request_id:
                     continue
                 raise
-            # A duplicate's first answer gave the secret; this one was not stored.
-            return record, "" if answer.duplicate else secret
+            return record, _secret_given(answer, request_id, secret)
         raise AlreadyExists("could not generate an unused CID; give one")
 
     async def rotate_secret(self, cid: str, request_id: str, timeout: float) -> tuple[str, int]:
@@ -163,7 +173,7 @@ class PortalOperations:
         secret, hashed = await self._new_secret(deadline)
         answer, _ = await self._commit("client.secret_rotated", pb.ROTATE_SECRET, request_id,
                                        left(deadline), cid, secret=hashed)
-        return "" if answer.duplicate else secret, answer.revision
+        return _secret_given(answer, request_id, secret), answer.revision
 
     async def _new_secret(self, deadline: float) -> tuple[str, pb.SecretHash]:
         """A new secret and its scrypt hash, within the call's time: the hash

@@ -352,3 +352,34 @@ def test_a_busy_scrypt_pool_answers_unavailable_within_the_call_and_sends_nothin
         with pytest.raises(Busy, match="scrypt.*nothing was changed"):
             asyncio.run(asyncio.wait_for(call(), 10))
     assert Replicas.sent == []
+
+
+@pytest.mark.parametrize("request_id, expected", [("", "the-secret"), ("caller-1", "")])
+def test_a_secret_is_handed_back_unless_the_callers_request_id_was_applied_before(
+        request_id, expected, monkeypatch):
+    """Found by review: when the portal itself asked again (another member, or
+    an answer too large for one message), the duplicate answer made CreateClient
+    and RotateSecret return "" although the secret stored was this call's."""
+    import json
+
+    from daemons.portal import operations
+    from daemons.portal.cache import PortalCache
+    from daemons.portal.coherence import Coherence
+    from daemons.portal.operations import PortalOperations
+
+    monkeypatch.setattr(operations, "new_secret", lambda: "the-secret")
+
+    class Hasher:
+        async def make(self, secret):  # type: ignore[no-untyped-def]
+            return pb.SecretHash()
+
+    class Replicas:  # the call's own first attempt committed; its answer was lost
+        async def apply(self, command, timeout, on_commit):  # type: ignore[no-untyped-def]
+            record = json.dumps({"cid": "7", "data": {}, "created_at": "x",
+                                 "updated_at": "x", "revision": 3})
+            return pb.ApplyResponse(revision=3, record=record, duplicate=True)
+
+    ops = PortalOperations("p", Replicas(), Coherence("p", "test", PortalCache(10, 60)),  # type: ignore[arg-type]
+                           hasher=Hasher(), issue_secrets=True)  # type: ignore[arg-type]
+    assert asyncio.run(ops.create_client("7", "{}", request_id, 5))[1] == expected
+    assert asyncio.run(ops.rotate_secret("7", request_id, 5))[0] == expected
