@@ -92,6 +92,13 @@ class EventBus:
         self._writing = False
         self._reconnecting = False  # reconnect() runs in the executor: hands off paho
         self._held: collections.deque[tuple[str, bytes]] = collections.deque()
+        # Loop mode: connected, but the CONNACK not handled yet. paho sends the
+        # messages still waiting for a PUBACK again only then: what was
+        # published meanwhile waits in _held, so that it goes after them (found
+        # by review: after every broker outage a portal's older events reached
+        # the broker after up to a whole outage's newer ones, and the listener
+        # flagged them out of order).
+        self._awaiting_connack = False
         self.dropped = 0  # publishes lost because too many waited for the broker
         self._dropped_logged = 0
         self._drop_logged_at = -DROP_WARNING_SECONDS
@@ -151,9 +158,9 @@ class EventBus:
             self._send(topic, payload)
         elif not self._on_loop():
             self._loop.call_soon_threadsafe(self.publish, topic, payload)
-        elif self._reconnecting or not self._begun:
+        elif self._reconnecting or not self._begun or self._awaiting_connack:
             # not connecting yet, or paho belongs to the executor until
-            # reconnect() returns: sent after it
+            # reconnect() returns, or its CONNACK is still to come: sent after
             if len(self._held) < MAX_QUEUED:
                 self._held.append((topic, payload))
             else:
@@ -221,11 +228,21 @@ class EventBus:
         elif self._stopping:
             self._client.disconnect()
         else:
+            self._awaiting_connack = True
             self._watch()
-        while self._held and not self._reconnecting:
+        self._release_held()
+
+    def _release_held(self) -> None:
+        while self._held and not self._reconnecting and not self._awaiting_connack:
             topic, payload = self._held.popleft()
             self._send(topic, payload)
         self._sync()
+
+    def _connack_handled(self) -> None:
+        """After paho handled a successful CONNACK (and queued its resends)."""
+        if self._awaiting_connack:
+            self._awaiting_connack = False
+            self._release_held()
 
     def _watch(self) -> None:
         sock = self._client.socket()
@@ -300,6 +317,9 @@ class EventBus:
             return
         self._sessions_kept = self._sessions_kept and bool(getattr(flags, "session_present",
                                                                    False))
+        if self._loop is not None:
+            # paho sends again what waits for a PUBACK when this returns.
+            self._loop.call_soon(self._connack_handled)
         if not self._subscriptions:
             self._mark_connected()
             return

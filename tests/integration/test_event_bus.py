@@ -137,6 +137,61 @@ def test_broker_loss_is_reported_and_queued_messages_arrive_after_it_returns(bro
         subscriber.stop()
 
 
+def test_messages_unacknowledged_when_the_broker_died_go_before_those_held_since(tmp_path,
+                                                                                 loop):
+    """Found by review: the messages published during an outage were sent as
+    soon as the TCP connection was back, but paho sends again the ones still
+    waiting for a PUBACK only when it handles the CONNACK, so a portal's older
+    events reached the broker after newer ones (the listener flagged them out
+    of order after every broker outage). Each message has its own topic, as
+    events do (MQTT orders per topic only)."""
+    import signal
+
+    import paho.mqtt.client as mqtt
+
+    broker = MosquittoProcess(str(tmp_path), free_ports(1)[0], persistence=True)
+    broker.start()
+    got: list[str] = []
+    lock = threading.Lock()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="order-sub",
+                      clean_session=False)
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("order/#", qos=1)
+    sub.on_message = lambda c, u, m: [lock.acquire(), got.append(m.payload.decode()),
+                                      lock.release()]
+    sub.reconnect_delay_set(0.1, 0.5)
+    publisher = EventBus(Broker(host="127.0.0.1", port=broker.port), "order-pub", [],
+                         lambda *a: None, lambda up: None, no_local=True, loop=loop)
+    try:
+        broker.wait_ready()
+        sub.connect("127.0.0.1", broker.port, keepalive=5)
+        sub.loop_start()
+        wait_for(lambda: sub.is_connected(), 10, "the subscriber")
+        time.sleep(0.5)  # its SUBSCRIBE handled
+        assert broker.terminate() == 0  # its session saved on disk
+        broker.start()
+        broker.wait_ready()
+        publisher.start()
+        assert publisher.wait_connected(10)
+        broker.signal(signal.SIGSTOP)  # alive, answering nothing: no PUBACK
+        on_loop(loop, lambda: [publisher.publish(f"order/in-flight/{i}", b"in-flight-%d" % i)
+                               for i in range(5)])
+        time.sleep(0.5)
+        broker.kill()
+        wait_for(lambda: not publisher.connected, 15, "the publisher to notice")
+        on_loop(loop, lambda: [publisher.publish(f"order/held/{i}", b"held-%d" % i)
+                               for i in range(5)])
+        broker.start()
+        broker.wait_ready()
+        wait_for(lambda: len(got) >= 10, 20, "the ten messages")
+        with lock:
+            assert got == [f"in-flight-{i}" for i in range(5)] + [f"held-{i}" for i in range(5)]
+    finally:
+        publisher.stop()
+        sub.disconnect()
+        sub.loop_stop()
+        broker.kill()
+
+
 def test_the_loop_keeps_running_while_the_broker_is_away_and_stop_is_prompt(tmp_path, loop):
     port = free_ports(1)[0]  # nobody listens yet
     rec = Recorder()
