@@ -119,6 +119,12 @@ def event_key(event: dict[str, Any]) -> EventKey:
 
 
 def _event_key(line: bytes) -> EventKey | None:
+    found = _line_event(line)
+    return None if found is None else found[0]
+
+
+def _line_event(line: bytes) -> tuple[EventKey, bool] | None:
+    """(the event's key, whether it is a replay) of an audit line; None if it is no event."""
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -129,7 +135,7 @@ def _event_key(line: bytes) -> EventKey | None:
     if not isinstance(origin, str) or not isinstance(revision, int) or isinstance(revision, bool):
         return None
     try:
-        return event_key(obj)
+        return event_key(obj), obj.get("replay") is True
     except (TypeError, ValueError):  # e.g. a hand-edited line: never a redelivery
         return None
 
@@ -220,7 +226,8 @@ class AuditLog:
         self._rejects = _RotatingFile(self.reject_path, rotate_bytes, keep_files, sync_dir)
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
-        self._seen: collections.OrderedDict[EventKey, None] = collections.OrderedDict()
+        # key -> whether the event is a replay (events.py: an old change announced again)
+        self._seen: collections.OrderedDict[EventKey, bool] = collections.OrderedDict()
         self._highest: dict[str, int] = {}
         self._dirty = False
         self._last_sync = 0.0
@@ -332,23 +339,24 @@ class AuditLog:
                 break
             try:
                 for line in lines_backwards(path):
-                    key = _event_key(line)
-                    if key is None:
+                    found = _line_event(line)
+                    if found is None:
                         self.unreadable_lines += 1
                         continue
-                    keys.append(key)
+                    keys.append(found)
                     if len(keys) >= self.dedupe_window:
                         break
             except FileNotFoundError:
                 continue
         # Highest revisions per origin only from the trusted revisions (gaps.py):
         # a forged one far above them must not outlive a restart either.
-        group = trusted(key[1] for key in keys)
+        # Replays neither (found by review: one counted after a restart, not before).
+        group = trusted(key[1] for key, replay in keys if not replay)
         ceiling = group[-1] if group else float("inf")  # too little history to tell
-        for key in reversed(keys):
-            self._remember(key)
+        for key, replay in reversed(keys):
+            self._remember(key, replay)
             origin, revision = key[0], key[1]
-            if revision <= ceiling and revision > self._highest.get(origin, 0):
+            if not replay and revision <= ceiling and revision > self._highest.get(origin, 0):
                 self._note_highest(origin, revision)
         if self.unreadable_lines:
             log.warning("audit log %s: skipped %d lines that are not events while rebuilding "
@@ -362,8 +370,8 @@ class AuditLog:
         while len(self._highest) > MAX_ORIGINS:
             del self._highest[next(iter(self._highest))]
 
-    def _remember(self, key: EventKey) -> None:
-        self._seen[key] = None
+    def _remember(self, key: EventKey, replay: bool = False) -> None:
+        self._seen[key] = replay
         self._seen.move_to_end(key)
         while len(self._seen) > self.dedupe_window:
             self._seen.popitem(last=False)
@@ -399,7 +407,7 @@ class AuditLog:
                 entry["out_of_order"] = True
             self._audit.write(encode_line(entry))
             self._after_write(self._audit)
-            self._remember(key)
+            self._remember(key, replay)
             if out_of_order:
                 self.out_of_order += 1
             elif plausible and not replay:
@@ -452,9 +460,10 @@ class AuditLog:
     # -- reading -----------------------------------------------------------------
 
     def remembered_revisions(self) -> list[int]:
-        """The revisions of the events remembered (the dedupe window)."""
+        """The revisions of the events remembered (the dedupe window), replays
+        left out: an old change announced again must not anchor gap tracking."""
         with self._lock:
-            return [key[1] for key in self._seen]
+            return [key[1] for key, replay in self._seen.items() if not replay]
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -214,7 +214,7 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, "cannot be written to the audit log "
                          f"({type(exc).__name__}: {exc})")
             return
-        self.gaps.seen(event["revision"])
+        self.gaps.seen(event["revision"], replay=event.get("replay") is True)
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])

@@ -130,9 +130,15 @@ class RevisionGaps:
         with self._lock:
             return self._next is None or not self._far_ahead(revision)
 
-    def seen(self, revision: int) -> None:
-        """Note a received revision (called for every event, duplicates included)."""
+    def seen(self, revision: int, replay: bool = False) -> None:
+        """Note a received revision (called for every event, duplicates included).
+
+        A replay (an old change announced again) fills a hole, but never starts
+        tracking: found by review, one received first on an empty log made
+        every revision between it and the live ones "never arrived"."""
         with self._lock:
+            if replay and self._next is None:
+                return
             if self._next is None or self._far_ahead(revision):
                 self._set_aside(revision)
             elif revision < self._next:

@@ -232,6 +232,20 @@ def test_a_replay_is_written_as_such_not_as_out_of_order(path, opened):
     assert log.append(task_event(4), TOPIC)["out_of_order"] is True
 
 
+def test_after_a_restart_a_replay_still_counts_for_nothing(path, opened):
+    """Found by review: the rebuild at start counted a replay towards its
+    origin's highest revision, so 20 after a replay of 40 was flagged out of
+    order after a restart and not before; nor may a replay anchor gap tracking."""
+    log = opened(path)
+    for rev in range(1, 13):
+        log.append(task_event(rev), TOPIC)
+    log.append({**task_event(40), "replay": True}, TOPIC)
+    log.close()
+    again = opened(path)
+    assert "out_of_order" not in again.append(task_event(20), TOPIC)
+    assert 40 not in again.remembered_revisions() and 12 in again.remembered_revisions()
+
+
 def test_out_of_order_is_flagged_and_still_written(path, opened):
     log = opened(path)
     log.append(task_event(5), TOPIC)

@@ -244,3 +244,21 @@ def test_a_late_low_revision_in_the_remembered_window_does_not_anchor_a_restart(
     gaps.seen(203)
     clock.now += 11
     assert gaps.overdue() == [(202, 202)]  # holes after the start are still reported
+
+
+def test_a_replay_received_first_does_not_start_tracking_but_fills_a_hole():
+    """Found by review: a replay of revision 100 received first on an empty log,
+    then the live 500..511, reported "399 revisions never arrived"."""
+    gaps, clock = tracker()
+    gaps.seen(100, replay=True)
+    for revision in range(500, 512):
+        gaps.seen(revision)
+    clock.now += 60
+    assert gaps.overdue() == [] and gaps.missing == 0
+    gaps.seen(512)
+    gaps.seen(514)
+    clock.now += 60
+    assert gaps.overdue() == [(513, 513)]
+    gaps.seen(513, replay=True)  # the change announced again fills its hole
+    assert gaps.missing == 0
+
