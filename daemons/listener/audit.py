@@ -459,11 +459,30 @@ class AuditLog:
 
     # -- reading -----------------------------------------------------------------
 
-    def remembered_revisions(self) -> list[int]:
-        """The revisions of the events remembered (the dedupe window), replays
-        left out: an old change announced again must not anchor gap tracking."""
+    def retrust_highest(self) -> None:
+        """Recompute each origin's highest revision from the trusted revisions
+        remembered (as a restart does): called when gap tracking starts on an
+        empty log, so that a forged first event far above the real ones stops
+        making them look late (found by review: every real event was flagged
+        until a restart)."""
         with self._lock:
-            return [key[1] for key, replay in self._seen.items() if not replay]
+            group = trusted(key[1] for key, replay in self._seen.items() if not replay)
+            if not group:
+                return
+            ceiling = group[-1]
+            self._highest.clear()
+            for key, replay in self._seen.items():
+                if not replay and key[1] <= ceiling and key[1] > self._highest.get(key[0], 0):
+                    self._note_highest(key[0], key[1])
+
+    def remembered_revisions(self) -> tuple[list[int], list[int]]:
+        """The revisions of the events remembered (the dedupe window): those of
+        changes as published, and those held only as replays (an old change
+        announced again fills a hole but must not anchor gap tracking)."""
+        with self._lock:
+            live = [key[1] for key, replay in self._seen.items() if not replay]
+            replayed = [key[1] for key, replay in self._seen.items() if replay]
+            return live, replayed
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -117,9 +117,9 @@ class ListenerDaemon(Daemon):
 
     def start(self) -> None:
         self.audit.open()
-        history = self.audit.remembered_revisions()
-        self._expect_session = bool(history)
-        self.gaps.resume(history)
+        history, replayed = self.audit.remembered_revisions()
+        self._expect_session = bool(history or replayed)
+        self.gaps.resume(history, replayed)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                                              thread_name_prefix="grpc"),
                                   options=server_options(self.cluster.limits))
@@ -214,7 +214,10 @@ class ListenerDaemon(Daemon):
             self._reject(topic, payload, "cannot be written to the audit log "
                          f"({type(exc).__name__}: {exc})")
             return
+        tracking = self.gaps.tracking
         self.gaps.seen(event["revision"], replay=event.get("replay") is True)
+        if not tracking and self.gaps.tracking:
+            self.audit.retrust_highest()
         if entry is None:
             log.debug("%s: dropped a redelivered event (origin %s, revision %d)",
                       self.daemon_id, event["origin"], event["revision"])

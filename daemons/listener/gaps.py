@@ -92,6 +92,7 @@ class RevisionGaps:
         self.missing = 0  # revisions reported missing, less those that arrived later
         self.ignored = 0  # revisions set aside as too far ahead (MAX_JUMP)
         self._aside: list[int] = []  # those, and those received before tracking began
+        self._replayed: list[int] = []  # replays received before tracking began
         self._late = 0  # reported revisions that arrived since take_late()
         # The highest revision of a group confirmed far ahead (CONFIRM agreeing),
         # while the hole below it waits for `grace`: revisions near it are real
@@ -104,25 +105,29 @@ class RevisionGaps:
         with self._lock:
             self._next = revision + 1
 
-    def resume(self, revisions: Iterable[int]) -> None:
+    def resume(self, revisions: Iterable[int], replayed: Iterable[int] = ()) -> None:
         """Pick up after a restart from the revisions the audit log remembers
         (in the log's order): from the first of the trusted ones (see `trusted`
         and `_first_arrived`), so that holes among them
         are reported `grace` seconds from now, like any other (a hole the
         previous run had not yet reported used to be forgotten; one it had
         reported is reported again, and counted in `missing` again). With no
-        trusted revisions, tracking starts as on an empty log."""
+        trusted revisions, tracking starts as on an empty log. `replayed`: the
+        revisions the log holds only as replays, which fill holes but never
+        choose where tracking starts."""
         order = list(revisions)
         group = trusted(order)
-        if not group:
-            return
-        members = set(group)
         with self._lock:
-            self._next = _first_arrived(order, members)
+            self._replayed.extend(replayed)
+            del self._replayed[:-MAX_ASIDE]
+            if not group:
+                return
+            self._next = _first_arrived(order, set(group))
             now = self._clock()
             for revision in group:
                 if revision >= self._next:
                     self._track(revision, now)
+            self._track_replayed(now)
 
     def plausible(self, revision: int) -> bool:
         """Whether `revision` is not far ahead of what is tracked (True before
@@ -138,6 +143,8 @@ class RevisionGaps:
         every revision between it and the live ones "never arrived"."""
         with self._lock:
             if replay and self._next is None:
+                self._replayed.append(revision)  # tracked once tracking starts
+                del self._replayed[:-MAX_ASIDE]
                 return
             if self._next is None or self._far_ahead(revision):
                 self._set_aside(revision)
@@ -181,6 +188,15 @@ class RevisionGaps:
         now = self._clock()
         for r in agreeing:  # the hole below them is reported after `grace`
             if r >= self._next:
+                self._track(r, now)
+        self._track_replayed(now)
+
+    def _track_replayed(self, now: float) -> None:
+        """Replays received before tracking started: they fill holes (a change
+        announced only as a replay is not missing), never choose the start."""
+        replayed, self._replayed = self._replayed, []
+        for r in replayed:
+            if r >= self._next and not self._far_ahead(r):  # type: ignore[operator]
                 self._track(r, now)
 
     def _advance(self) -> None:
@@ -228,6 +244,12 @@ class RevisionGaps:
         with self._lock:
             late, self._late = self._late, 0
             return late
+
+    @property
+    def tracking(self) -> bool:
+        """Whether tracking has started (see the module doc)."""
+        with self._lock:
+            return self._next is not None
 
     @property
     def waiting(self) -> int:

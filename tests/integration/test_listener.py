@@ -474,3 +474,19 @@ def test_revisions_that_never_arrive_are_reported(quick_gaps_env):
     wait_for(lambda: listener.status().missing_revisions == 2, 15, "revisions 14-15")  # new process
     assert "2 revisions never arrived (14-15)" in listener.logs()
     assert listener.terminate() == 0
+
+
+def test_a_forged_first_event_far_ahead_stops_flagging_real_ones(env):
+    """Found by review: on an empty audit log a forged first event with a huge
+    revision became its origin's highest, and every real event after it was
+    flagged out of order until a restart. Once ten real revisions agree the
+    listener tracks them, and the highest revision comes from them."""
+    listener = env.listener()
+    listener.start()
+    listener.wait_ready()
+    env.publish(task_event(9 * 10**9, title="forged"))
+    for rev in range(1, 13):
+        env.publish(task_event(rev, title=f"t{rev}"))
+    wait_for(lambda: len(env.audit_lines()) == 13, 15, "thirteen audit lines")
+    flagged = {line["revision"] for line in env.audit_lines() if line.get("out_of_order")}
+    assert flagged <= set(range(1, 11)) and not flagged & {11, 12}, sorted(flagged)

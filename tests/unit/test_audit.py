@@ -243,7 +243,8 @@ def test_after_a_restart_a_replay_still_counts_for_nothing(path, opened):
     log.close()
     again = opened(path)
     assert "out_of_order" not in again.append(task_event(20), TOPIC)
-    assert 40 not in again.remembered_revisions() and 12 in again.remembered_revisions()
+    live, replayed = again.remembered_revisions()
+    assert 40 not in live and 12 in live and replayed == [40]
 
 
 def test_out_of_order_is_flagged_and_still_written(path, opened):
@@ -610,3 +611,17 @@ def test_origins_tracked_for_out_of_order_are_bounded(path, opened, monkeypatch)
         event = {**task_event(n + 1), "origin": f"origin-{n}"}
         log.append(event, TOPIC)
     assert len(log._highest) == 50 and "origin-199" in log._highest
+
+
+def test_a_forged_first_revision_stops_counting_once_the_real_ones_agree(path, opened):
+    """Found by review: on an empty log a forged first event far above the real
+    ones became its origin's highest revision, and every real event after it
+    was flagged out of order until a restart. Once ten real revisions agree
+    (gap tracking starts), the highest is recomputed from them."""
+    log = opened(path)
+    log.append(task_event(9 * 10**9), TOPIC)
+    for rev in range(1, 11):
+        log.append(task_event(rev), TOPIC)  # flagged: nothing tells them real yet
+    log.retrust_highest()
+    assert "out_of_order" not in log.append(task_event(11), TOPIC)
+    assert log.append(task_event(5, title="again"), TOPIC)["out_of_order"] is True

@@ -262,3 +262,21 @@ def test_a_replay_received_first_does_not_start_tracking_but_fills_a_hole():
     gaps.seen(513, replay=True)  # the change announced again fills its hole
     assert gaps.missing == 0
 
+
+
+def test_a_change_announced_only_as_a_replay_is_not_missing():
+    """Found by review: a replay received before tracking started was dropped,
+    and after a restart replays were left out, so a revision the log held only
+    as a replay was reported "never arrived"."""
+    gaps, clock = tracker()
+    for revision in range(1, 21):
+        if revision == 5:
+            gaps.seen(5, replay=True)  # before tracking starts (10 agreeing)
+        else:
+            gaps.seen(revision)
+    clock.now += 60
+    assert gaps.overdue() == [] and gaps.missing == 0
+    restarted, clock = tracker()
+    restarted.resume([r for r in range(1, 21) if r != 15], replayed=[15])
+    clock.now += 60
+    assert restarted.overdue() == [] and restarted.missing == 0
