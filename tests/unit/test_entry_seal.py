@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 from pysyncobj.pickle import dumps
@@ -121,4 +122,8 @@ def test_a_legacy_sealed_entry_still_applies_and_stores_results_without_index():
     blob = entry_seal.seal(cmds)
     legacy = entry_seal.LEGACY_MAGIC + blob[len(entry_seal.MAGIC):]
     assert entry_seal.results_indexed(blob) and not entry_seal.results_indexed(legacy)
-    assert entry_seal.unseal(legacy) == cmds
+    with pytest.raises(entry_seal.CorruptEntry):  # the magic is covered by the CRC
+        entry_seal.unseal(legacy)
+    body = blob[len(entry_seal.MAGIC) + 4:]
+    old_seal = entry_seal.LEGACY_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    assert entry_seal.unseal(old_seal) == cmds  # as earlier versions sealed it
