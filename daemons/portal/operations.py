@@ -24,7 +24,8 @@ from typing import Any
 
 from daemons.core import domain, events
 from daemons.core.clock import left, utc_now
-from daemons.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from daemons.core.errors import (AlreadyExists, InvalidArgument, NotFound, TarefaError,
+                                  Unavailable)
 from daemons.portal.auth import SecretHasher, new_secret
 from daemons.portal.cache import Key, client_key, secret_key, task_key
 from daemons.portal.coherence import Coherence
@@ -38,17 +39,6 @@ _READ_ATTEMPTS = 5
 
 def _request_id(given: str) -> str:
     return domain.validate_request_id(given) if given else uuid.uuid4().hex
-
-
-def _secret_given(answer: pb.ApplyResponse, request_id: str, secret: str) -> str:
-    """The secret to hand back: "" for a retry of the caller's request id that
-    the replicas had applied (the first answer gave the secret; this call's was
-    not stored). Without a caller's request id the id is this call's own, so a
-    duplicate answer is this call's own earlier attempt (a retry on another
-    member, or a group asked again in parts): its secret is the one stored
-    (found by review: CreateClient and RotateSecret answered "" and the new
-    secret was lost)."""
-    return "" if answer.duplicate and request_id else secret
 
 
 def _limit(limit: int) -> int:
@@ -163,7 +153,8 @@ class PortalOperations:
                 if generated and not request_id:
                     continue
                 raise
-            return record, _secret_given(answer, request_id, secret)
+            return record, await self._secret_given(answer, request_id, secret, hashed,
+                                                    the_cid, deadline)
         raise AlreadyExists("could not generate an unused CID; give one")
 
     async def rotate_secret(self, cid: str, request_id: str, timeout: float) -> tuple[str, int]:
@@ -173,7 +164,30 @@ class PortalOperations:
         secret, hashed = await self._new_secret(deadline)
         answer, _ = await self._commit("client.secret_rotated", pb.ROTATE_SECRET, request_id,
                                        left(deadline), cid, secret=hashed)
-        return _secret_given(answer, request_id, secret), answer.revision
+        return (await self._secret_given(answer, request_id, secret, hashed, cid, deadline),
+                answer.revision)
+
+    async def _secret_given(self, answer: pb.ApplyResponse, request_id: str, secret: str,
+                            hashed: pb.SecretHash | None, cid: str, deadline: float) -> str:
+        """The secret to hand back: "" for a retry of a call the replicas had
+        applied (its answer gave the secret; this call's was not stored).
+
+        A duplicate answer is either that, or this call's own earlier attempt
+        (a retry on another member, a group asked again in parts: found by
+        review, the secret was lost, and RotateSecret locked the client out).
+        Without a caller's request id the id is this call's own; with one, the
+        stored hash tells (a linearizable read; "" if it cannot be read)."""
+        if not answer.duplicate or not secret:
+            return secret
+        if not request_id:
+            return secret
+        try:
+            stored = await self.secret_record(cid, left(deadline), True)
+        except TarefaError:
+            return ""
+        mine = hashed is not None and stored is not None \
+            and stored.get("salt") == hashed.salt.hex() and stored.get("hash") == hashed.hash.hex()
+        return secret if mine else ""
 
     async def _new_secret(self, deadline: float) -> tuple[str, pb.SecretHash]:
         """A new secret and its scrypt hash, within the call's time: the hash

@@ -354,9 +354,12 @@ def test_a_busy_scrypt_pool_answers_unavailable_within_the_call_and_sends_nothin
     assert Replicas.sent == []
 
 
-@pytest.mark.parametrize("request_id, expected", [("", "the-secret"), ("caller-1", "")])
-def test_a_secret_is_handed_back_unless_the_callers_request_id_was_applied_before(
-        request_id, expected, monkeypatch):
+@pytest.mark.parametrize("request_id, stored, expected", [
+    ("", "other", "the-secret"),       # the call's own id: its own earlier attempt
+    ("caller-1", "mine", "the-secret"),  # the caller's id, the hash stored is this call's
+    ("caller-1", "other", "")])        # the caller's id applied by an earlier call
+def test_a_secret_is_handed_back_unless_an_earlier_call_stored_another(
+        request_id, stored, expected, monkeypatch):
     """Found by review: when the portal itself asked again (another member, or
     an answer too large for one message), the duplicate answer made CreateClient
     and RotateSecret return "" although the secret stored was this call's."""
@@ -368,16 +371,22 @@ def test_a_secret_is_handed_back_unless_the_callers_request_id_was_applied_befor
     from daemons.portal.operations import PortalOperations
 
     monkeypatch.setattr(operations, "new_secret", lambda: "the-secret")
+    mine = pb.SecretHash(salt=b"\x01" * 16, hash=b"\x02" * 32, n=2, r=1, p=1)
 
     class Hasher:
         async def make(self, secret):  # type: ignore[no-untyped-def]
-            return pb.SecretHash()
+            return mine
 
-    class Replicas:  # the call's own first attempt committed; its answer was lost
+    class Replicas:  # the first attempt committed; its answer was lost
         async def apply(self, command, timeout, on_commit):  # type: ignore[no-untyped-def]
             record = json.dumps({"cid": "7", "data": {}, "created_at": "x",
                                  "updated_at": "x", "revision": 3})
             return pb.ApplyResponse(revision=3, record=record, duplicate=True)
+
+        async def get(self, kind, cid, title, timeout):  # type: ignore[no-untyped-def]
+            salt = mine.salt.hex() if stored == "mine" else "ab" * 16
+            return {"cid": cid, "salt": salt, "hash": mine.hash.hex(), "n": 2, "r": 1,
+                    "p": 1, "revision": 3}, 3
 
     ops = PortalOperations("p", Replicas(), Coherence("p", "test", PortalCache(10, 60)),  # type: ignore[arg-type]
                            hasher=Hasher(), issue_secrets=True)  # type: ignore[arg-type]
