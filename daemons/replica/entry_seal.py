@@ -13,9 +13,10 @@ are still applied as they are.
 The cost is a CRC over a few kilobytes per entry, about a microsecond: the
 commands are pickled once either way (before, PySyncObj pickled the list).
 
-Two magics, one layout: `TS2:` (since 2026-11-28) tells every member to store
-each result of the entry with the entry's Raft index (EntryApplier), `TS1:`
-(entries journalled before) to store it without. The entry, not the code of
+Three magics, one layout: `TS3:` (since 2026-11-28, its CRC covering the
+magic too) and `TS2:` (the same day's interim version, the CRC over the body)
+tell every member to store each result of the entry with the entry's Raft
+index (EntryApplier), `TS1:` (entries journalled before) to store it without. The entry, not the code of
 the member applying it, decides, so that members upgraded at different
 indexes still store the same bytes (found by review: a member that had
 stored results the old way pruned them by another rule and diverged). A
@@ -28,8 +29,10 @@ import pickle
 import struct
 import zlib
 
-MAGIC = b"TS2:"
+MAGIC = b"TS3:"
+INDEXED_MAGIC = b"TS2:"  # results with their index, the CRC over the body only
 LEGACY_MAGIC = b"TS1:"  # results stored without their index (see the module doc)
+_MAGICS = (MAGIC, INDEXED_MAGIC, LEGACY_MAGIC)
 _HEAD = len(MAGIC) + 4
 
 
@@ -43,18 +46,18 @@ def seal(commands: list) -> bytes:
 
 
 def _crc(magic: bytes, body: bytes | memoryview) -> int:
-    # TS2's CRC covers its magic too: two flipped bits turn "TS2:" into "TS1:"
-    # (found by review), which would still verify and be stored the other way.
+    # TS3's CRC covers its magic too: two flipped bits turned "TS2:" into "TS1:"
+    # (found by review), which still verified and was stored the other way.
     return zlib.crc32(body, zlib.crc32(magic)) if magic == MAGIC else zlib.crc32(body)
 
 
 def is_sealed(blob: object) -> bool:
-    return isinstance(blob, bytes) and (blob.startswith(MAGIC) or blob.startswith(LEGACY_MAGIC))
+    return isinstance(blob, bytes) and blob[:len(MAGIC)] in _MAGICS
 
 
 def results_indexed(blob: bytes) -> bool:
     """Whether the entry's results are stored with its Raft index (module doc)."""
-    return blob.startswith(MAGIC)
+    return not blob.startswith(LEGACY_MAGIC)
 
 
 def verify(blob: bytes) -> memoryview:

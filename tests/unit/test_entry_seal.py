@@ -125,5 +125,7 @@ def test_a_legacy_sealed_entry_still_applies_and_stores_results_without_index():
     with pytest.raises(entry_seal.CorruptEntry):  # the magic is covered by the CRC
         entry_seal.unseal(legacy)
     body = blob[len(entry_seal.MAGIC) + 4:]
-    old_seal = entry_seal.LEGACY_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
-    assert entry_seal.unseal(old_seal) == cmds  # as earlier versions sealed it
+    for magic, indexed in ((entry_seal.LEGACY_MAGIC, False), (entry_seal.INDEXED_MAGIC, True)):
+        old_seal = magic + struct.pack("<I", zlib.crc32(body)) + body  # as earlier versions
+        assert entry_seal.unseal(old_seal) == cmds
+        assert entry_seal.results_indexed(old_seal) is indexed
