@@ -16,11 +16,12 @@ commands are pickled once either way (before, PySyncObj pickled the list).
 Three magics, one layout: `TS3:` (since 2026-11-28, its CRC covering the
 magic too) and `TS2:` (the same day's interim version, the CRC over the body)
 tell every member to store each result of the entry with the entry's Raft
-index (EntryApplier), `TS1:` (entries journalled before) to store it without. The entry, not the code of
-the member applying it, decides, so that members upgraded at different
-indexes still store the same bytes (found by review: a member that had
-stored results the old way pruned them by another rule and diverged). A
-member of an earlier version refuses a TS2 entry as not sealed, and stops.
+index (EntryApplier), `TS1:` (entries journalled before) to store it
+without. The entry, not the code of the member applying it, decides, so
+that members upgraded at different indexes still store the same bytes
+(found by review: a member that had stored results the old way pruned them
+by another rule and diverged). A member of an earlier version refuses a
+TS3 entry as not sealed, and stops.
 """
 
 from __future__ import annotations
