@@ -118,11 +118,6 @@ def event_key(event: dict[str, Any]) -> EventKey:
             hashlib.blake2b(canonical.encode("ascii"), digest_size=16).digest())
 
 
-def _event_key(line: bytes) -> EventKey | None:
-    found = _line_event(line)
-    return None if found is None else found[0]
-
-
 def _line_event(line: bytes) -> tuple[EventKey, bool] | None:
     """(the event's key, whether it is a replay) of an audit line; None if it is no event."""
     try:
@@ -313,7 +308,7 @@ class AuditLog:
                     break
             handle.seek(start)
             fragment = handle.read()
-            if _event_key(fragment) is not None:
+            if _line_event(fragment) is not None:
                 handle.seek(size)
                 handle.write(b"\n")
                 log.warning("%s: the last line lacked its newline (the listener stopped "

@@ -177,9 +177,7 @@ class PortalOperations:
         review, the secret was lost, and RotateSecret locked the client out).
         Without a caller's request id the id is this call's own; with one, the
         stored hash tells (a linearizable read; "" if it cannot be read)."""
-        if not answer.duplicate or not secret:
-            return secret
-        if not request_id:
+        if not answer.duplicate or not secret or not request_id:
             return secret
         try:
             stored = await self.secret_record(cid, left(deadline), True)

@@ -198,13 +198,6 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
         # not news: the record tells them.
         seen = client["revision"]
         coherence = self.ops.coherence
-        # Task events that are not news: changes committed before the stream
-        # registered (`watcher.after`), and those of an earlier client with
-        # this CID arriving late: below this client's creation or the earlier
-        # one's deletion, when this portal heard of them (`_task_floor`). Not
-        # the client record's revision: an update puts it above task changes
-        # made after the stream registered (found by review: one such change
-        # never reached the stream).
         # Token mode: the secret was checked against the record of this
         # revision; a rotation, deletion or re-creation of the CID after it
         # means the stream was opened with a secret that no longer holds,
@@ -246,6 +239,13 @@ class ClientServicer(_Servicer, portal_pb2_grpc.ClientPortalServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"client {request.cid} was deleted")
             if kind.startswith("task."):
+                # Not news: changes committed before the stream registered
+                # (`watcher.after`), and those of an earlier client with this
+                # CID arriving late, below this client's creation or the earlier
+                # one's deletion when this portal heard of them. Not the client
+                # record's revision: an update puts it above task changes made
+                # after the stream registered (found by review: one such change
+                # never reached the stream).
                 if event["revision"] <= _task_floor(watcher, coherence.life(request.cid), seen):
                     continue
             elif event["revision"] <= seen:

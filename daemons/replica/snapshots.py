@@ -120,16 +120,17 @@ class SnapshotWriter:
         serializer.setTransmissionData = checked
         serializer.getTransmissionData = sending
 
-    def _identity(self) -> tuple | None:
+    def _identity(self, path: str | None = None) -> tuple | None:
+        """What tells one snapshot file from another (a rename keeps it)."""
         try:
-            st = os.stat(self.path)
+            st = os.stat(path or self.path)
         except OSError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def check_in_background(self) -> None:
-        """Check the snapshot file once (per file) off the tick thread; a damaged
-        one is reported and replaced (module doc)."""
+        """Check the snapshot file off the tick thread (the same file at most every
+        RECHECK_SECONDS); a damaged one is reported and replaced (module doc)."""
         identity = self._identity()
         if identity is None or identity == self._checking:
             return
@@ -165,8 +166,8 @@ class SnapshotWriter:
         try:
             incoming.flush()
             Storage.verify_snapshot(tmp, progress)
-            st = os.stat(tmp)  # the rename keeps it: no second check at the install
-            self._checked = ((st.st_ino, st.st_size, st.st_mtime_ns), time.monotonic())
+            # The rename keeps its identity: no second check at the install.
+            self._checked = (self._identity(tmp), time.monotonic())
             return True
         except (StorageCorrupt, OSError) as exc:
             self.refused_transfers += 1
