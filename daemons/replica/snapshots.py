@@ -48,8 +48,10 @@ it by the time the restore found the checksum wrong). So:
   when it starts sending it to a member (`check_in_background`, once per
   file: a background thread, since a check of a large file on the tick
   thread outlasted the election timeout and cost an election, found by
-  review); a damaged one is `mark_damaged` (an ERROR in this member's log),
-  and ReplicaStateMachine then forces a compaction on every tick, proposing
+  review; a check walking the file record by record then held the GIL
+  long enough beside the tick thread to cost one too, in CI, so
+  Storage.verify_snapshot hashes it in large chunks); a damaged one is
+  `mark_damaged` (an ERROR in this member's log), and ReplicaStateMachine then forces a compaction on every tick, proposing
   an empty entry if need be, until a new snapshot is in place.
 """
 

@@ -622,6 +622,43 @@ def test_a_snapshot_length_field_damaged_to_gigabytes_is_refused_without_reading
     storage_module.open = SmallMachine  # type: ignore[attr-defined]
     try:
         with pytest.raises(StorageCorrupt, match="truncated snapshot"):
+            list(Storage.snapshot_pairs(path))  # what a restore reads, pair by pair
+        # The check reads the file in chunks, lengths unread: the checksum fails.
+        with pytest.raises(StorageCorrupt, match="checksum mismatch"):
             Storage.verify_snapshot(path)
     finally:
         del storage_module.open  # type: ignore[attr-defined]
+
+
+def test_every_flipped_bit_and_every_truncation_of_a_snapshot_is_refused(tmp_path):
+    """verify_snapshot hashes the file in chunks without walking its records;
+    the length field before the header, which the checksum does not cover,
+    must not let a damaged file through either."""
+    from daemons.core.errors import StorageCorrupt
+
+    store = Storage(str(tmp_path / "db"))
+    view = store.view()
+    for i in range(20):  # more bytes after the header than its length field's bits span
+        view.put(b"t/%d" % i, b"value %d" % i)
+    store.commit(view)
+    path = str(tmp_path / "snap")
+    store.dump(path, ("header", 42))
+    store.close()
+    good = open(path, "rb").read()
+    Storage.verify_snapshot(path)
+    seen = []
+
+    def refused(data: bytes) -> bool:
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            Storage.verify_snapshot(path, lambda: seen.append(1))
+        except StorageCorrupt:
+            return True
+        return False
+
+    passed = [(i, bit) for i in range(len(good)) for bit in (1, 2, 4, 8, 16, 32, 64, 128)
+              if not refused(good[:i] + bytes([good[i] ^ bit]) + good[i + 1:])]
+    assert passed == []
+    assert [n for n in range(len(good)) if not refused(good[:n])] == []
+    assert not refused(good + b"") and seen  # the intact file passes, with progress calls
