@@ -348,7 +348,9 @@ def test_a_member_restoring_a_snapshot_tells_the_leader_it_is_alive(follower, tm
     assert follower.storage.digest() == source.digest()
     alive = [(node, message, read_at) for node, message, read_at in sent
              if message.get("type") == "next_node_idx"]
-    assert len(alive) >= 6, sent  # three passes of three batches or more
+    # The pass writing three batches or more; the check before it hashes
+    # this ~0.5 MB file in one chunk (one call per MiB, nothing sent here).
+    assert len(alive) >= 3, sent
     assert all(node is leader and not message["success"] and not message["reset"]
                for node, message, _ in alive)
     assert all(read_at >= started for _, _, read_at in alive), "the connection would drop"
