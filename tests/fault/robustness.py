@@ -62,6 +62,7 @@ class Run:
     received: list[tuple[str, str, int, float]] = field(default_factory=list)
     faults: collections.Counter = field(default_factory=collections.Counter)
     stop: threading.Event = field(default_factory=threading.Event)
+    ending: threading.Event = field(default_factory=threading.Event)  # the nemesis is done
 
 
 def _key(title: str) -> str:
@@ -70,20 +71,19 @@ def _key(title: str) -> str:
 
 class Client(threading.Thread):
     def __init__(self, run: Run, process: int, portals: list[PortalProcess], seed: int,
-                 deadline: float, started: float) -> None:
+                 started: float) -> None:
         super().__init__(name=f"client-{process}", daemon=True)
         self.run_ = run
         self.process = process
         self.portals = portals
         self.rng = random.Random(seed)
-        self.deadline = deadline
         self.started = started
         self.count = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while not self.run_.stop.is_set() and time.monotonic() < self.deadline:
+            while not (self.run_.stop.is_set() or self.run_.ending.is_set()):
                 self.one()
                 self.count += 1
         except BaseException as exc:  # noqa: BLE001 - an unexpected answer fails the run
@@ -161,13 +161,19 @@ class Watcher(threading.Thread):
 
 
 class Nemesis(threading.Thread):
+    """Injects faults until `deadline` and until it has injected `min_faults`,
+    but not past `last`; then sets run.ending, which stops the clients."""
+
     def __init__(self, run: Run, stack: Stack, seed: int, deadline: float,
-                 kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None) -> None:
+                 kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None,
+                 min_faults: int = 0, last: float | None = None) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.run_ = run
         self.stack = stack
         self.rng = random.Random(seed)
         self.deadline = deadline
+        self.min_faults = min_faults
+        self.last = deadline if last is None else last
         self.kinds = kinds
         self.network = network
         self.error: BaseException | None = None
@@ -186,11 +192,15 @@ class Nemesis(threading.Thread):
     def run(self) -> None:
         try:
             while not self.run_.stop.wait(self.rng.uniform(1.5, 3.0)):
-                if time.monotonic() > self.deadline:
+                now = time.monotonic()
+                if now > self.deadline and (sum(self.run_.faults.values()) >= self.min_faults
+                                            or now > self.last):
                     return
                 self.inject(self.rng.choice(self.kinds))
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
+        finally:
+            self.run_.ending.set()
 
     def inject(self, kind: str) -> None:
         self.run_.faults[kind] += 1
@@ -258,8 +268,13 @@ def _note(what: str) -> None:
 
 
 def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1,
-                   kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None) -> Run:
-    """Create the client, run the workload under faults, heal, and return the record."""
+                   kinds: tuple[str, ...] = PROCESS_KINDS, network: Any = None,
+                   min_faults: int = 0) -> Run:
+    """Create the client, run the workload under faults, heal, and return the record.
+
+    The workload runs `seconds`, and on until the nemesis has injected
+    `min_faults` (each fault waits for its daemon to restart, which takes
+    longer on a busy machine), at most twice as long."""
     run = Run()
     admin = stack.portal("portal-admin").admin
     wait_for(lambda: admin.CreateClient(pb.CreateClientRequest(cid=CID, data="{}"), timeout=5),
@@ -268,14 +283,16 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
     started = time.monotonic()
     deadline = started + seconds
     watchers = [Watcher(run, p) for p in portals]
-    workers = [Client(run, i, portals, seed * 1000 + i, deadline, started)
-               for i in range(clients)]
-    nemesis = Nemesis(run, stack, seed, deadline, kinds, network)
+    workers = [Client(run, i, portals, seed * 1000 + i, started) for i in range(clients)]
+    nemesis = Nemesis(run, stack, seed, deadline, kinds, network, min_faults,
+                      last=started + 2 * seconds)
     for thread in [*watchers, *workers, nemesis]:
         thread.start()
+    # The last fault may begin just before `last` and wait up to 30 s for its daemon.
+    nemesis.join(2 * seconds + 60)
+    run.ending.set()
     for worker in workers:
-        worker.join(seconds + 60)
-    nemesis.join(60)
+        worker.join(30)  # each call has a 3 s timeout
     run.stop.set()
     for watcher in watchers:
         watcher.cancel()
