@@ -154,6 +154,11 @@ class Proposer:
             await asyncio.wait(futures)
         finally:
             timer.cancel()
+            # Cancelled (the caller went away): what is still queued is never
+            # proposed, and a batch in flight no longer holds its slot for it
+            # (as a cancelled propose does, whose future the await cancels).
+            for future in futures:
+                future.cancel()
         return [f.exception() or f.result() for f in futures]  # type: ignore[misc]
 
     # -- batching ------------------------------------------------------------

@@ -457,6 +457,28 @@ async def test_a_caller_that_gave_up_while_queued_is_not_proposed():
     assert proposer.idle
 
 
+@on_fresh_loop
+async def test_a_cancelled_propose_many_frees_its_slot_and_skips_what_is_still_queued():
+    """ApplyBatch's propose_many, its call cancelled (the portal gave up): its
+    commands used to stay pending, so its batch held the only in-flight slot
+    until Raft answered or batch_timeout, and its commands still queued went
+    out although nobody waited for them any more."""
+    proposer, fake = make(FakeRaft("hold"), max_batch=2, max_inflight=1, batch_timeout=LONG)
+    many = asyncio.create_task(proposer.propose_many([cmd("a"), cmd("b"), cmd("c")], LONG))
+    await fake.wait_submits(1)
+    assert fake.submits == [[cmd("a"), cmd("b")]] and queued(proposer) == 1  # "c" waits
+    many.cancel()
+    await asyncio.wait({many}, timeout=LONG)
+    assert many.cancelled()
+    after = Call(proposer, cmd("after"))
+    await fake.wait_submits(2)  # not after batch_timeout (LONG): the slot was free
+    assert fake.submits[1] == [cmd("after")]  # "c" was never proposed
+    await fake.answer()  # the late answer for "a" and "b" is harmless
+    await fake.answer()
+    assert (await after.outcome()).record == "after"
+    assert proposer.idle
+
+
 # ---- failures ----------------------------------------------------------------------------
 
 
