@@ -360,8 +360,9 @@ class Storage:
         (CI). The checksum covers one contiguous run of bytes, from the
         header to the end marker, hashed here in large chunks, which reading
         and hashlib do without the GIL. The length field before the header is
-        not hashed: the header must unpickle to exactly that length (a pickle
-        ends where its own bytes say), so a damaged one cannot pass either."""
+        not hashed: once the checksum holds, the header must unpickle to
+        exactly that length (a pickle ends where its own bytes say), so a
+        damaged one cannot pass either."""
         with open(filename, "rb") as src:
             if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
                 raise StorageCorrupt(f"{filename}: not a Tarefa snapshot")
@@ -371,13 +372,6 @@ class Storage:
             if size > end - start:
                 raise StorageCorrupt(f"{filename}: truncated snapshot")
             raw = src.read(size)
-            head = io.BytesIO(raw)
-            try:
-                pickle.Unpickler(head).load()
-            except Exception as exc:  # noqa: BLE001 - any damage surfaces as some error
-                raise StorageCorrupt(f"{filename}: damaged snapshot header ({exc})") from exc
-            if head.tell() != size:
-                raise StorageCorrupt(f"{filename}: damaged snapshot header length")
             h = hashlib.sha256(raw)
             left = end - start - size
             while left > 0:
@@ -390,6 +384,15 @@ class Storage:
                     progress()
             if src.read(_LEN.size) != _END_MARKER or src.read(32) != h.digest():
                 raise StorageCorrupt(f"{filename}: snapshot checksum mismatch")
+        # Only bytes the checksum vouches for are unpickled (found by review: a
+        # damaged header byte can make the unpickler zero-fill gigabytes first).
+        head = io.BytesIO(raw)
+        try:
+            pickle.Unpickler(head).load()
+        except Exception as exc:  # noqa: BLE001 - a length field splitting it wrongly
+            raise StorageCorrupt(f"{filename}: damaged snapshot header length ({exc})") from exc
+        if head.tell() != size:
+            raise StorageCorrupt(f"{filename}: damaged snapshot header length")
 
     def holds_snapshot(self, filename: str) -> bool:
         """True if this DB already holds what snapshot `filename` holds although

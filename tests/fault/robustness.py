@@ -284,12 +284,12 @@ def run_robustness(stack: Stack, seconds: float, clients: int = 6, seed: int = 1
     deadline = started + seconds
     watchers = [Watcher(run, p) for p in portals]
     workers = [Client(run, i, portals, seed * 1000 + i, started) for i in range(clients)]
-    nemesis = Nemesis(run, stack, seed, deadline, kinds, network, min_faults,
-                      last=started + 2 * seconds)
+    last = started + 2 * seconds if min_faults else deadline
+    nemesis = Nemesis(run, stack, seed, deadline, kinds, network, min_faults, last)
     for thread in [*watchers, *workers, nemesis]:
         thread.start()
     # The last fault may begin just before `last` and wait up to 30 s for its daemon.
-    nemesis.join(2 * seconds + 60)
+    nemesis.join(max(0.0, last - time.monotonic()) + 60)
     run.ending.set()
     for worker in workers:
         worker.join(30)  # each call has a 3 s timeout

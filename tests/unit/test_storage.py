@@ -662,3 +662,30 @@ def test_every_flipped_bit_and_every_truncation_of_a_snapshot_is_refused(tmp_pat
     assert passed == []
     assert [n for n in range(len(good)) if not refused(good[:n])] == []
     assert not refused(good + b"") and seen  # the intact file passes, with progress calls
+
+
+def test_a_damaged_header_is_never_unpickled(tmp_path, monkeypatch):
+    """Found by review: the check unpickled the header before comparing the
+    checksum, and one changed byte (EMPTY_DICT to LONG_BINPUT) made CPython's
+    unpickler zero-fill a 2.3 GB memo, holding the GIL for seconds."""
+    from daemons.core.errors import StorageCorrupt
+    from daemons.replica import storage as storage_module
+
+    store = Storage(str(tmp_path / "db"))
+    view = store.view()
+    view.put(b"t/a", b"1")
+    store.commit(view)
+    path = str(tmp_path / "snap")
+    store.dump(path, ("header", {}))
+    store.close()
+    raw = bytearray(open(path, "rb").read())
+    at = raw.index(b"}", len(storage_module.SNAPSHOT_MAGIC) + 4)
+    raw[at:at + 1] = b"r"
+    open(path, "wb").write(bytes(raw))
+    unpickled = []
+    real = storage_module.pickle.Unpickler
+    monkeypatch.setattr(storage_module.pickle, "Unpickler",
+                        lambda f: unpickled.append(f) or real(f))
+    with pytest.raises(StorageCorrupt, match="checksum mismatch"):
+        Storage.verify_snapshot(path)
+    assert unpickled == []
