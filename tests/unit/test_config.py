@@ -130,12 +130,18 @@ def test_port_must_be_an_integer_in_range(raw, value):
 
 @pytest.mark.parametrize("key,value", [
     ("heartbeat_period", -0.05), ("connection_timeout", 0), ("apply_timeout", "5"),
-    ("connection_retry", float("nan")), ("compaction_min_seconds", float("inf")),
+    ("connection_retry", float("nan")),
 ])
 def test_seconds_must_be_a_positive_number(raw, key, value):
     raw["raft"][key] = value
     assert only_problem(raw) == (
         f"cluster.yaml: raft.{key}: must be a number of seconds > 0 (got {value!r})")
+
+
+def test_infinite_seconds_are_more_than_a_week(raw):
+    raw["raft"]["compaction_min_seconds"] = float("inf")
+    assert only_problem(raw) == ("cluster.yaml: raft.compaction_min_seconds: must be at most "
+                                 "604800 seconds (a week; got inf)")
 
 
 def test_negative_grace_seconds(raw):
@@ -478,6 +484,79 @@ def test_absurd_nesting_is_a_problem_not_a_crash(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_cluster(str(path))
     assert len(info.value.problems) == 1 and str(path) in info.value.problems[0]
+
+
+def shipped_with(tmp_path, old: str, new: str) -> str:
+    """The shipped file with the first `old` replaced (comments and all, as typed)."""
+    with open(SHIPPED, encoding="utf-8") as fh:
+        text = fh.read()
+    assert old in text
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text.replace(old, new, 1))
+    return str(path)
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    # YAML 1.1 read these as octal 7681 and base-60 90, and the file passed.
+    ("raft_port: 7001 ", "raft_port: 017001 ",
+     "replicas[0].raft_port: must be an integer 1..65535 (got '017001')"),
+    ("grace_seconds: 5 ", "grace_seconds: 1:30 ",
+     "grace_seconds: must be a number of seconds > 0 (got '1:30')"),
+    ("raft_port: 7001 ", "raft_port: 0x1b59 ",
+     "replicas[0].raft_port: must be an integer 1..65535 (got '0x1b59')"),
+])
+def test_numbers_are_decimal_not_yaml_1_1_octal_or_base_60(tmp_path, old, new, expected):
+    path = shipped_with(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_cluster(path)
+    assert info.value.problems == [f"{path}: {expected}"]
+
+
+def test_decimal_numbers_still_load(tmp_path):
+    path = shipped_with(tmp_path, "compaction_min_entries: 5000 ",
+                        "compaction_min_entries: 5_000 ")
+    assert load_cluster(path).raft.compaction_min_entries == 5000
+    cluster = load_cluster(shipped_with(tmp_path, "grace_seconds: 5 ", "grace_seconds: 2.5 "))
+    assert cluster.grace_seconds == 2.5
+
+
+def test_an_integer_too_long_to_read_is_a_problem_not_a_crash(tmp_path):
+    path = shipped_with(tmp_path, "grace_seconds: 5 ", "grace_seconds: 1" + "0" * 5000 + " ")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(path)
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(f"{path}: a value cannot be read: ")
+
+
+def test_a_huge_number_is_shown_shortened_and_the_reason_is_right(raw):
+    raw["grace_seconds"] = 10 ** 400
+    found = only_problem(raw)
+    assert "must be at most 604800 seconds" in found and len(found) < 200, found
+
+
+def test_a_bare_listener_section_is_checked_for_clashes(raw):
+    """`listener:` alone is the defaults (id listener, port 7301): found by
+    review, it escaped the duplicate id and port checks."""
+    raw["listener"] = None
+    raw["replicas"][1]["raft_port"] = 7301
+    raw["replicas"][2]["id"] = "listener"
+    found = problems(raw)
+    assert any("7301" in p and "listener" in p for p in found), found
+    assert any("replicas[2].id" in p or "listener.id" in p for p in found), found
+
+
+def test_a_wrong_value_built_from_anchors_is_shown_in_bounded_time(tmp_path):
+    """Found by review: each level repeating the previous one ten times, the
+    full repr of an 11-line file grew tenfold per level before being cut."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    lines.append("replicas: *l8")
+    path = tmp_path / "cluster.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(path))
+    assert all(len(p) < 400 for p in info.value.problems), info.value.problems
 
 
 def test_the_default_audit_log_is_relative_to_the_file(raw):
