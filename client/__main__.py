@@ -126,7 +126,11 @@ class Session:
                 self._tls = load_tls(tls, None, check_expiry=False)
             except ConfigError as exc:
                 raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
-        return open_channel(address, self._tls or None)
+        # Any answer the portal sends: a page is sized to the cluster's
+        # limits.max_message_bytes, which may exceed gRPC's 4 MiB receive
+        # default (found by review: `client ls` failed once it was raised).
+        return open_channel(address, self._tls or None,
+                            options=[("grpc.max_receive_message_length", -1)])
 
     def addresses(self, service: str) -> list[str]:
         if self.args.portal:
@@ -158,7 +162,7 @@ class Session:
         which = f"portal {down[0]} is" if len(down) == 1 else f"portals {', '.join(down)} are"
         hint = f"; --timeout {self.timeout:g} may be too short to connect" \
             if wait < CONNECT_WAIT else ""
-        why = "".join(f"\n{cause}" for cause in causes)
+        why = "".join(f"; {cause}" for cause in causes)  # one line, as promised
         raise CliError(f"{which} not reachable within {wait:g}s ({service} service){hint}{why}",
                        EXIT_UNAVAILABLE)
 
@@ -175,14 +179,15 @@ class Session:
             except grpc.RpcError as exc:
                 error = _rpc_error(exc, address, service)
                 if error.code == EXIT_UNAVAILABLE and getattr(request, "request_id", ""):
-                    error = CliError(f"{error}\nHint: retry soon with --request-id "
-                                     f"{request.request_id}: it is then applied at most once",
-                                     error.code)
+                    error = CliError(f"{error}\nHint: retry soon with `tarefa --request-id "
+                                     f"{request.request_id} ...` (before the verb): it is then "
+                                     "applied at most once", error.code)
                 raise error from None
             except KeyboardInterrupt:
                 if getattr(request, "request_id", ""):
                     raise CliError("interrupted: the change may or may not be applied; to "
-                                   f"retry safely, give --request-id {request.request_id}",
+                                   f"retry safely, give `tarefa --request-id "
+                                   f"{request.request_id} ...` (before the verb)",
                                    EXIT_INTERRUPTED) from None
                 raise
 
@@ -250,8 +255,11 @@ def client_add(s: Session, a: argparse.Namespace) -> None:
     c = s.call("admin", "CreateClient", pb.CreateClientRequest(cid=a.cid or "", data=a.data,
                                                                request_id=s.request_id))
     if not c.secret:  # auth: cid-only, or a retry of a request id already applied
-        s.printer.line(c.cid, client_dict(c))
-        if a.request_id and s.secrets_issued() is not False:
+        retried = bool(a.request_id) and s.secrets_issued() is not False
+        # With auth: token, --json has a `secret` field always (null here, as
+        # for rotate-secret; found by review: it was missing).
+        s.printer.line(c.cid, {**client_dict(c), "secret": None} if retried else client_dict(c))
+        if retried:
             print("Note: no secret in this answer; with auth: token that means this request "
                   "id was applied before and its secret was shown then (`tarefa client "
                   f"rotate-secret {c.cid}` issues a new one)", file=sys.stderr)

@@ -559,6 +559,17 @@ def test_a_wrong_value_built_from_anchors_is_shown_in_bounded_time(tmp_path):
     assert all(len(p) < 400 for p in info.value.problems), info.value.problems
 
 
+@pytest.mark.parametrize("value", [2000, 262_143])
+def test_max_message_bytes_has_room_for_the_largest_valid_request(raw, value):
+    """Found by review: 2000 passed, then a valid 3 KB description was refused
+    with gRPC's 'larger than max'."""
+    raw.setdefault("limits", {})["max_message_bytes"] = value
+    assert only_problem(raw).startswith(
+        f"cluster.yaml: limits.max_message_bytes: must be at least 262144 (256 KiB: ")
+    raw["limits"]["max_message_bytes"] = 262_144
+    assert parse_cluster(raw, SOURCE, "/x").limits.max_message_bytes == 262_144
+
+
 def test_the_default_audit_log_is_relative_to_the_file(raw):
     del raw["listener"]["audit_log"]
     assert parse_cluster(raw, SOURCE, "/etc/tarefa").listener.audit_log == \
