@@ -46,6 +46,7 @@ def read_credentials_file(path: str) -> dict[str, str]:
     except UnicodeDecodeError:
         raise CredentialsError(f"{path}: the credentials file is not UTF-8 text") from None
     values: dict[str, str] = {}
+    where: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -57,7 +58,10 @@ def read_credentials_file(path: str) -> dict[str, str]:
                                    f"{', '.join(k + '=...' for k in KEYS)}")
         if not value.strip():
             raise CredentialsError(f"{path}:{number}: {key}: empty value")
-        values[key] = value.strip()
+        if key in values:  # which one is meant? (the cluster file refuses a key twice too)
+            raise CredentialsError(f"{path}:{number}: {key}: given again (first on line "
+                                   f"{where[key]}); keep one")
+        values[key], where[key] = value.strip(), number
     return values
 
 

@@ -32,6 +32,15 @@ def test_file_format_and_mode(tmp_path):
         read_credentials_file(str(tmp_path / "absent"))
 
 
+def test_a_key_given_twice_is_refused_without_showing_either_value(tmp_path):
+    """Found by review: the last of two secret= lines silently won."""
+    path = write(tmp_path / "c", "cid=7\nsecret=old-s3cret\n\nsecret=new-s3cret\n")
+    with pytest.raises(CredentialsError, match=r":4: secret: given again \(first on line 2\)") \
+            as info:
+        read_credentials_file(path)
+    assert "s3cret" not in str(info.value)
+
+
 def test_precedence_flag_env_file_cluster(tmp_path):
     path = write(tmp_path / "c", "token=from-file\nsecret=file-secret\ncid=7\n")
     token_file = write(tmp_path / "admin.token", "from-cluster-file\n")
