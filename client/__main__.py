@@ -179,15 +179,14 @@ class Session:
             except grpc.RpcError as exc:
                 error = _rpc_error(exc, address, service)
                 if error.code == EXIT_UNAVAILABLE and getattr(request, "request_id", ""):
-                    error = CliError(f"{error}\nHint: retry soon with `tarefa --request-id "
-                                     f"{request.request_id} ...` (before the verb): it is then "
-                                     "applied at most once", error.code)
+                    error = CliError(f"{error}\nHint: retry soon with --request-id "
+                                     f"{request.request_id}: it is then applied at most once",
+                                     error.code)
                 raise error from None
             except KeyboardInterrupt:
                 if getattr(request, "request_id", ""):
                     raise CliError("interrupted: the change may or may not be applied; to "
-                                   f"retry safely, give `tarefa --request-id "
-                                   f"{request.request_id} ...` (before the verb)",
+                                   f"retry safely, give --request-id {request.request_id}",
                                    EXIT_INTERRUPTED) from None
                 raise
 
@@ -408,7 +407,8 @@ def _status_detail(row: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tarefa", description="Tarefa command-line client.")
     p.add_argument("--config", default=os.environ.get("TAREFA_CONFIG", DEFAULT_CONFIG),
-                   help="cluster file naming the portals (default config/cluster.yaml)")
+                   help="cluster file naming the portals (default $TAREFA_CONFIG, else "
+                        "config/cluster.yaml)")
     p.add_argument("--portal", type=_portal_address,
                    help="HOST:PORT of the portal to call (overrides --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -435,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         # the value given before it when not repeated here.
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                          help="print JSON (also accepted before the verb)")
+        # Likewise the options a retry hint or a slow cluster make people append
+        # (found by review: `... --request-id ID` after the verb was refused).
+        sub.add_argument("--timeout", type=_timeout, default=argparse.SUPPRESS,
+                         help="seconds per call (also accepted before the verb)")
+        sub.add_argument("--request-id", type=_request_id, metavar="ID",
+                         default=argparse.SUPPRESS,
+                         help="request id of a write (also accepted before the verb)")
         return sub
 
     def consistency(sub: argparse.ArgumentParser) -> None:

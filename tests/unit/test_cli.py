@@ -387,6 +387,29 @@ def test_json_is_accepted_before_and_after_the_verb(argv, as_json):
     assert cli.build_parser().parse_args(argv).json is as_json
 
 
+@pytest.mark.parametrize("argv, timeout, request_id", [
+    (["--timeout", "3", "--request-id", "r0", "task", "add", "--cid", "7", "t"], 3.0, "r0"),
+    # Found by review: after the verb these were refused ("unrecognized
+    # arguments"), or the id was taken as the title.
+    (["task", "add", "--cid", "7", "--request-id", "abc", "buy milk"], 10.0, "abc"),
+    (["client", "add", "--cid", "7", "{}", "--request-id", "abc", "--timeout", "5"], 5.0, "abc"),
+    (["--timeout", "3", "task", "ls", "--cid", "7"], 3.0, None),
+])
+def test_timeout_and_request_id_are_accepted_before_and_after_the_verb(argv, timeout,
+                                                                       request_id):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.timeout, args.request_id) == (timeout, request_id)
+    if args.kind == "task" and "add" in argv:
+        assert args.title in ("t", "buy milk")
+
+
+def test_options_after_the_verb_are_checked_too(capsys):
+    code, _, err = run(capsys, "task", "ls", "--cid", "7", "--timeout", "-1")
+    assert code == cli.EXIT_USAGE and "--timeout" in err
+    code, _, err = run(capsys, "client", "rm", "7", "--request-id", "")
+    assert code == cli.EXIT_USAGE and "--request-id" in err
+
+
 def test_grpc_is_quieted_in_the_cli_process_only():
     """The CLI sets GRPC_VERBOSITY=NONE for itself; set by any process that
     imports the package (a test run), it reached every daemon the tests
