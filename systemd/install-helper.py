@@ -49,7 +49,7 @@ sys.path.insert(0, CODE)
 import yaml  # noqa: E402
 from cryptography import x509  # noqa: E402
 
-from daemons.core.config import Cluster, load_cluster  # noqa: E402
+from daemons.core.config import Cluster, load_cluster, read_yaml  # noqa: E402
 from daemons.core.errors import ConfigError  # noqa: E402
 from daemons.core.provision import MOSQUITTO_ACL, MOSQUITTO_PASSWD, Provisioner  # noqa: E402
 from daemons.core.security import CLI_CERT  # noqa: E402
@@ -206,7 +206,9 @@ def secrets(root: str, config: str, uid: int, gid: int, owner: str | None) -> in
     etc_tarefa = root + ETC_TAREFA
     load(staged)  # validate the operator's file first (exit 2 lists every problem)
     with open(staged, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle)
+        # As the daemons read it (found by review: yaml.safe_load read `id: 007`
+        # as the number 7, and the rewritten copy then failed the check).
+        raw = read_yaml(handle.read())
     temporary = os.path.join(os.path.dirname(staged), f".cluster.secrets.{os.getpid()}.yaml")
     try:
         def write(data: dict) -> str:

@@ -348,7 +348,7 @@ def test_cli_credentials_and_no_secret_anywhere(secured, tmp_path):
 def limited(tmp_path, request):
     s = Stack(str(tmp_path / "stack"), secure=True, extra={"limits": {
         "max_watch_streams": 3, "max_watch_streams_per_client": 2,
-        "client_write_rate": 2, "client_write_burst": 4, "max_message_bytes": 262_144}})
+        "client_write_rate": 2, "client_write_burst": 4, "max_message_bytes": 524_288}})
     start(s, request)
     yield s
     stop(s, request)
@@ -397,11 +397,11 @@ def test_limits_answer_resource_exhausted(limited):
     status = portal.status_stub.Status(pb.PortalStatusRequest(), timeout=5)
     assert status.limited >= 3
 
-    # Messages: limits.max_message_bytes (256 KiB here, the least allowed) bounds
+    # Messages: limits.max_message_bytes (512 KiB here, the least allowed) bounds
     # what a portal accepts, before the 64 KiB-description rule; nothing is written.
     before = revision(limited)
     code, message = code_of(stub.CreateTask, pb.CreateTaskRequest(
-        cid="8", title="big", description="x" * 300_000), b)
+        cid="8", title="big", description="x" * 600_000), b)
     assert code == Code.RESOURCE_EXHAUSTED, (code, message)
     assert answer(stub.CreateTask, pb.CreateTaskRequest(
         cid="8", title="fits", description="x" * 60_000), b) == Code.OK

@@ -547,14 +547,14 @@ def test_bug_concurrent_large_writes_exceeded_the_message_limit_together(tmp_pat
     made a message over the replicas' limit (limits.max_message_bytes) and every
     write of the group failed with RESOURCE_EXHAUSTED, though each was valid.
     Groups are now bounded by bytes too (half the limit), and so are list pages."""
-    s = Stack(str(tmp_path / "stack"), extra={"limits": {"max_message_bytes": 300_000}})
+    s = Stack(str(tmp_path / "stack"), extra={"limits": {"max_message_bytes": 524_288}})
     try:
         s.start()
         admin, portal = s.portal("portal-admin").admin, s.portal("portal-client-1").client
         cid = admin.CreateClient(pb.CreateClientRequest(data="{}"), timeout=10).cid
         calls = [portal.CreateTask.future(pb.CreateTaskRequest(
             cid=cid, title=f"big {i}", description=f"{i}" + "x" * 60_000), timeout=30)
-            for i in range(16)]  # ~960 kB at once, over three times the limit
+            for i in range(32)]  # ~1.9 MB at once, over three times the limit
         codes = []
         for c in calls:
             try:
@@ -562,8 +562,8 @@ def test_bug_concurrent_large_writes_exceeded_the_message_limit_together(tmp_pat
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as exc:
                 codes.append(exc.code())
-        assert codes == [grpc.StatusCode.OK] * 16, codes
-        # Listing them: a page of 16 such tasks was over the limit too (INTERNAL
+        assert codes == [grpc.StatusCode.OK] * 32, codes
+        # Listing them: a page of all such tasks was over the limit too (INTERNAL
         # "Sent message larger than max"); pages are now bounded by bytes as well.
         titles, token = [], ""
         for _ in range(20):
@@ -572,7 +572,7 @@ def test_bug_concurrent_large_writes_exceeded_the_message_limit_together(tmp_pat
             token = page.next
             if not token:
                 break
-        assert sorted(titles) == sorted(f"big {i}" for i in range(16))
+        assert sorted(titles) == sorted(f"big {i}" for i in range(32))
     except BaseException:
         print(s.dump_logs())
         raise

@@ -559,15 +559,30 @@ def test_a_wrong_value_built_from_anchors_is_shown_in_bounded_time(tmp_path):
     assert all(len(p) < 400 for p in info.value.problems), info.value.problems
 
 
-@pytest.mark.parametrize("value", [2000, 262_143])
+@pytest.mark.parametrize("value", [2000, 262_144, 524_287])
 def test_max_message_bytes_has_room_for_the_largest_valid_request(raw, value):
     """Found by review: 2000 passed, then a valid 3 KB description was refused
     with gRPC's 'larger than max'."""
     raw.setdefault("limits", {})["max_message_bytes"] = value
     assert only_problem(raw).startswith(
-        f"cluster.yaml: limits.max_message_bytes: must be at least 262144 (256 KiB: ")
-    raw["limits"]["max_message_bytes"] = 262_144
-    assert parse_cluster(raw, SOURCE, "/x").limits.max_message_bytes == 262_144
+        f"cluster.yaml: limits.max_message_bytes: must be at least 524288 (512 KiB: ")
+    raw["limits"]["max_message_bytes"] = 524_288
+    assert parse_cluster(raw, SOURCE, "/x").limits.max_message_bytes == 524_288
+
+
+def test_a_file_rewritten_through_read_yaml_loads_the_same(tmp_path):
+    """systemd/install-helper.py rewrites an accepted file (read_yaml, then
+    yaml.safe_dump): found by review, read with yaml.safe_load `id: 007`
+    became the number 7 and the rewritten copy failed the check."""
+    from daemons.core.config import read_yaml
+
+    path = shipped_with(tmp_path, "id: replica-3", "id: 007")
+    before = load_cluster(path)
+    assert before.replicas[2].id == "007"
+    copy = tmp_path / "copy.yaml"
+    with open(path, encoding="utf-8") as fh:
+        copy.write_text(yaml.safe_dump(read_yaml(fh.read()), sort_keys=False))
+    assert load_cluster(str(copy)).replicas[2].id == "007"
 
 
 def test_the_default_audit_log_is_relative_to_the_file(raw):
