@@ -126,11 +126,14 @@ class Session:
                 self._tls = load_tls(tls, None, check_expiry=False)
             except ConfigError as exc:
                 raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
-        # Any answer the portal sends: a page is sized to the cluster's
+        # What the portal may send: a page is sized to the cluster's
         # limits.max_message_bytes, which may exceed gRPC's 4 MiB receive
         # default (found by review: `client ls` failed once it was raised).
+        # Without the cluster file (--portal) its limit is unknown: any size.
+        cluster = self.cluster(required=False)
+        limit = max(cluster.limits.max_message_bytes, 4 << 20) if cluster is not None else -1
         return open_channel(address, self._tls or None,
-                            options=[("grpc.max_receive_message_length", -1)])
+                            options=[("grpc.max_receive_message_length", limit)])
 
     def addresses(self, service: str) -> list[str]:
         if self.args.portal:

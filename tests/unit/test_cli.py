@@ -442,11 +442,12 @@ def fake_admin_portal(servicer):  # type: ignore[no-untyped-def]
         server.stop(None)
 
 
-def plaintext_config(tmp_path, security: dict) -> str:  # type: ignore[no-untyped-def]
-    """The shipped cluster file without TLS, with `security`."""
+def plaintext_config(tmp_path, security: dict, **limits: int) -> str:  # type: ignore[no-untyped-def]
+    """The shipped cluster file without TLS, with `security` (and `limits`)."""
     with open(os.path.join(ROOT, "config", "cluster.yaml"), encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
     raw["security"] = security
+    raw["limits"].update(limits)
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -467,13 +468,15 @@ def test_a_page_larger_than_grpcs_default_receive_limit_is_read(capsys, tmp_path
             return pb.ListClientsResponse(clients=[
                 pb.Client(cid=str(i + 1), data=data, revision=i + 1) for i in range(90)])
 
-    config = plaintext_config(tmp_path, {"auth": "cid-only"})
+    raised = plaintext_config(tmp_path, {"auth": "cid-only"}, max_message_bytes=16 << 20)
     with fake_admin_portal(Portal()) as port:
-        code = cli.main(["--config", config, "--portal", f"127.0.0.1:{port}",
-                         "--timeout", "20", "--json", "client", "ls"])
-        out, err = capsys.readouterr()
-    assert len(out) > 5 * 1024 * 1024 and code == 0, err
-    assert len(json.loads(out)["clients"]) == 90
+        # The cluster file's limit, or none known (no usable file): any size.
+        for config in (raised, str(tmp_path / "absent.yaml")):
+            code = cli.main(["--config", config, "--portal", f"127.0.0.1:{port}",
+                             "--timeout", "20", "--json", "client", "ls"])
+            out, err = capsys.readouterr()
+            assert len(out) > 5 * 1024 * 1024 and code == 0, err
+            assert len(json.loads(out)["clients"]) == 90
 
 
 def test_a_retried_client_add_has_a_null_secret_in_json(capsys, tmp_path):
