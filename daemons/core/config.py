@@ -284,7 +284,8 @@ class _Checker:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 < value < 1e9:
-            self.fail(path, f"must be a number of operations per second > 0, or null (got {_shown(value)})")
+            self.fail(path, "must be a number of operations per second > 0, or null "
+                            f"(got {_shown(value)})")
             return None
         return float(value)
 
@@ -322,7 +323,8 @@ class _Checker:
             self.fail(path, f"must be a number of seconds > 0 (got {_shown(value)})")
             return None
         if value > MAX_SECONDS:  # also infinity, and integers too large for a float
-            self.fail(path, f"must be at most {MAX_SECONDS:g} seconds (a week; got {_shown(value)})")
+            self.fail(path, f"must be at most {MAX_SECONDS:g} seconds "
+                            f"(a week; got {_shown(value)})")
             return None
         return float(value)
 

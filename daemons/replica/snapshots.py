@@ -51,8 +51,9 @@ it by the time the restore found the checksum wrong). So:
   review; a check walking the file record by record then held the GIL
   long enough beside the tick thread to cost one too, in CI, so
   Storage.verify_snapshot hashes it in large chunks); a damaged one is
-  `mark_damaged` (an ERROR in this member's log), and ReplicaStateMachine then forces a compaction on every tick, proposing
-  an empty entry if need be, until a new snapshot is in place.
+  `mark_damaged` (an ERROR in this member's log), and ReplicaStateMachine
+  then forces a compaction on every tick, proposing an empty entry if need
+  be, until a new snapshot is in place.
 """
 
 from __future__ import annotations

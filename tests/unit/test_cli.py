@@ -442,7 +442,8 @@ def fake_admin_portal(servicer):  # type: ignore[no-untyped-def]
         server.stop(None)
 
 
-def plaintext_config(tmp_path, security: dict, **limits: int) -> str:  # type: ignore[no-untyped-def]
+def plaintext_config(tmp_path, security: dict,  # type: ignore[no-untyped-def]
+                     **limits: int) -> str:
     """The shipped cluster file without TLS, with `security` (and `limits`)."""
     with open(os.path.join(ROOT, "config", "cluster.yaml"), encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
