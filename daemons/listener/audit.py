@@ -343,16 +343,9 @@ class AuditLog:
                         break
             except FileNotFoundError:
                 continue
-        # Highest revisions per origin only from the trusted revisions (gaps.py):
-        # a forged one far above them must not outlive a restart either.
-        # Replays neither (found by review: one counted after a restart, not before).
-        group = trusted(key[1] for key, replay in keys if not replay)
-        ceiling = group[-1] if group else float("inf")  # too little history to tell
         for key, replay in reversed(keys):
             self._remember(key, replay)
-            origin, revision = key[0], key[1]
-            if not replay and revision <= ceiling and revision > self._highest.get(origin, 0):
-                self._note_highest(origin, revision)
+        self._recount_highest(require_trusted=False)
         if self.unreadable_lines:
             log.warning("audit log %s: skipped %d lines that are not events while rebuilding "
                         "the dedupe window", self.path, self.unreadable_lines)
@@ -364,6 +357,22 @@ class AuditLog:
         self._highest[origin] = revision  # most recently seen last
         while len(self._highest) > MAX_ORIGINS:
             del self._highest[next(iter(self._highest))]
+
+    def _recount_highest(self, require_trusted: bool) -> None:
+        """Each origin's highest revision, from the remembered events whose
+        revisions are trusted (gaps.py): a forged one far above them must not
+        outlive a restart either. Replays never count (found by review: one
+        counted after a restart, not before). With too little history to tell
+        every revision counts, unless `require_trusted` (then nothing changes)."""
+        group = trusted(key[1] for key, replay in self._seen.items() if not replay)
+        if not group and require_trusted:
+            return
+        ceiling = group[-1] if group else float("inf")
+        self._highest.clear()
+        for key, replay in self._seen.items():
+            origin, revision = key[0], key[1]
+            if not replay and revision <= ceiling and revision > self._highest.get(origin, 0):
+                self._note_highest(origin, revision)
 
     def _remember(self, key: EventKey, replay: bool = False) -> None:
         self._seen[key] = replay
@@ -461,14 +470,7 @@ class AuditLog:
         making them look late (found by review: every real event was flagged
         until a restart)."""
         with self._lock:
-            group = trusted(key[1] for key, replay in self._seen.items() if not replay)
-            if not group:
-                return
-            ceiling = group[-1]
-            self._highest.clear()
-            for key, replay in self._seen.items():
-                if not replay and key[1] <= ceiling and key[1] > self._highest.get(key[0], 0):
-                    self._note_highest(key[0], key[1])
+            self._recount_highest(require_trusted=True)
 
     def remembered_revisions(self) -> tuple[list[int], list[int]]:
         """The revisions of the events remembered (the dedupe window): those of

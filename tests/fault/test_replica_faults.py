@@ -18,6 +18,7 @@ import pytest
 from pysyncobj.pickle import dumps
 
 from daemons.replica import entry_seal, journal_file
+from daemons.replica.state_machine import snapshot_file
 from proto import replica_pb2 as pb
 from tests.fault.netns import Topology, unavailable_reason
 from tests.harness import (ROOT, WriterPool, apply_with_retry, cannot_run, new_request_id,
@@ -239,6 +240,12 @@ def test_a_crash_between_a_snapshot_and_the_journal_cut_loses_nothing(replica_cl
     assert len(set(cluster.stop_and_digest().values())) == 1
 
 
+def wait_for_snapshot_files(cluster, members) -> None:  # type: ignore[no-untyped-def]
+    for member in members:
+        wait_for(lambda p=snapshot_file(cluster.data_dir(member)): os.path.exists(p), 30,
+                 f"a snapshot on {member.id}")
+
+
 @pytest.mark.parametrize("wiped", [False, True], ids=["data-kept", "data-dir-lost"])
 def test_member_behind_a_compaction_catches_up_from_snapshot(replica_cluster_factory, wiped):
     """`data-dir-lost` is the README's procedure for a replica whose disk died:
@@ -257,11 +264,7 @@ def test_member_behind_a_compaction_catches_up_from_snapshot(replica_cluster_fac
         shutil.rmtree(cluster.data_dir(lagging))
     pool.join()
     assert not pool.failed, list(pool.failed.values())[:3]
-    others = [m for m in cluster.members if m is not lagging]
-    for member in others:
-        wait_for(lambda m=member: os.path.exists(os.path.join(cluster.data_dir(m), "raft",
-                                                               "snapshot")),
-                 30, f"a snapshot on {member.id}")
+    wait_for_snapshot_files(cluster, [m for m in cluster.members if m is not lagging])
     cluster.wait_leader()
     lagging.start()
     cluster.wait_ready(lagging)
@@ -296,15 +299,13 @@ def test_a_damaged_snapshot_file_does_not_spread(replica_cluster_factory, how):
     more.join()
     assert not pool.failed and not more.failed
     others = [m for m in cluster.members if m is not lagging]
-    for member in others:
-        snapshot = os.path.join(cluster.data_dir(member), "raft", "snapshot")
-        wait_for(lambda p=snapshot: os.path.exists(p), 30, f"a snapshot on {member.id}")
+    wait_for_snapshot_files(cluster, others)
     running = how == "damaged-while-running"
     if not running:
         for member in others:
             assert member.terminate() == 0
     for member in others:
-        snapshot = os.path.join(cluster.data_dir(member), "raft", "snapshot")
+        snapshot = snapshot_file(cluster.data_dir(member))
         with open(snapshot, "r+b") as fh:
             middle = os.path.getsize(snapshot) // 2
             fh.seek(middle)

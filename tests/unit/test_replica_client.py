@@ -19,20 +19,18 @@ from proto import replica_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Down(grpc.RpcError):
+class _RpcFailure(grpc.RpcError):
+    """A failed call as grpc raises it: a status code and its details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__()
+        self._code, self._details = code, details
+
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     def details(self) -> str:
-        return "connection refused"
-
-
-class _Late(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "Deadline Exceeded"
+        return self._details
 
 
 class _DownStub:
@@ -44,7 +42,7 @@ class _DownStub:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         async def rpc(request, timeout):  # type: ignore[no-untyped-def]
             self.calls += 1
-            raise _Down()
+            raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "connection refused")
         return rpc
 
 
@@ -116,20 +114,12 @@ def test_a_write_the_member_could_not_commit_goes_to_the_next_with_the_same_id()
     assert [ids for ids, _ in stubs[1].sent] == [["r1"]]
 
 
-class _Cancelled(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return "CANCELLED"
-
-
 class _StoppingStub(_BatchStub):
     """A member whose gRPC server is stopping (SIGTERM): it cancels the call."""
 
     async def ApplyBatch(self, request, timeout):  # type: ignore[no-untyped-def]
         self.sent.append(([c.request_id for c in request.commands], timeout))
-        raise _Cancelled()
+        raise _RpcFailure(grpc.StatusCode.CANCELLED, "CANCELLED")
 
 
 def test_a_write_a_stopping_member_cancelled_goes_to_the_next_with_the_same_id():
@@ -177,7 +167,8 @@ def test_a_caller_in_a_hurry_does_not_cut_short_the_others_of_its_group():
             try:
                 await asyncio.wait_for(release.wait(), timeout)
             except asyncio.TimeoutError:
-                raise _Late() from None
+                raise _RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "Deadline Exceeded") from None
             return await super().ApplyBatch(request, timeout)
 
     client = ReplicaClient(load_cluster(os.path.join(ROOT, "config", "cluster.yaml")), "p")
@@ -280,14 +271,6 @@ def test_writes_no_member_can_commit_are_sent_again_with_a_growing_pause():
     assert 3 <= sends <= 7, sends  # 20, 40, 80, 160, 320 ms pauses in 0.6 s
 
 
-class _TooLarge(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def details(self) -> str:
-        return "SERVER: Sent message larger than max (7474299 vs. 4194304)"
-
-
 class _BigAnswerStub(_BatchStub):
     """Commits every command, but cannot send an answer for more than two: each
     result carries its whole record (found by review with 64 KiB descriptions)."""
@@ -302,7 +285,8 @@ class _BigAnswerStub(_BatchStub):
         fresh = [rid not in self.committed for rid in ids]
         self.committed.update(ids)
         if len(ids) > 2:
-            raise _TooLarge()
+            raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "SERVER: Sent message larger than max (7474299 vs. 4194304)")
         return pb.ApplyBatchResponse(results=[pb.CommandResult(response=pb.ApplyResponse(
             revision=7, duplicate=not new)) for new in fresh])
 
